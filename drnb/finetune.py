@@ -1,0 +1,295 @@
+"""Fine-tuning on labelled fractions: one run per method x fraction x repetition.
+
+A run, given a repetition's split (:mod:`drnb.splits`):
+
+1. starts the encoder from the method's weights (``rotation``: the pretext encoder;
+   ``scratch``: a fresh random initialisation; ``imagenet``: DenseNet121's ImageNet
+   weights) and a fresh head, both seeded by ``seed + repetition`` so that methods are
+   compared on the same split, head initialisation and batch order;
+2. warms up for ``warmup_epochs`` with the encoder frozen (batch norm in inference mode),
+   then trains everything for ``finetune_epochs`` with a fresh optimizer state;
+3. after each epoch scores quadratic weighted kappa on the validation split (carved from
+   the training pool, never the test fold) and keeps the best weights;
+4. predicts the test fold with them and writes ``predictions.csv``, ``history.csv`` and,
+   last, ``metrics.json``: a run whose ``metrics.json`` exists is finished.
+
+An "epoch" is one pass over the labelled subset, but never fewer than
+``ceil(min_steps / (warmup_epochs + finetune_epochs))`` optimizer steps, so a run makes at
+least ``min_steps`` steps: 5 % of the data is not judged after a few dozen updates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from drnb.distribute import configure_precision, scaled_batch_and_rate, seed_everything, select_strategy
+from drnb.metrics import evaluate_predictions, quadratic_weighted_kappa
+from drnb.models import build_encoder, build_head, imagenet_weights_available
+from drnb.pipeline import labelled_batches
+from drnb.pretext import load_encoder, save_atomically
+from drnb.profiles import Profile
+from drnb.runs import write_json
+from drnb.splits import RepetitionSplit, make_repetition_split, validate_fraction
+from drnb.targets import decode, encode, ordinal_decode
+
+METRICS_FILE = "metrics.json"
+MODEL_FILE = "model.keras"
+
+
+def run_directory(root: str | os.PathLike, method: str, fraction: float, repetition: int) -> Path:
+    """``root/<method>/fraction_<f>/repetition_<r>``: where one run's files go."""
+    return Path(root) / method / f"fraction_{fraction:g}" / f"repetition_{repetition}"
+
+
+def steps_per_epoch(n_train: int, batch_size: int, profile: Profile) -> int:
+    """Optimizer steps in one epoch: a pass over ``n_train`` images, stretched to honour ``min_steps``."""
+    epochs = profile.warmup_epochs + profile.finetune_epochs
+    return max(math.ceil(n_train / batch_size), math.ceil(profile.min_steps / max(epochs, 1)), 1)
+
+
+class FinetuneSession:
+    """Fine-tunes many runs on one dataset with one traced model (see :mod:`drnb.training`).
+
+    Parameters
+    ----------
+    images : numpy.ndarray
+        uint8 (N, S, S, 3), preprocessed.
+    table : pandas.DataFrame
+        The dataset table (``grade``, ``patient_id``, ``image_id``), row-aligned with ``images``.
+    profile : Profile
+    encoder_path : path, optional
+        The pretext encoder; needed for the ``rotation`` method.
+    strategy : tf.distribute.Strategy, optional
+    log : callable
+        Receives progress lines.
+    """
+
+    def __init__(self, images, table, profile: Profile, *, encoder_path=None, strategy=None, log=print):
+        from drnb.training import Trainer
+
+        if len(images) != len(table):
+            raise ValueError(f"{len(images)} images but {len(table)} table rows; expected one row per image")
+        self.profile, self.log = profile, log
+        self.table = table.reset_index(drop=True)
+        self.grades = self.table["grade"].to_numpy(np.int64)
+        patients = self.table["patient_id"]
+        self.patient_ids = None if patients.isna().all() else patients.fillna(self.table["image_id"]).to_numpy()
+        self.strategy = strategy or select_strategy()
+        configure_precision(profile.mixed_precision)
+        self.batch_size, learning_rate = scaled_batch_and_rate(
+            profile.finetune_batch_size, profile.finetune_learning_rate, self.strategy
+        )
+        self.learning_rate = learning_rate
+        self.images = tf.constant(images)
+        self.targets = encode(self.grades, profile.target)
+        self.encoder_path = Path(encoder_path) if encoder_path else None
+        self._pretrained = None
+        with self.strategy.scope():
+            encoder = build_encoder(profile.encoder, profile.image_size, pooling=profile.pooling)
+            head = self._build_head(encoder.output_shape[-1])
+        self.trainer = Trainer(
+            encoder, head, loss="binary" if profile.target == "ordinal" else "categorical",
+            learning_rate=learning_rate, strategy=self.strategy,
+        )
+        self._splits: dict[tuple, RepetitionSplit] = {}
+
+    def _build_head(self, feature_dim):
+        return build_head(
+            feature_dim,
+            5,
+            hidden=self.profile.finetune_hidden,
+            dropout=self.profile.finetune_dropout,
+            activation="sigmoid" if self.profile.target == "ordinal" else "softmax",
+            name="grade_head",
+        )
+
+    def available_methods(self) -> list[str]:
+        """The profile's methods that can run here (``imagenet`` needs DenseNet121 and cached weights)."""
+        methods = []
+        for method in self.profile.methods:
+            if method == "imagenet" and not (self.profile.encoder == "densenet121" and imagenet_weights_available()):
+                self.log("imagenet: skipped (needs encoder=densenet121 and the ImageNet weights in ~/.keras/models)")
+                continue
+            methods.append(method)
+        return methods
+
+    def split(self, repetition: int, fraction: float | None = None) -> RepetitionSplit:
+        """The repetition's test fold, validation split and nested labelled subsets (cached).
+
+        Subsets are prefixes of one seeded per-grade order, so a ``fraction`` outside the
+        profile's list is nested with the others like any of them.
+        """
+        fractions = tuple(sorted(set(self.profile.fractions) | ({fraction} if fraction else set())))
+        key = (repetition, fractions)
+        if key not in self._splits:
+            self._splits[key] = make_repetition_split(
+                self.grades,
+                repetition,
+                fractions,
+                patient_ids=self.patient_ids,
+                n_folds=self.profile.folds,
+                seed=self.profile.seed,
+                validation_fraction=self.profile.validation_fraction,
+                mode=self.profile.split_mode,
+            )
+        return self._splits[key]
+
+    def _initial_weights(self, method: str, seed: int):
+        seed_everything(seed, self.profile.deterministic)
+        fresh_encoder = build_encoder(
+            self.profile.encoder,
+            self.profile.image_size,
+            pooling=self.profile.pooling,
+            weights="imagenet" if method == "imagenet" else None,
+        )
+        head_weights = self._build_head(fresh_encoder.output_shape[-1]).get_weights()
+        if method == "rotation":
+            if self._pretrained is None:
+                if self.encoder_path is None:
+                    raise ValueError("method 'rotation' needs encoder_path: the encoder saved by the pretext")
+                pretrained = load_encoder(self.encoder_path)
+                if pretrained.input_shape != fresh_encoder.input_shape or len(pretrained.weights) != len(fresh_encoder.weights):
+                    raise ValueError(
+                        f"encoder {self.encoder_path} takes {pretrained.input_shape} with {len(pretrained.weights)} "
+                        f"weights; the profile builds {self.profile.encoder} taking {fresh_encoder.input_shape}. "
+                        "Train the pretext with the same profile."
+                    )
+                self._pretrained = pretrained.get_weights()
+            return self._pretrained, head_weights
+        return fresh_encoder.get_weights(), head_weights
+
+    def _predict(self, indices: np.ndarray) -> np.ndarray:
+        dataset = labelled_batches(
+            self.images, indices, self.targets[indices], self.batch_size, seed=0, training=False
+        )
+        return self.trainer.predict(dataset)
+
+    def run(self, method: str, fraction: float, repetition: int, out_dir: str | os.PathLike, *, save_model: bool = False) -> dict:
+        """Fine-tune and evaluate one run; write its files into ``out_dir``; return its metrics.
+
+        ``save_model`` also saves the selected classifier as ``model.keras`` (for Grad-CAM).
+        """
+        profile = self.profile
+        split = self.split(repetition, validate_fraction(fraction))
+        train_indices = split.train[fraction]
+        validation_indices = split.validation_for(fraction)
+        seed = profile.seed + repetition
+        encoder_weights, head_weights = self._initial_weights(method, seed)
+        self.trainer.reset(encoder_weights=encoder_weights, head_weights=head_weights, learning_rate=self.learning_rate)
+
+        batch = min(self.batch_size, len(train_indices))
+        batches = self.trainer.batches(
+            labelled_batches(
+                self.images, train_indices, self.targets[train_indices], batch, seed=seed, training=True,
+                augment_options={"zoom": profile.finetune_zoom, "vertical_flip": True, "rot90": True},
+            )
+        )
+        epoch_steps = steps_per_epoch(len(train_indices), batch, profile)
+        history, best = [], {"kappa": -np.inf, "weights": None, "epoch": 0}
+        start = time.perf_counter()
+        schedule = ["head"] * profile.warmup_epochs + ["full"] * profile.finetune_epochs
+        for epoch, phase in enumerate(schedule, start=1):
+            step_log = self.trainer.train(batches, epoch_steps, phase=phase)
+            row = {"epoch": epoch, "phase": phase, "loss": step_log.losses[-1], "images_per_second": step_log.images_per_second}
+            if len(validation_indices) and phase == "full":
+                validation_grades = self._decode(self._predict(validation_indices))
+                row["validation_qw_kappa"] = quadratic_weighted_kappa(self.grades[validation_indices], validation_grades)
+                if row["validation_qw_kappa"] > best["kappa"]:
+                    best = {"kappa": row["validation_qw_kappa"], "weights": self.trainer.model.get_weights(), "epoch": epoch}
+            history.append(row)
+        if best["weights"] is not None:
+            self.trainer.model.set_weights(best["weights"])
+        else:  # no validation split: the last epoch's weights
+            best["epoch"] = len(schedule)
+        train_seconds = time.perf_counter() - start
+
+        probabilities = self._predict(split.test)
+        predicted = self._decode(probabilities)
+        true_grades = self.grades[split.test]
+        metrics = evaluate_predictions(
+            true_grades, predicted, n_resamples=profile.bootstrap_resamples, seed=seed
+        )
+        if profile.target == "ordinal":
+            # How often the reference decoding, (p > .5).sum() - 1, would have produced grade -1.
+            metrics["reference_decoding_minus_one"] = int((ordinal_decode(probabilities, rule="reference") < 0).sum())
+        metrics.update(
+            method=method,
+            fraction=float(fraction),
+            repetition=int(repetition),
+            n_train=int(len(train_indices)),
+            n_validation=int(len(validation_indices)),
+            n_test=int(len(split.test)),
+            steps=int(epoch_steps * len(schedule)),
+            best_epoch=int(best["epoch"]),
+            seconds=train_seconds,
+        )
+        if save_model:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            save_atomically(self.trainer.model, Path(out_dir) / MODEL_FILE)
+        write_run(out_dir, metrics, history, self.table.iloc[split.test], true_grades, predicted, probabilities)
+        return metrics
+
+    def _decode(self, probabilities: np.ndarray) -> np.ndarray:
+        return decode(probabilities, self.profile.target)
+
+
+def write_run(out_dir, metrics, history, test_rows, true_grades, predicted, probabilities) -> None:
+    """Write a run's ``history.csv``, ``predictions.csv`` and finally ``metrics.json`` (atomically)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(history).to_csv(out_dir / "history.csv", index=False)
+    predictions = pd.DataFrame(
+        {"image_id": test_rows["image_id"].to_numpy(), "path": test_rows["path"].to_numpy(), "grade": true_grades, "predicted": predicted}
+    )
+    for k in range(probabilities.shape[1]):
+        predictions[f"p{k}"] = probabilities[:, k]
+    predictions.to_csv(out_dir / "predictions.csv", index=False)
+    write_json(out_dir / METRICS_FILE, metrics)
+
+
+def run_fraction(
+    session: FinetuneSession,
+    fraction: float,
+    root: str | os.PathLike,
+    *,
+    repetitions: int | None = None,
+    overwrite: bool = False,
+) -> pd.DataFrame:
+    """Every method x repetition at one fraction; finished runs are skipped unless ``overwrite``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row of metrics per run (finished earlier or now).
+    """
+    rows = []
+    methods = session.available_methods()
+    repetitions = session.profile.repetitions if repetitions is None else repetitions
+    total = len(methods) * repetitions
+    start = time.perf_counter()
+    done = 0
+    for repetition in range(repetitions):
+        for method in methods:
+            out_dir = run_directory(root, method, fraction, repetition)
+            metrics_path = out_dir / METRICS_FILE
+            if metrics_path.exists() and not overwrite:
+                rows.append(json.loads(metrics_path.read_text()))
+                session.log(f"{method} fraction {fraction:g} repetition {repetition}: finished earlier, skipped")
+            else:
+                metrics = session.run(method, fraction, repetition, out_dir, save_model=repetition == 0)
+                rows.append(metrics)
+                session.log(
+                    f"{method} fraction {fraction:g} repetition {repetition}: qw kappa {metrics['qw_kappa']:.3f}, "
+                    f"accuracy {metrics['accuracy']:.3f}, {metrics['n_train']} train images, "
+                    f"{metrics['seconds']:.0f} s (elapsed {time.perf_counter() - start:.0f} s)"
+                )
+            done += 1
+    return pd.DataFrame(rows)

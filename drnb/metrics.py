@@ -1,0 +1,267 @@
+"""Scores for DR grading: quadratic weighted kappa, its bootstrap interval, and a summary.
+
+Every test image counts. The reference code decoded its ordinal head with
+``(p > 0.5).sum(1) - 1``, which gives -1 when every output is below 0.5, and
+``cohen_kappa_score(labels=[0..4])`` silently drops such rows. Here
+:func:`quadratic_weighted_kappa` refuses predictions outside 0..4, and
+:func:`evaluate_predictions` counts them (``n_invalid_predictions``) and scores them as
+grade 0 ("no DR", the reading of "no output above threshold"), so nothing disappears.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+from scipy import stats
+from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix, recall_score
+
+from drnb.targets import N_GRADES, validate_grades
+
+logger = logging.getLogger(__name__)
+
+GRADES = (0, 1, 2, 3, 4)
+INVALID_PREDICTION_GRADE = 0
+
+__all__ = [
+    "GRADES",
+    "INVALID_PREDICTION_GRADE",
+    "bootstrap_kappa_ci",
+    "evaluate_predictions",
+    "quadratic_weighted_kappa",
+]
+
+# scipy >= 1.15 takes ``rng``; older releases call the same argument ``random_state``.
+_BOOTSTRAP_RNG_KW = (
+    "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
+)
+
+
+def _integer_predictions(y_pred, n: int) -> np.ndarray:
+    arr = np.asarray(y_pred)
+    if arr.ndim != 1 or len(arr) != n:
+        raise ValueError(
+            f"y_pred must be 1-D with one prediction per y_true row ({n}), got shape {arr.shape}"
+        )
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.int64)
+    if arr.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            whole = np.isfinite(arr) & (arr == np.floor(arr))
+        if not whole.all():
+            row = int(np.flatnonzero(~whole)[0])
+            raise ValueError(
+                f"y_pred must hold integer grades (decode head outputs first, see "
+                f"drnb.targets.decode); row {row} holds {arr[row]!r}"
+            )
+        return arr.astype(np.int64)
+    raise ValueError(f"y_pred must hold integer grades, got dtype {arr.dtype}")
+
+
+def _checked_pair(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
+    """Validate lengths and types; y_true in 0..4, y_pred any integers."""
+    t = validate_grades(y_true, name="y_true")
+    if len(t) == 0:
+        raise ValueError("y_true is empty; scores need at least one test image")
+    p = _integer_predictions(y_pred, len(t))
+    return t, p
+
+
+def _outside(p: np.ndarray) -> np.ndarray:
+    return (p < 0) | (p >= N_GRADES)
+
+
+def _kappa_undefined(t: np.ndarray, p: np.ndarray) -> bool:
+    # Expected disagreement is zero exactly when both sides are one and the same grade.
+    return bool(np.all(t == t[0]) and np.all(p == t[0]))
+
+
+def _kappa(t: np.ndarray, p: np.ndarray) -> float:
+    if _kappa_undefined(t, p):
+        return float("nan")
+    return float(cohen_kappa_score(t, p, labels=list(GRADES), weights="quadratic"))
+
+
+def quadratic_weighted_kappa(y_true, y_pred) -> float:
+    """Quadratic weighted Cohen's kappa over the five grades.
+
+    ``sklearn.metrics.cohen_kappa_score(y_true, y_pred, weights="quadratic",
+    labels=[0, 1, 2, 3, 4])``, after checking that every prediction is a grade, because
+    scikit-learn silently ignores rows whose label is not in ``labels``.
+
+    Parameters
+    ----------
+    y_true : array-like, shape (N,)
+        True grades, integers 0..4.
+    y_pred : array-like, shape (N,)
+        Predicted grades, integers 0..4.
+
+    Returns
+    -------
+    float
+        Kappa in [-1, 1]; 1.0 for perfect agreement. NaN when it is undefined: every true
+        and every predicted grade is the same single grade (zero expected disagreement).
+
+    Raises
+    ------
+    ValueError
+        If the lengths differ, the inputs are empty or not integers, ``y_true`` is not in
+        0..4, or predictions fall outside 0..4 (the message says how many; score decoded
+        reference outputs with :func:`evaluate_predictions`, which counts them).
+    """
+    t, p = _checked_pair(y_true, y_pred)
+    bad = _outside(p)
+    if bad.any():
+        raise ValueError(
+            f"y_pred has {int(bad.sum())} of {len(p)} predictions outside grades 0-4 "
+            f"(first at row {int(np.flatnonzero(bad)[0])}: {int(p[bad][0])}); scikit-learn "
+            f"would drop them silently. Use evaluate_predictions to count and score them."
+        )
+    return _kappa(t, p)
+
+
+def bootstrap_kappa_ci(
+    y_true, y_pred, confidence: float = 0.95, n_resamples: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the quadratic weighted kappa.
+
+    ``scipy.stats.bootstrap`` over (true, predicted) pairs resampled together
+    (``paired=True``), ``method="percentile"``, with a generator seeded by ``seed``: the
+    same inputs and seed give the same interval.
+
+    Parameters
+    ----------
+    y_true : array-like, shape (N,)
+        True grades, integers 0..4.
+    y_pred : array-like, shape (N,)
+        Predicted grades, integers 0..4.
+    confidence : float
+        Confidence level in (0, 1).
+    n_resamples : int
+        Number of bootstrap resamples, >= 1. Each costs one ``cohen_kappa_score`` call
+        (1-2 ms), so 1000 take one to two seconds.
+    seed : int
+        Seed (>= 0) of the resampling.
+
+    Returns
+    -------
+    tuple of float
+        ``(low, high)``. ``(nan, nan)`` when kappa is undefined on the data (a single grade
+        on both sides, or fewer than two images) or on some resample (a resample that draws
+        one grade only on both sides), since a percentile of undefined values is undefined.
+        When every resample gives the same kappa (e.g. perfect predictions) the interval
+        has zero width, e.g. ``(1.0, 1.0)``.
+
+    Raises
+    ------
+    ValueError
+        As :func:`quadratic_weighted_kappa`, or on a bad ``confidence``, ``n_resamples`` or
+        ``seed``.
+    """
+    if isinstance(confidence, (bool, np.bool_)) or not isinstance(confidence, Real):
+        raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
+    if not 0.0 < float(confidence) < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    if isinstance(n_resamples, (bool, np.bool_)) or not isinstance(n_resamples, Integral):
+        raise ValueError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, Integral) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    point = quadratic_weighted_kappa(y_true, y_pred)  # validates the pair
+    t, p = _checked_pair(y_true, y_pred)
+    if len(t) < 2 or np.isnan(point):
+        return float("nan"), float("nan")
+
+    with warnings.catch_warnings():
+        # A zero-width interval (all resamples equal) is a valid answer for the percentile
+        # method; scipy warns about it because BCa would fail there.
+        warnings.simplefilter("ignore", category=stats.DegenerateDataWarning)
+        result = stats.bootstrap(
+            (t, p),
+            _kappa,
+            n_resamples=int(n_resamples),
+            vectorized=False,
+            paired=True,
+            confidence_level=float(confidence),
+            method="percentile",
+            **{_BOOTSTRAP_RNG_KW: np.random.default_rng(int(seed))},
+        )
+    low = float(result.confidence_interval.low)
+    high = float(result.confidence_interval.high)
+    if np.isnan(low) or np.isnan(high):
+        return float("nan"), float("nan")
+    return low, high
+
+
+def evaluate_predictions(y_true, y_pred, *, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """Score predicted grades against true grades, counting every test image.
+
+    Predictions outside 0..4 (``-1`` from the reference decoding rule,
+    ``drnb.targets.ordinal_decode(..., rule="reference")``) are counted in
+    ``n_invalid_predictions``, logged, and scored as grade 0
+    (:data:`INVALID_PREDICTION_GRADE`), so every image stays in every score.
+
+    Parameters
+    ----------
+    y_true : array-like, shape (N,)
+        True grades, integers 0..4.
+    y_pred : array-like, shape (N,)
+        Predicted grades, integers (any value; outside 0..4 counts as invalid).
+    n_resamples : int
+        Bootstrap resamples for the kappa interval; 0 skips it (NaN bounds).
+    seed : int
+        Seed of the bootstrap.
+
+    Returns
+    -------
+    dict
+        ``n`` (int), ``qw_kappa`` (float, NaN if undefined), ``accuracy`` (float in [0, 1]),
+        ``kappa_ci_low`` / ``kappa_ci_high`` (float, see :func:`bootstrap_kappa_ci`),
+        ``recall_0`` .. ``recall_4`` (float, NaN for a grade absent from ``y_true``),
+        ``n_invalid_predictions`` (int), ``confusion`` (5x5 nested list of int, rows = true
+        grade, columns = predicted grade, from ``sklearn.metrics.confusion_matrix``).
+        Plain Python types, ready for JSON.
+
+    Raises
+    ------
+    ValueError
+        If the lengths differ, the inputs are empty, ``y_true`` is not in 0..4, ``y_pred``
+        is not integer, or ``n_resamples`` is negative.
+    """
+    t, p = _checked_pair(y_true, y_pred)
+    if isinstance(n_resamples, (bool, np.bool_)) or not isinstance(n_resamples, Integral):
+        raise ValueError(f"n_resamples must be an integer >= 0, got {n_resamples!r}")
+    if n_resamples < 0:
+        raise ValueError(f"n_resamples must be an integer >= 0, got {n_resamples!r}")
+    invalid = _outside(p)
+    n_invalid = int(invalid.sum())
+    if n_invalid:
+        logger.warning(
+            "%d of %d predictions are outside grades 0-4; they are scored as grade %d",
+            n_invalid,
+            len(p),
+            INVALID_PREDICTION_GRADE,
+        )
+    scored = np.where(invalid, INVALID_PREDICTION_GRADE, p)
+    labels = list(GRADES)
+    recalls = recall_score(t, scored, labels=labels, average=None, zero_division=np.nan)
+    if n_resamples:
+        ci_low, ci_high = bootstrap_kappa_ci(t, scored, n_resamples=n_resamples, seed=seed)
+    else:
+        ci_low, ci_high = float("nan"), float("nan")
+    result = {
+        "n": int(len(t)),
+        "qw_kappa": quadratic_weighted_kappa(t, scored),
+        "accuracy": float(accuracy_score(t, scored)),
+        "kappa_ci_low": ci_low,
+        "kappa_ci_high": ci_high,
+    }
+    for g, r in zip(GRADES, recalls):
+        result[f"recall_{g}"] = float(r)
+    result["n_invalid_predictions"] = n_invalid
+    result["confusion"] = confusion_matrix(t, scored, labels=labels).tolist()
+    return result

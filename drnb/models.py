@@ -1,0 +1,181 @@
+"""Encoders and heads.
+
+Every encoder takes uint8-range images, float32 (B, S, S, 3) in [0, 255], scales them itself,
+and ends in the same global pooling for the pretext and for fine-tuning (the reference code
+pre-trains with max and fine-tunes with average pooling, so the fine-tuned head met features
+it was never trained on; drnb uses one ``pooling`` for both).
+
+- ``densenet121``: ``keras.applications.DenseNet121(include_top=False)``, the study's encoder,
+  random or ImageNet weights.
+- ``compact``: a small DenseNet-style network designed for 2 CPU cores at 64-128 px: a strided
+  stem, then four stages of densely connected 3x3 convolutions (each layer sees every earlier
+  feature map of its stage, as in DenseNet), separated by 1x1 transition convolutions and
+  average pooling. Width grows with depth so every stage costs about the same, and the
+  network is shallow enough that its first ``fit`` traces in seconds, not minutes.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from drnb.profiles import ENCODERS, POOLINGS
+
+# ImageNet statistics, as keras.applications.densenet.preprocess_input ("torch" mode) uses.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _scale_inputs(inputs):
+    scaled = layers.Rescaling(1 / 255.0, name="scale_0_1")(inputs)
+    return layers.Normalization(
+        mean=IMAGENET_MEAN, variance=[s**2 for s in IMAGENET_STD], name="imagenet_normalization"
+    )(scaled)
+
+
+def compact_densenet(
+    image_size: int,
+    *,
+    stem_filters: int = 32,
+    growth_rates: tuple[int, ...] = (16, 32, 48, 64),
+    layers_per_stage: int = 3,
+    pooling: str = "avg",
+    name: str = "compact",
+) -> keras.Model:
+    """Build the compact DenseNet-style encoder.
+
+    Parameters
+    ----------
+    image_size : int
+        Side of the square input in pixels (64-256 sensible).
+    stem_filters : int
+        Filters of the strided stem convolution.
+    growth_rates : tuple of int
+        Filters each densely connected layer adds, per stage; one stage per entry.
+    layers_per_stage : int
+        Densely connected 3x3 layers per stage.
+    pooling : {"avg", "max"}
+        Global pooling at the end.
+
+    Returns
+    -------
+    keras.Model
+        (B, image_size, image_size, 3) in [0, 255] -> (B, features) float.
+    """
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = _scale_inputs(inputs)
+    x = layers.Conv2D(stem_filters, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
+    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.ReLU(name="stem_relu")(x)
+    for stage, growth in enumerate(growth_rates):
+        for index in range(layers_per_stage):
+            prefix = f"stage{stage}_layer{index}"
+            y = layers.Conv2D(growth, 3, padding="same", use_bias=False, name=f"{prefix}_conv")(x)
+            y = layers.BatchNormalization(name=f"{prefix}_bn")(y)
+            y = layers.ReLU(name=f"{prefix}_relu")(y)
+            x = layers.Concatenate(name=f"{prefix}_concat")([x, y])
+        if stage < len(growth_rates) - 1:
+            # Transition: compress the concatenated maps by half and halve the resolution.
+            x = layers.Conv2D(x.shape[-1] // 2, 1, use_bias=False, name=f"transition{stage}_conv")(x)
+            x = layers.BatchNormalization(name=f"transition{stage}_bn")(x)
+            x = layers.ReLU(name=f"transition{stage}_relu")(x)
+            x = layers.AveragePooling2D(2, name=f"transition{stage}_pool")(x)
+    x = _global_pool(pooling)(x)
+    return keras.Model(inputs, x, name=name)
+
+
+def _global_pool(pooling: str):
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling={pooling!r}: expected one of {POOLINGS}")
+    return (layers.GlobalAveragePooling2D if pooling == "avg" else layers.GlobalMaxPooling2D)(name="global_pool")
+
+
+def build_encoder(name: str, image_size: int, *, pooling: str = "avg", weights: str | None = None) -> keras.Model:
+    """Build an encoder by name.
+
+    Parameters
+    ----------
+    name : {"densenet121", "compact"}
+    image_size : int
+        Input side in pixels.
+    pooling : {"avg", "max"}
+    weights : None or "imagenet"
+        ``"imagenet"`` only for ``densenet121``; needs the weights file in Keras's cache or a
+        connection to download it, and raises a ``RuntimeError`` saying so otherwise.
+
+    Returns
+    -------
+    keras.Model
+        (B, image_size, image_size, 3) in [0, 255] -> (B, features).
+    """
+    if name not in ENCODERS:
+        raise ValueError(f"encoder={name!r}: expected one of {ENCODERS}")
+    if weights not in (None, "imagenet"):
+        raise ValueError(f"weights={weights!r}: expected None or 'imagenet'")
+    if name == "compact":
+        if weights is not None:
+            raise ValueError("encoder='compact' has no pretrained weights; use weights=None")
+        return compact_densenet(image_size, pooling=pooling)
+
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    try:
+        backbone = keras.applications.DenseNet121(
+            include_top=False, weights=weights, input_shape=(image_size, image_size, 3), pooling=None
+        )
+    except Exception as error:  # urllib/OSError/HTTPError: the download of the weights failed
+        raise RuntimeError(
+            f"could not load DenseNet121 ImageNet weights ({type(error).__name__}: {error}). Offline, place "
+            "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5 in ~/.keras/models/ or use weights=None."
+        ) from error
+    x = _global_pool(pooling)(backbone(_scale_inputs(inputs)))
+    return keras.Model(inputs, x, name="densenet121")
+
+
+def imagenet_weights_available() -> bool:
+    """True when DenseNet121's ImageNet weights are in Keras's local cache (no download attempted)."""
+    from pathlib import Path
+
+    cache = Path(keras.config.keras_home() if hasattr(keras.config, "keras_home") else "~/.keras").expanduser()
+    return (cache / "models" / "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5").exists()
+
+
+def build_head(
+    feature_dim: int,
+    outputs: int,
+    *,
+    hidden: tuple[int, ...] = (1024,),
+    dropout: float = 0.5,
+    activation: str = "softmax",
+    name: str = "head",
+) -> keras.Model:
+    """Dense -> BatchNorm -> ReLU -> Dropout blocks, then the output layer (kept in float32).
+
+    The reference heads: pretext ``hidden=(2048, 1024)``, fine-tuning "simple multiclass"
+    ``hidden=(1024,)``, both ``dropout=0.5``. ``hidden=()`` is a linear head.
+
+    Returns
+    -------
+    keras.Model
+        (B, feature_dim) -> (B, outputs) probabilities in [0, 1], float32.
+    """
+    if activation not in ("softmax", "sigmoid"):
+        raise ValueError(f"activation={activation!r}: expected 'softmax' or 'sigmoid'")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout={dropout!r}: expected a rate in [0, 1)")
+    inputs = keras.Input((feature_dim,), name="features")
+    x = inputs
+    for index, units in enumerate(hidden):
+        x = layers.Dense(units, name=f"{name}_dense{index}")(x)
+        x = layers.BatchNormalization(name=f"{name}_bn{index}")(x)
+        x = layers.ReLU(name=f"{name}_relu{index}")(x)
+        if dropout:
+            x = layers.Dropout(dropout, name=f"{name}_dropout{index}")(x)
+    # Float32 outputs keep the loss numerically safe under a mixed-precision policy.
+    outputs_ = layers.Dense(outputs, activation=activation, dtype="float32", name=f"{name}_output")(x)
+    return keras.Model(inputs, outputs_, name=name)
+
+
+def stack(encoder: keras.Model, head: keras.Model, name: str = "classifier") -> keras.Model:
+    """Encoder followed by head, as one model that saves and loads as a whole."""
+    inputs = keras.Input(encoder.input_shape[1:], name="image")
+    return keras.Model(inputs, head(encoder(inputs)), name=name)

@@ -1,0 +1,230 @@
+"""Input pipelines: cached uint8 arrays -> augmented, batched ``tf.data`` datasets.
+
+Images stay uint8 until they are on the batch (a quarter of the memory traffic of float32),
+are gathered by index from one in-memory tensor, and are augmented a whole batch at a time
+with ``tf.image`` ops, so the pipeline keeps ahead of the model (see ``benchmarks/``).
+
+Rotation labels: label ``k`` in 0-3 means the image was turned ``k`` quarter turns
+counter-clockwise (``tf.image.rot90(image, k)``, the same as ``np.rot90(image, k)``), so
+``np.rot90(rotated, -k)`` recovers the image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from drnb.profiles import ROTATION_MODES
+
+
+
+def rotate_all4(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Every image in all four rotations, in the same batch (Gidaris et al.'s RotNet).
+
+    Parameters
+    ----------
+    images : tf.Tensor
+        (B, S, S, C), square.
+
+    Returns
+    -------
+    rotated : tf.Tensor
+        (4B, S, S, C): image i in rotation k sits at row ``4 * i + k``.
+    labels : tf.Tensor
+        int32 (4B,) in 0-3.
+    """
+    rotated = tf.stack([tf.image.rot90(images, k) for k in range(4)], axis=1)
+    shape = tf.shape(images)
+    labels = tf.tile(tf.range(4, dtype=tf.int32), [shape[0]])
+    return tf.reshape(rotated, tf.concat([[-1], shape[1:]], 0)), labels
+
+
+def rotate_random1(images: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Each image in one random rotation (the reference code's sampling).
+
+    Parameters
+    ----------
+    images : tf.Tensor
+        (B, S, S, C), square.
+    seed : tf.Tensor
+        int (2,) stateless seed.
+
+    Returns
+    -------
+    rotated : tf.Tensor
+        (B, S, S, C).
+    labels : tf.Tensor
+        int32 (B,) in 0-3.
+    """
+    labels = tf.random.stateless_uniform(tf.shape(images)[:1], seed, 0, 4, dtype=tf.int32)
+    all_rotations = tf.stack([tf.image.rot90(images, k) for k in range(4)], axis=1)
+    return tf.gather(all_rotations, labels, axis=1, batch_dims=1), labels
+
+
+def augment(
+    images: tf.Tensor,
+    seed: tf.Tensor,
+    *,
+    zoom: float = 0.1,
+    vertical_flip: bool = False,
+    rot90: bool = False,
+    colour: float = 0.1,
+) -> tf.Tensor:
+    """Random augmentation of a batch, seeded statelessly.
+
+    The pretext must never be shown a change of orientation, so it uses the default
+    (horizontal flips, centred zoom, brightness/contrast only); fine-tuning may add vertical
+    flips and quarter turns, to which a DR grade is blind. Zoom is centred and pads with
+    black, so a rotation-invariant mask stays rotation-invariant.
+
+    Parameters
+    ----------
+    images : tf.Tensor
+        float32 (B, S, S, 3) in [0, 255].
+    seed : tf.Tensor
+        int (2,) stateless seed.
+    zoom : float
+        Zoom factor range ``1 +- zoom``.
+    vertical_flip, rot90 : bool
+        Also flip top-bottom / turn by a random multiple of 90 degrees.
+    colour : float
+        Brightness (fraction of 255) and contrast (fraction of 1) jitter.
+
+    Returns
+    -------
+    tf.Tensor
+        float32 (B, S, S, 3) in [0, 255].
+    """
+    seeds = tf.random.experimental.stateless_split(seed, 6)
+    batch = tf.shape(images)[0]
+    size = tf.shape(images)[1:3]
+    flip = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[0]) < 0.5
+    images = tf.where(flip, tf.reverse(images, axis=[2]), images)
+    if vertical_flip:
+        flip = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[1]) < 0.5
+        images = tf.where(flip, tf.reverse(images, axis=[1]), images)
+    if rot90:
+        quarter_turns = tf.random.stateless_uniform([batch], seeds[2], 0, 4, dtype=tf.int32)
+        all_rotations = tf.stack([tf.image.rot90(images, k) for k in range(4)], axis=1)
+        images = tf.gather(all_rotations, quarter_turns, axis=1, batch_dims=1)
+    if zoom:
+        half = 0.5 / tf.random.stateless_uniform([batch], seeds[3], 1 - zoom, 1 + zoom)
+        boxes = tf.stack([0.5 - half, 0.5 - half, 0.5 + half, 0.5 + half], axis=1)
+        images = tf.image.crop_and_resize(images, boxes, tf.range(batch), size, extrapolation_value=0.0)
+    if colour:
+        inside = tf.cast(tf.reduce_max(images, axis=-1, keepdims=True) > 0, images.dtype)
+        gain = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[4], 1 - colour, 1 + colour)
+        shift = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[5], -colour, colour) * 255.0
+        # Jitter only inside the fundus: a brighter black surround would reveal the mask.
+        images = tf.clip_by_value(images * gain + shift * inside, 0.0, 255.0) * inside
+    return images
+
+
+def labelled_batches(
+    images: tf.Tensor,
+    indices: np.ndarray,
+    targets: np.ndarray,
+    batch_size: int,
+    *,
+    seed: int,
+    training: bool,
+    augment_options: dict | None = None,
+) -> tf.data.Dataset:
+    """Batches of (image, target) for fine-tuning or evaluation.
+
+    Parameters
+    ----------
+    images : tf.Tensor
+        uint8 (N, S, S, 3): every image of the dataset, in memory.
+    indices : numpy.ndarray
+        int (M,) rows of ``images`` to use.
+    targets : numpy.ndarray
+        float32 (M, T) targets for those rows.
+    batch_size : int
+    seed : int
+        Shuffling and augmentation seed.
+    training : bool
+        Shuffle, repeat forever, drop the last partial batch and augment; otherwise one
+        ordered pass.
+
+    Returns
+    -------
+    tf.data.Dataset
+        of (float32 (B, S, S, 3) in [0, 255], float32 (B, T)).
+    """
+    dataset = tf.data.Dataset.from_tensor_slices((np.asarray(indices, np.int64), np.asarray(targets, np.float32)))
+    if training:
+        dataset = dataset.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True).repeat()
+    dataset = dataset.batch(batch_size, drop_remainder=training)
+    options = augment_options or {}
+
+    def gather(batch_indices, batch_targets):
+        batch = tf.cast(tf.gather(images, batch_indices), tf.float32)
+        return batch, batch_targets
+
+    if training:
+        seeds = tf.data.Dataset.random(seed=seed).batch(2)
+        dataset = tf.data.Dataset.zip((dataset, seeds)).map(
+            lambda batch, step_seed: (augment(gather(*batch)[0], step_seed, **options), batch[1]),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    else:
+        dataset = dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def rotation_batches(
+    images: tf.Tensor,
+    indices: np.ndarray,
+    batch_size: int,
+    *,
+    mode: str = "all4",
+    seed: int = 0,
+    training: bool = True,
+    augment_options: dict | None = None,
+) -> tf.data.Dataset:
+    """Batches of (rotated image, rotation label) for the pretext.
+
+    Parameters
+    ----------
+    images : tf.Tensor
+        uint8 (N, S, S, 3).
+    indices : numpy.ndarray
+        int (M,) rows to use.
+    batch_size : int
+        Rotated images per batch; in ``all4`` mode a multiple of 4 (``batch_size // 4``
+        source images each appear four times).
+    mode : {"all4", "random1"}
+    training : bool
+        Shuffle, repeat and augment (before rotating); otherwise one ordered pass with every
+        image in all four rotations, whatever the mode, so held-out accuracy is exact.
+
+    Returns
+    -------
+    tf.data.Dataset
+        of (float32 (B, S, S, 3) in [0, 255], int32 (B,) in 0-3).
+    """
+    if mode not in ROTATION_MODES:
+        raise ValueError(f"rotation mode={mode!r}: expected one of {ROTATION_MODES}")
+    if mode == "all4" and batch_size % 4:
+        raise ValueError(f"batch_size={batch_size}: the 'all4' rotation mode needs a multiple of 4")
+    if (augment_options or {}).get("vertical_flip") or (augment_options or {}).get("rot90"):
+        raise ValueError("the rotation pretext cannot use vertical_flip or rot90 augmentation: they change orientation")
+    sources_per_batch = batch_size // 4 if (mode == "all4" or not training) else batch_size
+    dataset = tf.data.Dataset.from_tensor_slices(np.asarray(indices, np.int64))
+    if training:
+        dataset = dataset.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True).repeat()
+    dataset = dataset.batch(max(sources_per_batch, 1), drop_remainder=training)
+    seeds = tf.data.Dataset.random(seed=seed).batch(2)
+    options = augment_options or {}
+
+    def make_batch(batch_indices, step_seed):
+        batch = tf.cast(tf.gather(images, batch_indices), tf.float32)
+        if not training:
+            return rotate_all4(batch)
+        augment_seed, rotation_seed = tf.unstack(tf.random.experimental.stateless_split(step_seed, 2))
+        batch = augment(batch, augment_seed, **options)
+        return rotate_all4(batch) if mode == "all4" else rotate_random1(batch, rotation_seed)
+
+    dataset = tf.data.Dataset.zip((dataset, seeds)).map(make_batch, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)

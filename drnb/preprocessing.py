@@ -1,0 +1,302 @@
+"""Fundus preprocessing: find the disc, square it without squashing, mask it, cache it.
+
+A network asked which way an image was rotated will take the easiest clue it finds. In raw
+photographs that is the frame: black borders wider than tall, circles cut flat at the top
+and bottom (APTOS 2019), a camera notch at the rim (IDRiD). So every image is
+
+1. searched for the fundus disc (the bright region against the black surround);
+2. cropped to the disc's bounding square and padded with black where the photograph clipped
+   it, so the circle is never squashed;
+3. resized to ``size`` x ``size``;
+4. masked with a shape that looks the same under every 90-degree rotation: the disc circle
+   (shrunk by ``margin`` to drop the rim and notch) intersected with a centred square whose
+   half-side is the smallest visible half-extent of the fundus. For a full circle the square
+   does nothing; for a circle cut flat at top and bottom it cuts the left and right sides by
+   the same amount, so the flat edges carry no clue of the orientation;
+5. optionally normalised for local colour (Ben Graham's method, Kaggle 2015).
+
+:func:`preprocess_table` does this for a whole dataset on all cores and caches the result as
+one uint8 ``.npy`` file per (files, parameters) pair.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from drnb.datasets import NPZ_SEPARATOR, read_image
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when the preprocessing algorithm changes, so old caches are not reused
+
+
+@dataclass(frozen=True)
+class FundusGeometry:
+    """Where the fundus lies in a photograph, in that photograph's pixel coordinates.
+
+    ``radius`` is the full disc's radius; ``half_extent`` the smaller of the visible
+    half-width and half-height (equal to ``radius`` for an unclipped disc).
+    """
+
+    center_row: float
+    center_col: float
+    radius: float
+    half_extent: float
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Parameters of :func:`preprocess_image`; also the cache key, with the files."""
+
+    size: int = 128
+    margin: float = 0.03
+    ben_graham: bool = False
+    threshold: int = 20
+
+    def __post_init__(self):
+        if not (isinstance(self.size, (int, np.integer)) and 16 <= self.size <= 2048):
+            raise ValueError(f"size={self.size!r}: expected an integer number of pixels in [16, 2048]")
+        if not 0 <= self.margin < 0.5:
+            raise ValueError(f"margin={self.margin!r}: expected a fraction of the radius in [0, 0.5)")
+        if not 0 < self.threshold < 255:
+            raise ValueError(f"threshold={self.threshold!r}: expected a grey level in (0, 255)")
+
+
+def find_fundus(image: np.ndarray, threshold: int = 20) -> FundusGeometry:
+    """Locate the fundus disc in a photograph on a dark background.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        uint8 (H, W, 3).
+    threshold : int
+        Grey level (of the brightest channel) above which a pixel counts as fundus.
+
+    Returns
+    -------
+    FundusGeometry
+
+    Raises
+    ------
+    ValueError
+        When no bright region is found (an all-black image).
+    """
+    foreground = image.max(axis=2) > threshold
+    # A row or column belongs to the fundus when a few percent of it is bright; this ignores
+    # stray bright pixels, text and noise in the border.
+    rows = np.flatnonzero(foreground.sum(axis=1) > 0.02 * image.shape[1])
+    cols = np.flatnonzero(foreground.sum(axis=0) > 0.02 * image.shape[0])
+    if rows.size < 4 or cols.size < 4:
+        raise ValueError("no fundus found: the image is (almost) entirely dark")
+    height = rows[-1] - rows[0] + 1
+    width = cols[-1] - cols[0] + 1
+    return FundusGeometry(
+        center_row=(rows[0] + rows[-1] + 1) / 2,
+        center_col=(cols[0] + cols[-1] + 1) / 2,
+        radius=max(height, width) / 2,
+        half_extent=min(height, width) / 2,
+    )
+
+
+def rotation_invariant_mask(size: int, radius_fraction: float, square_fraction: float) -> np.ndarray:
+    """Disc of ``radius_fraction * size / 2`` cut by a centred square of half-side ``square_fraction * size / 2``.
+
+    Returns
+    -------
+    numpy.ndarray
+        bool (size, size); identical under ``np.rot90`` by any multiple of 90 degrees and
+        under horizontal and vertical flips.
+    """
+    coordinates = np.arange(size) - (size - 1) / 2
+    rows, cols = np.meshgrid(coordinates, coordinates, indexing="ij")
+    half = size / 2
+    disc = rows**2 + cols**2 <= (radius_fraction * half) ** 2
+    square = np.maximum(np.abs(rows), np.abs(cols)) <= square_fraction * half
+    return disc & square
+
+
+def ben_graham(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Ben Graham's local colour normalisation: ``4 * image - 4 * blur(image) + 128``.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        uint8 (H, W, 3).
+    sigma : float
+        Gaussian blur radius in pixels (Graham used about a thirtieth of the disc diameter).
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 (H, W, 3), mid-grey where the image is locally flat.
+    """
+    from PIL import Image, ImageFilter
+
+    blurred = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(sigma)), dtype=np.float32)
+    return np.clip(4.0 * image.astype(np.float32) - 4.0 * blurred + 128.0, 0, 255).astype(np.uint8)
+
+
+def preprocess_image(image: np.ndarray, config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
+    """Crop, square, resize and mask one fundus photograph.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        uint8 (H, W, 3) RGB, any size, fundus on a dark background.
+    config : PreprocessConfig
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 (size, size, 3), disc centred, zero outside the rotation-invariant mask.
+    """
+    from PIL import Image
+
+    geometry = find_fundus(image, config.threshold)
+    radius = int(np.ceil(geometry.radius))
+    top = int(round(geometry.center_row)) - radius
+    left = int(round(geometry.center_col)) - radius
+    square = np.zeros((2 * radius, 2 * radius, 3), dtype=np.uint8)
+    # Copy the part of the bounding square that lies inside the photograph; the rest stays black.
+    src_top, src_left = max(top, 0), max(left, 0)
+    src_bottom = min(top + 2 * radius, image.shape[0])
+    src_right = min(left + 2 * radius, image.shape[1])
+    square[src_top - top : src_bottom - top, src_left - left : src_right - left] = image[
+        src_top:src_bottom, src_left:src_right
+    ]
+    resized = np.asarray(
+        Image.fromarray(square).resize((config.size, config.size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    )
+    if config.ben_graham:
+        resized = ben_graham(resized, sigma=config.size / 30)
+    mask = rotation_invariant_mask(
+        config.size,
+        radius_fraction=1 - config.margin,
+        square_fraction=(geometry.half_extent / geometry.radius) * (1 - config.margin),
+    )
+    return np.where(mask[..., None], resized, 0).astype(np.uint8)
+
+
+def _preprocess_paths(paths: list[str], config: PreprocessConfig) -> list[np.ndarray | str]:
+    # Runs in a worker process: returns an image, or the error message for that file.
+    results = []
+    for path in paths:
+        try:
+            results.append(preprocess_image(read_image(path), config))
+        except ValueError as error:
+            message = str(error)
+            results.append(message if path in message else f"{path}: {message}")
+    return results
+
+
+def cache_key(table: pd.DataFrame, config: PreprocessConfig) -> str:
+    """Hash of the preprocessing parameters and every image file's path, size and mtime.
+
+    A changed, added or removed file, or a changed parameter, gives a new key, so a stale
+    cache is never read.
+    """
+    digest = hashlib.sha256(json.dumps({"version": CACHE_VERSION, **asdict(config)}, sort_keys=True).encode())
+    for path in table["path"]:
+        file_path = path.split(NPZ_SEPARATOR)[0]
+        stat = os.stat(file_path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def default_cache_dir() -> Path:
+    """``$DRNB_CACHE``, else ``~/.cache/drnb``."""
+    return Path(os.environ.get("DRNB_CACHE", Path.home() / ".cache" / "drnb")).expanduser()
+
+
+def preprocess_table(
+    table: pd.DataFrame,
+    config: PreprocessConfig = PreprocessConfig(),
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int | None = None,
+    drop_unreadable: bool = False,
+    progress: bool = True,
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Preprocess every image of a dataset table, reading from and writing to the cache.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        A table from :func:`drnb.datasets.load_dataset`.
+    config : PreprocessConfig
+    cache_dir : path, optional
+        Default :func:`default_cache_dir`; ``False``-y strings are not accepted, pass a path.
+    workers : int, optional
+        Processes to decode with; default all cores.
+    drop_unreadable : bool
+        Images that cannot be decoded raise a ``ValueError`` (all counted, the first few
+        named); with ``drop_unreadable`` they are dropped with a warning instead.
+    progress : bool
+        Print a progress bar to stderr.
+
+    Returns
+    -------
+    images : numpy.ndarray
+        uint8 (N, size, size, 3).
+    table : pandas.DataFrame
+        The rows of ``table`` that ``images`` holds, in the same order, index reset.
+    """
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = cache_key(table, config)
+    images_path = cache_root / f"fundus_{key}.npy"
+    kept_path = cache_root / f"fundus_{key}.kept.npy"
+    if images_path.exists() and kept_path.exists():
+        kept = np.load(kept_path)
+        logger.info("preprocessed images read from cache %s", images_path)
+        return np.load(images_path), table.iloc[kept].reset_index(drop=True)
+
+    paths = table["path"].tolist()
+    workers = workers or os.cpu_count() or 1
+    chunks = [paths[start : start + 32] for start in range(0, len(paths), 32)]
+    results: list[np.ndarray | str] = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=len(paths), desc=f"preprocessing {config.size}px", unit="img", disable=not progress, file=sys.stderr
+    )
+    if workers > 1 and len(chunks) > 1:
+        # "spawn": the parent may have TensorFlow loaded, which does not survive a fork.
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            for chunk_results in pool.map(_preprocess_paths, chunks, [config] * len(chunks)):
+                results.extend(chunk_results)
+                bar.update(len(chunk_results))
+    else:
+        for chunk in chunks:
+            results.extend(_preprocess_paths(chunk, config))
+            bar.update(len(chunk))
+    bar.close()
+
+    failures = [result for result in results if isinstance(result, str)]
+    if failures:
+        message = f"{len(failures)} of {len(paths)} image(s) could not be preprocessed, e.g. {failures[:5]}"
+        if not drop_unreadable:
+            raise ValueError(message + "; pass drop_unreadable=True (--drop-unreadable) to skip them")
+        logger.warning("%s; dropping them", message)
+    kept = np.array([i for i, result in enumerate(results) if not isinstance(result, str)], dtype=np.int64)
+    if kept.size == 0:
+        raise ValueError("no image of the dataset could be preprocessed")
+    images = np.stack([results[i] for i in kept])
+
+    cache_root.mkdir(parents=True, exist_ok=True)
+    # Write to temporary names and rename, so an interrupted run never leaves a half cache.
+    for path, array in ((images_path, images), (kept_path, kept)):
+        temporary = path.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(temporary, array)
+        os.replace(temporary, path)
+    return images, table.iloc[kept].reset_index(drop=True)

@@ -1,0 +1,196 @@
+"""The rotation pretext: learn which quarter turn was applied to an unlabelled image.
+
+The pretext sees images only, never grades, so it uses every image of the dataset (test
+folds included), as self-supervised pre-training on the unlabelled pool does; a held-out
+share measures rotation accuracy on images the encoder never trained on.
+
+Writes into ``out_dir``: ``encoder.keras`` (the encoder alone, for fine-tuning),
+``history.csv`` (loss and held-out rotation accuracy per epoch), ``metrics.json`` and
+``confusion.csv`` (held-out true rotation x predicted rotation).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from drnb.distribute import configure_precision, scaled_batch_and_rate, seed_everything, select_strategy
+from drnb.models import build_encoder, build_head
+from drnb.pipeline import rotation_batches
+from drnb.profiles import Profile
+from drnb.runs import write_json
+from drnb.training import Trainer
+
+ENCODER_FILE = "encoder.keras"
+
+
+@dataclass
+class PretextResult:
+    """What :func:`train_pretext` produced: paths and held-out rotation accuracy."""
+
+    encoder_path: Path
+    history: pd.DataFrame
+    heldout_accuracy: float
+    confusion: np.ndarray  # int (4, 4): true rotation x predicted rotation
+    seconds: float
+    images_per_second: float
+
+
+def split_holdout(n_images: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of ``range(n_images)`` into (train, held-out) index arrays, int64."""
+    order = np.random.default_rng(seed).permutation(n_images)
+    n_holdout = int(round(fraction * n_images))
+    return np.sort(order[n_holdout:]), np.sort(order[:n_holdout])
+
+
+def rotation_accuracy(trainer: Trainer, images: tf.Tensor, indices: np.ndarray, batch_size: int) -> tuple[float, np.ndarray]:
+    """Accuracy and 4x4 confusion matrix of rotation predictions, every image in all four rotations."""
+    dataset = rotation_batches(images, indices, batch_size, mode="all4", training=False)
+    probabilities = trainer.predict(dataset)
+    labels = np.tile(np.arange(4), len(indices))
+    predicted = probabilities.argmax(axis=1)
+    confusion = np.zeros((4, 4), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    return float((predicted == labels).mean()), confusion
+
+
+def build_pretext_trainer(profile: Profile, strategy=None) -> Trainer:
+    """Encoder + rotation head of ``profile``, inside ``strategy``'s scope."""
+    strategy = strategy or select_strategy()
+    configure_precision(profile.mixed_precision)
+    _, learning_rate = scaled_batch_and_rate(profile.pretext_batch_size, profile.pretext_learning_rate, strategy)
+    with strategy.scope():
+        encoder = build_encoder(profile.encoder, profile.image_size, pooling=profile.pooling)
+        head = build_head(
+            encoder.output_shape[-1], 4, hidden=profile.pretext_hidden, dropout=profile.pretext_dropout, name="rotation_head"
+        )
+    return Trainer(encoder, head, loss="sparse_categorical", learning_rate=learning_rate, strategy=strategy)
+
+
+def train_pretext(
+    images: np.ndarray,
+    profile: Profile,
+    out_dir: str | os.PathLike,
+    *,
+    strategy=None,
+    log=print,
+) -> PretextResult:
+    """Train the rotation pretext and save the encoder.
+
+    Parameters
+    ----------
+    images : numpy.ndarray
+        uint8 (N, S, S, 3), preprocessed, ``S == profile.image_size``.
+    profile : Profile
+        Uses the ``encoder``, ``pooling``, ``rotation_mode`` and ``pretext_*`` settings.
+    out_dir : path
+        Created if needed; see the module docstring for what is written.
+    log : callable
+        Receives one progress line per epoch.
+
+    Returns
+    -------
+    PretextResult
+    """
+    if images.ndim != 4 or images.shape[1:] != (profile.image_size, profile.image_size, 3):
+        raise ValueError(
+            f"images have shape {images.shape}; expected (N, {profile.image_size}, {profile.image_size}, 3) "
+            "as set by the profile's image_size"
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(profile.seed, profile.deterministic)
+    trainer = build_pretext_trainer(profile, strategy)
+    batch_size, _ = scaled_batch_and_rate(profile.pretext_batch_size, profile.pretext_learning_rate, trainer.strategy)
+    train_indices, holdout_indices = split_holdout(len(images), profile.pretext_holdout_fraction, profile.seed)
+    if len(holdout_indices) == 0:
+        holdout_indices = train_indices[: min(len(train_indices), 64)]
+        log("pretext: no images held out (pretext_holdout_fraction=0); rotation accuracy is on training images")
+    image_tensor = tf.constant(images)
+    rotated_per_epoch = len(train_indices) * (4 if profile.rotation_mode == "all4" else 1)
+    steps_per_epoch = max(1, math.ceil(rotated_per_epoch / batch_size))
+    dataset = rotation_batches(
+        image_tensor,
+        train_indices,
+        batch_size,
+        mode=profile.rotation_mode,
+        seed=profile.seed,
+        augment_options={"zoom": profile.pretext_zoom},
+    )
+    rows = []
+    start = time.perf_counter()
+    train_seconds, images_trained = 0.0, 0
+    batches = trainer.batches(dataset)  # one iterator for all epochs: shuffling continues across epochs
+    for epoch in range(1, profile.pretext_epochs + 1):
+        step_log = trainer.train(batches, steps_per_epoch, phase="full")
+        train_seconds += step_log.seconds
+        images_trained += step_log.steps * batch_size
+        accuracy, confusion = rotation_accuracy(trainer, image_tensor, holdout_indices, batch_size)
+        rows.append(
+            {
+                "epoch": epoch,
+                "loss": step_log.losses[-1],
+                "heldout_rotation_accuracy": accuracy,
+                "images_per_second": step_log.images_per_second,
+                "elapsed_seconds": time.perf_counter() - start,
+            }
+        )
+        log(
+            f"pretext epoch {epoch}/{profile.pretext_epochs}: loss {step_log.losses[-1]:.4f}, held-out rotation "
+            f"accuracy {accuracy:.3f}, {step_log.images_per_second:.0f} img/s, {time.perf_counter() - start:.0f} s"
+        )
+    history = pd.DataFrame(rows)
+    result = PretextResult(
+        encoder_path=out_dir / ENCODER_FILE,
+        history=history,
+        heldout_accuracy=accuracy,
+        confusion=confusion,
+        seconds=time.perf_counter() - start,
+        images_per_second=images_trained / max(train_seconds, 1e-9),
+    )
+    history.to_csv(out_dir / "history.csv", index=False)
+    labels = [f"{k * 90}" for k in range(4)]
+    pd.DataFrame(confusion, index=[f"true_{k}" for k in labels], columns=[f"pred_{k}" for k in labels]).to_csv(
+        out_dir / "confusion.csv"
+    )
+    write_json(
+        out_dir / "metrics.json",
+        {
+            "heldout_rotation_accuracy": accuracy,
+            "heldout_images": int(len(holdout_indices)),
+            "train_images": int(len(train_indices)),
+            "epochs": profile.pretext_epochs,
+            "rotation_mode": profile.rotation_mode,
+            "seconds": result.seconds,
+            "images_per_second": result.images_per_second,
+        },
+    )
+    # The encoder comes last: its presence marks a finished pretext.
+    save_atomically(trainer.encoder, result.encoder_path)
+    return result
+
+
+def save_atomically(model: keras.Model, path: Path) -> None:
+    """Save ``model`` in the ``.keras`` format so that an interrupted save leaves no file at ``path``."""
+    # Keras insists on the .keras suffix, so the temporary file keeps it.
+    temporary = path.with_name(f".{path.stem}.tmp{os.getpid()}.keras")
+    model.save(temporary)
+    os.replace(temporary, path)
+
+
+def load_encoder(path: str | os.PathLike) -> keras.Model:
+    """Load an encoder saved by :func:`train_pretext` (``safe_mode`` stays on)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no encoder at {path}; train one with notebooks/02_rotation_pretext.ipynb or `drnb reproduce`"
+        )
+    return keras.models.load_model(path, compile=False)

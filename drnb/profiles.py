@@ -1,0 +1,256 @@
+"""Run profiles: the one source of truth for every setting of a reproduction.
+
+A :class:`Profile` holds everything a run needs, from the dataset to the fine-tuning
+schedule. Three are defined:
+
+``smoke``
+    seconds on a CPU; for tests and for checking an installation. Numbers mean nothing.
+``quick``
+    the CPU profile: the whole study on 2 cores within an hour on ~3,600 photographs (see
+    the README's "why these settings").
+``paper``
+    the study's configuration: DenseNet121 at 224 px, pretext lr 1e-5, batch 32, 200
+    epochs; fine-tuning lr 5e-5, batch 32, 3 warm-up + 17 epochs, 5 repetitions, fractions
+    5/10/25/50/100 %, ordinal head. For GPUs.
+
+Any field can be overridden by name (``--set pretext_epochs=5`` on the command line,
+``overrides={"pretext_epochs": "5"}`` in Python); an unknown name is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+
+from drnb.datasets import DATASETS
+
+# Choices live here, not in the modules that use them, so that checking a profile (and every
+# command-line error) happens before TensorFlow is imported.
+ENCODERS = ("densenet121", "compact")
+POOLINGS = ("avg", "max")
+ROTATION_MODES = ("all4", "random1")
+METHODS = ("rotation", "scratch", "imagenet")
+TARGETS = ("ordinal", "softmax")
+SPLIT_MODES = ("stratified", "reference")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Every setting of a reproduction run. Field comments say what each one does."""
+
+    name: str = "custom"
+    # --- data ---
+    dataset: str = "synthetic"  # a name from drnb.datasets.DATASETS
+    data_dir: str = ""  # the dataset's folder; "" = drnb's default place for it
+    synthetic_images: int = 600  # size of the synthetic dataset, when dataset == "synthetic"
+    image_size: int = 128  # side of the square preprocessed images, pixels
+    ben_graham: bool = False  # Ben Graham's local colour normalisation in preprocessing
+    drop_missing: bool = False  # drop listed-but-missing images with a warning instead of failing
+    drop_unreadable: bool = False  # drop undecodable images with a warning instead of failing
+    # --- encoder ---
+    encoder: str = "compact"  # "densenet121" or "compact"
+    pooling: str = "avg"  # global pooling, the same in pretext and fine-tuning
+    mixed_precision: str = "auto"  # "auto" (on when a GPU is present), "on" or "off"
+    # --- rotation pretext ---
+    rotation_mode: str = "all4"  # "all4": every image in 4 rotations per batch (RotNet); "random1": one random
+    pretext_hidden: tuple[int, ...] = (256,)  # pretext head widths; (2048, 1024) is the reference head
+    pretext_dropout: float = 0.5  # dropout after each hidden pretext layer
+    pretext_batch_size: int = 64  # rotated images per batch
+    pretext_learning_rate: float = 1e-3  # Adam
+    pretext_epochs: int = 10  # passes over the pretext images (all4: each pass shows every rotation)
+    pretext_holdout_fraction: float = 0.1  # images held out to measure rotation accuracy
+    pretext_zoom: float = 0.1  # centred zoom range 1 +- zoom, before rotating
+    # --- fine-tuning ---
+    methods: tuple[str, ...] = ("rotation", "scratch")  # encoders compared: rotation, scratch, imagenet
+    fractions: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0)  # labelled fractions of the training pool
+    repetitions: int = 5  # cross-validation repetitions (repetition r tests on fold r)
+    folds: int = 5  # cross-validation folds
+    split_mode: str = "stratified"  # "stratified" (drnb) or "reference" (the study's code, for comparison)
+    validation_fraction: float = 0.1  # of the training pool, for model selection only
+    target: str = "ordinal"  # "ordinal" (cumulative sigmoid code) or "softmax"
+    finetune_hidden: tuple[int, ...] = (1024,)  # "simple multiclass" head widths
+    finetune_dropout: float = 0.5  # dropout after each hidden fine-tuning layer
+    finetune_batch_size: int = 32  # images per batch
+    finetune_learning_rate: float = 5e-5  # Adam, both phases
+    warmup_epochs: int = 3  # epochs with the encoder frozen (head only)
+    finetune_epochs: int = 17  # epochs with everything training, after the warm-up
+    min_steps: int = 0  # at least this many optimizer steps per run (warm-up + fine-tuning)
+    finetune_zoom: float = 0.1  # centred zoom range 1 +- zoom
+    bootstrap_resamples: int = 1000  # for the 95% CI of each run's kappa
+    # --- reproducibility ---
+    seed: int = 0  # repetition r uses seed + r for its split, initialisation and shuffling
+    deterministic: bool = False  # tf op determinism: same seed, same kappa (slower)
+
+    def __post_init__(self):
+        _check_choice("dataset", self.dataset, tuple(DATASETS))
+        _check_choice("encoder", self.encoder, ENCODERS)
+        _check_choice("pooling", self.pooling, POOLINGS)
+        _check_choice("mixed_precision", self.mixed_precision, ("auto", "on", "off"))
+        _check_choice("rotation_mode", self.rotation_mode, ROTATION_MODES)
+        _check_choice("target", self.target, TARGETS)
+        _check_choice("split_mode", self.split_mode, SPLIT_MODES)
+        for method in self.methods:
+            _check_choice("methods", method, METHODS)
+        if not self.methods:
+            raise ValueError("methods: expected at least one of " + ", ".join(METHODS))
+        for fraction in self.fractions:
+            if not 0 < fraction <= 1:
+                raise ValueError(f"fractions: {fraction!r} is not a labelled fraction in (0, 1]")
+        positive = (
+            "image_size synthetic_images pretext_batch_size pretext_epochs repetitions folds "
+            "finetune_batch_size finetune_epochs"
+        ).split()
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive integer")
+        if self.repetitions > self.folds:
+            raise ValueError(f"repetitions={self.repetitions} exceeds folds={self.folds}: repetition r tests on fold r")
+        if self.rotation_mode == "all4" and self.pretext_batch_size % 4:
+            raise ValueError(f"pretext_batch_size={self.pretext_batch_size}: 'all4' needs a multiple of 4")
+        for name in ("pretext_holdout_fraction", "validation_fraction"):
+            if not 0 <= getattr(self, name) < 0.5:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected a fraction in [0, 0.5)")
+        for name in ("pretext_learning_rate", "finetune_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive learning rate")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready values (tuples become lists)."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def derive(self, **changes) -> "Profile":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {list(choices)}")
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke",
+        dataset="synthetic",
+        synthetic_images=120,
+        image_size=32,
+        pretext_hidden=(32,),
+        pretext_batch_size=32,
+        pretext_epochs=1,
+        fractions=(0.25, 1.0),
+        repetitions=2,
+        finetune_hidden=(32,),
+        finetune_batch_size=16,
+        finetune_learning_rate=1e-3,
+        warmup_epochs=1,
+        finetune_epochs=1,
+        bootstrap_resamples=50,
+    ),
+    "quick": Profile(
+        name="quick",
+        dataset="synthetic",
+        synthetic_images=1000,
+        image_size=96,
+        rotation_mode="all4",
+        pretext_hidden=(256,),
+        pretext_batch_size=128,
+        pretext_learning_rate=2e-3,
+        pretext_epochs=8,
+        finetune_hidden=(256,),
+        finetune_dropout=0.3,
+        finetune_batch_size=32,
+        finetune_learning_rate=5e-4,
+        warmup_epochs=1,
+        finetune_epochs=4,
+        min_steps=120,
+    ),
+    "paper": Profile(
+        name="paper",
+        dataset="aptos2019",
+        image_size=224,
+        encoder="densenet121",
+        mixed_precision="auto",
+        rotation_mode="random1",
+        pretext_hidden=(2048, 1024),
+        pretext_dropout=0.5,
+        pretext_batch_size=32,
+        pretext_learning_rate=1e-5,
+        pretext_epochs=200,
+        finetune_hidden=(1024,),
+        finetune_dropout=0.5,
+        finetune_batch_size=32,
+        finetune_learning_rate=5e-5,
+        warmup_epochs=3,
+        finetune_epochs=17,
+        min_steps=0,
+    ),
+}
+
+
+def _parse_value(name: str, text: str, annotation):
+    origin = typing.get_origin(annotation)
+    try:
+        if annotation is bool or annotation == "bool":
+            lowered = text.strip().lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return lowered in ("true", "1", "yes")
+        if origin is tuple:
+            (item_type, _) = typing.get_args(annotation)
+            items = [item for item in text.replace("(", "").replace(")", "").split(",") if item.strip()]
+            return tuple(item_type(item.strip()) for item in items)
+        return annotation(text)
+    except ValueError:
+        raise ValueError(f"--set {name}={text!r}: expected a value of type {getattr(annotation, '__name__', annotation)}") from None
+
+
+def resolve_profile(name: str, overrides: dict | None = None) -> Profile:
+    """A named profile with overrides applied and checked.
+
+    Parameters
+    ----------
+    name : {"smoke", "quick", "paper"}
+    overrides : dict, optional
+        Field name -> value, either typed or as text (``"0.1,0.5"`` for a tuple).
+
+    Raises
+    ------
+    ValueError
+        For an unknown profile, an unknown field or a value of the wrong type or range.
+    """
+    if name not in PROFILES:
+        raise ValueError(f"profile={name!r}: expected one of {list(PROFILES)}")
+    hints = typing.get_type_hints(Profile)
+    changes = {}
+    for key, value in (overrides or {}).items():
+        if key not in hints:
+            raise ValueError(f"--set {key}: no such setting; the settings are {sorted(hints)}")
+        changes[key] = _parse_value(key, value, hints[key]) if isinstance(value, str) and hints[key] is not str else value
+    return PROFILES[name].derive(**changes)
+
+
+def parse_assignments(assignments: list[str]) -> dict[str, str]:
+    """``["a=1", "b=x"]`` -> ``{"a": "1", "b": "x"}``; ValueError for an item without ``=``."""
+    parsed = {}
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {assignment!r}: expected key=value")
+        parsed[key.strip()] = value.strip()
+    return parsed
+
+
+def load_profile(path) -> Profile:
+    """Read a resolved profile written by :meth:`Profile.to_json`."""
+    values = json.loads(open(path).read())
+    hints = typing.get_type_hints(Profile)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ValueError(f"{path}: unknown setting(s) {unknown}")
+    return Profile(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
+

@@ -1,0 +1,175 @@
+"""Collect per-run metrics into the paper's table and compare methods.
+
+Every fine-tuning run leaves a ``metrics.json`` (see :mod:`drnb.finetune`); this module reads
+them all, never a shared file that runs append to, so a crashed run cannot corrupt the
+results of the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from drnb.metrics import quadratic_weighted_kappa
+
+# The study's published quadratic weighted kappa, rotation pretext, APTOS 2019 (min, avg, max).
+PAPER_KAPPA = {
+    0.05: (0.175, 0.294, 0.467),
+    0.10: (0.289, 0.432, 0.508),
+    0.25: (0.474, 0.575, 0.694),
+    0.50: (0.612, 0.680, 0.737),
+    1.00: (0.696, 0.725, 0.756),
+}
+RESULT_COLUMNS = ("method", "fraction", "repetition", "qw_kappa", "accuracy", "kappa_ci_low", "kappa_ci_high", "n_train", "n_test", "seconds")
+
+
+def collect_results(finetune_root: str | os.PathLike) -> pd.DataFrame:
+    """One row per finished run under ``finetune_root`` (``<method>/fraction_<f>/repetition_<r>/metrics.json``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        :data:`RESULT_COLUMNS` first, then every other metric; sorted by method, fraction, repetition.
+    """
+    rows = [json.loads(path.read_text()) for path in sorted(Path(finetune_root).glob("*/fraction_*/repetition_*/metrics.json"))]
+    if not rows:
+        raise FileNotFoundError(f"no finished runs (metrics.json) under {finetune_root}; run notebook 03 first")
+    results = pd.DataFrame(rows)
+    ordered = list(RESULT_COLUMNS) + [c for c in results.columns if c not in RESULT_COLUMNS]
+    return results[ordered].sort_values(["method", "fraction", "repetition"]).reset_index(drop=True)
+
+
+def summary_table(results: pd.DataFrame) -> pd.DataFrame:
+    """The paper's table: per method and fraction, QWK min / avg / max over repetitions, beside the paper.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``method, train_split (%), runs, qwk_min, qwk_avg, qwk_max, accuracy_avg,
+        paper_qwk_min, paper_qwk_avg, paper_qwk_max, qwk_avg_minus_paper``.
+    """
+    grouped = results.groupby(["method", "fraction"])
+    table = grouped.agg(
+        runs=("qw_kappa", "size"),
+        qwk_min=("qw_kappa", "min"),
+        qwk_avg=("qw_kappa", "mean"),
+        qwk_max=("qw_kappa", "max"),
+        accuracy_avg=("accuracy", "mean"),
+    ).reset_index()
+    paper = pd.DataFrame(
+        [(fraction, *values) for fraction, values in PAPER_KAPPA.items()],
+        columns=["fraction", "paper_qwk_min", "paper_qwk_avg", "paper_qwk_max"],
+    )
+    table["fraction_key"] = table["fraction"].round(4)
+    paper["fraction_key"] = paper["fraction"].round(4)
+    table = table.merge(paper.drop(columns="fraction"), on="fraction_key", how="left").drop(columns="fraction_key")
+    table["qwk_avg_minus_paper"] = table["qwk_avg"] - table["paper_qwk_avg"]
+    table.insert(1, "train_split", (table.pop("fraction") * 100).round(2))
+    return table
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """The summary table as GitHub Markdown, three decimals (no ``tabulate`` needed)."""
+    header = "| " + " | ".join(table.columns) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+
+    def cell(value):
+        if isinstance(value, (float, np.floating)):
+            if np.isnan(value):
+                return ""
+            return str(int(value)) if float(value).is_integer() and abs(value) >= 1 else f"{value:.3f}"
+        return str(value)
+
+    lines = [header, rule] + ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(results: pd.DataFrame, table: pd.DataFrame, paths) -> None:
+    """Write ``results.csv``, ``table.csv`` and ``table.md`` of a run folder (:class:`drnb.runs.RunPaths`)."""
+    from drnb.runs import write_text_atomically
+
+    write_text_atomically(paths.results, results.to_csv(index=False))
+    write_text_atomically(paths.table_csv, table.to_csv(index=False))
+    write_text_atomically(paths.table_md, markdown_table(table))
+
+
+def pooled_predictions(finetune_root: str | os.PathLike, method: str, fraction: float) -> pd.DataFrame:
+    """Every repetition's test predictions for one method and fraction, with a ``repetition`` column.
+
+    The repetitions' test folds partition the dataset, so the pool holds each image once.
+    """
+    frames = []
+    for path in sorted(Path(finetune_root).glob(f"{method}/fraction_{fraction:g}/repetition_*/predictions.csv")):
+        frame = pd.read_csv(path)
+        frame["repetition"] = int(path.parent.name.split("_")[-1])
+        frames.append(frame)
+    if not frames:
+        raise FileNotFoundError(f"no predictions for {method} at fraction {fraction:g} under {finetune_root}")
+    return pd.concat(frames, ignore_index=True)
+
+
+def compare_methods(
+    finetune_root: str | os.PathLike,
+    results: pd.DataFrame,
+    method: str = "rotation",
+    baseline: str = "scratch",
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Did ``method`` beat ``baseline``? Per fraction, paired across repetitions and images.
+
+    For each fraction: the mean kappa difference over repetitions (each repetition pairs the
+    two methods on the same split), how many repetitions ``method`` won, and a paired,
+    seeded bootstrap 95 % CI of the kappa difference over the pooled test predictions
+    (``scipy.stats.bootstrap``, resampling images, both methods on the same resample). The
+    verdict is "better"/"worse" when the CI excludes 0, else "no clear difference".
+    """
+    rows = []
+    for fraction in sorted(set(results["fraction"])):
+        per_method = {
+            name: results[(results["method"] == name) & (results["fraction"] == fraction)].set_index("repetition")["qw_kappa"]
+            for name in (method, baseline)
+        }
+        paired = per_method[method].to_frame("a").join(per_method[baseline].to_frame("b"), how="inner")
+        if paired.empty:
+            continue
+        ours = pooled_predictions(finetune_root, method, fraction)
+        theirs = pooled_predictions(finetune_root, baseline, fraction)
+        merged = ours.merge(theirs, on=["image_id", "repetition"], suffixes=("_a", "_b"))
+        data = (merged["grade_a"].to_numpy(), merged["predicted_a"].to_numpy(), merged["predicted_b"].to_numpy())
+        difference = quadratic_weighted_kappa(data[0], data[1]) - quadratic_weighted_kappa(data[0], data[2])
+        try:
+            interval = stats.bootstrap(
+                data,
+                lambda y, a, b: quadratic_weighted_kappa(y, a) - quadratic_weighted_kappa(y, b),
+                paired=True,
+                vectorized=False,
+                n_resamples=n_resamples,
+                method="percentile",
+                random_state=np.random.default_rng(seed),
+            ).confidence_interval
+            low, high = float(interval.low), float(interval.high)
+        except ValueError:  # too few images, or a degenerate resample
+            low, high = float("nan"), float("nan")
+        verdict = "better" if low > 0 else "worse" if high < 0 else "no clear difference"
+        rows.append(
+            {
+                "train_split": round(fraction * 100, 2),
+                "repetitions": len(paired),
+                f"{method}_qwk_avg": paired["a"].mean(),
+                f"{baseline}_qwk_avg": paired["b"].mean(),
+                "mean_difference": (paired["a"] - paired["b"]).mean(),
+                "repetitions_won": int((paired["a"] > paired["b"]).sum()),
+                "pooled_difference": difference,
+                "ci_low": low,
+                "ci_high": high,
+                "verdict": f"{method} {verdict}" if verdict != "no clear difference" else verdict,
+            }
+        )
+    return pd.DataFrame(rows)

@@ -1,0 +1,194 @@
+"""The run folder: where each stage reads and writes, so notebooks talk through files.
+
+::
+
+    runs/<name>/
+      profile.json                  the resolved settings (written once; a run keeps them)
+      data/dataset.csv              the dataset table as loaded (notebook 01)
+      data/summary.json             counts and image statistics (notebook 01)
+      pretext/encoder.keras         the rotation encoder (notebook 02), history.csv, metrics.json
+      finetune/<method>/fraction_<f>/repetition_<r>/
+                                    metrics.json, predictions.csv, history.csv (notebook 03)
+      results.csv, table.csv, table.md, comparison.csv, kappa_vs_fraction.png (notebook 04)
+      notebooks/                    the executed notebooks (drnb reproduce)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from drnb.profiles import Profile, load_profile, resolve_profile
+
+PROFILE_FILE = "profile.json"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every path of one run folder (see the module docstring)."""
+
+    root: Path
+
+    @property
+    def profile(self) -> Path:
+        return self.root / PROFILE_FILE
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def pretext(self) -> Path:
+        return self.root / "pretext"
+
+    @property
+    def encoder(self) -> Path:
+        return self.pretext / "encoder.keras"
+
+    @property
+    def finetune(self) -> Path:
+        return self.root / "finetune"
+
+    @property
+    def notebooks(self) -> Path:
+        return self.root / "notebooks"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.csv"
+
+    @property
+    def table_csv(self) -> Path:
+        return self.root / "table.csv"
+
+    @property
+    def table_md(self) -> Path:
+        return self.root / "table.md"
+
+    @property
+    def comparison(self) -> Path:
+        return self.root / "comparison.csv"
+
+    @property
+    def plot(self) -> Path:
+        return self.root / "kappa_vs_fraction.png"
+
+
+def checkout_root() -> Path | None:
+    """The source checkout drnb runs from, or None when installed as a wheel."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "notebooks").is_dir() and (root / "pyproject.toml").is_file() else None
+
+
+def default_run_dir(name: str = "notebooks") -> Path:
+    """``runs/<name>`` in the checkout (or the current folder outside one)."""
+    return (checkout_root() or Path.cwd()) / "runs" / name
+
+
+def open_run(
+    run_dir: str | os.PathLike = "", profile_name: str = "smoke", overrides: dict | None = None, *, create: bool = True
+) -> tuple[RunPaths, Profile]:
+    """Open a run folder, creating its ``profile.json`` on first use.
+
+    A run keeps the settings it was started with: opening an existing run with overrides
+    that change them is an error (start a new ``run_dir`` instead), so results made with
+    different settings never mix in one table.
+
+    Parameters
+    ----------
+    run_dir : path
+        ``""`` means :func:`default_run_dir`.
+    profile_name : str
+        Used only when the run folder has no ``profile.json`` yet.
+    overrides : dict, optional
+        Settings to change; empty values (``""``) are ignored, so notebook parameters can
+        default to "the profile's value".
+    create : bool
+        With ``False``, a folder without ``profile.json`` is an error instead of a new run.
+    """
+    paths = RunPaths(Path(run_dir).expanduser().resolve() if run_dir else default_run_dir())
+    overrides = {key: value for key, value in (overrides or {}).items() if value not in ("", None)}
+    if paths.profile.exists():
+        profile = load_profile(paths.profile)
+        requested = resolve_profile(profile.name, {**_as_overrides(profile), **overrides})
+        if requested != profile:
+            changed = {k: v for k, v in requested.to_dict().items() if profile.to_dict()[k] != v}
+            raise ValueError(
+                f"run folder {paths.root} was made with other settings; {changed} would change them. "
+                "Use a new run folder."
+            )
+        return paths, profile
+    if not create:
+        raise FileNotFoundError(f"no run at {paths.root} (no {PROFILE_FILE}); run notebooks 01-03 or `drnb reproduce` first")
+    profile = resolve_profile(profile_name, overrides)
+    write_text_atomically(paths.profile, profile.to_json())
+    return paths, profile
+
+
+def _as_overrides(profile: Profile) -> dict:
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in profile.to_dict().items() if key != "name"}
+
+
+def load_images(profile: Profile, *, log=print):
+    """Load the profile's dataset and preprocess it (from the cache when it can).
+
+    Returns
+    -------
+    images : numpy.ndarray
+        uint8 (N, image_size, image_size, 3).
+    table : pandas.DataFrame
+        The dataset table, row-aligned with ``images``.
+    """
+    from drnb.datasets import load_dataset
+    from drnb.preprocessing import PreprocessConfig, preprocess_table
+
+    table = load_dataset(
+        profile.dataset,
+        profile.data_dir or None,
+        drop_missing=profile.drop_missing,
+        synthetic_images=profile.synthetic_images,
+        seed=profile.seed,
+    )
+    images, table = preprocess_table(
+        table,
+        PreprocessConfig(size=profile.image_size, ben_graham=profile.ben_graham),
+        drop_unreadable=profile.drop_unreadable,
+    )
+    log(f"{profile.dataset}: {len(table)} images, preprocessed to {profile.image_size} px")
+    return images, table
+
+
+def write_data_summary(paths: RunPaths, table, images) -> dict:
+    """Write ``data/dataset.csv`` and ``data/summary.json`` (counts per grade, splits, image shape)."""
+    from drnb.datasets import grade_counts
+
+    summary = {
+        "images": int(len(table)),
+        "images_per_grade": {int(g): int(c) for g, c in grade_counts(table).items()},
+        "given_splits": {str(k): int(v) for k, v in table["split"].value_counts().items()},
+        "patients": int(table["patient_id"].nunique()),
+        "preprocessed_shape": list(images.shape[1:]),
+    }
+    write_text_atomically(paths.data / "dataset.csv", table.to_csv(index=False))
+    write_json(paths.data / "summary.json", summary)
+    return summary
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write a text file so that a crash leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def write_json(path: str | os.PathLike, values: dict) -> None:
+    """Write a JSON file atomically (NumPy scalars become plain numbers)."""
+    write_text_atomically(path, json.dumps(values, indent=2, default=_plain))
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else str(value)

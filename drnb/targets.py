@@ -1,0 +1,287 @@
+"""Label codings for the fine-tuning head: ordinal (cumulative) and one-hot.
+
+Diabetic-retinopathy grades are the integers 0 (no DR) to 4 (proliferative DR).
+Two codings are offered:
+
+``"ordinal"``
+    The cumulative code of the study's reference code (HealthML/self-supervised-3d-tasks,
+    ``KaggleGenerator`` with ``multilabel=True``): grade ``k`` becomes ``k + 1`` leading ones,
+    so output ``j`` means "grade >= j". Output 0 ("grade >= 0") is always 1. The head has five
+    sigmoid units trained with binary cross-entropy.
+``"softmax"``
+    A plain one-hot code for a five-way softmax head.
+
+Decoding the ordinal code
+-------------------------
+The reference decodes with ``(p > 0.5).sum(1) - 1``. When every output is below 0.5 (which
+includes output 0, which the network is supposed to keep at 1) that gives ``-1``, a grade that
+does not exist. ``sklearn.metrics.cohen_kappa_score(..., labels=[0, 1, 2, 3, 4])`` then drops
+those images from the confusion matrix without a word, so the reported kappa is computed on
+fewer test images than claimed. drnb therefore decodes with the ``"count"`` rule by default:
+the grade is the number of outputs 1..4 above 0.5, which is always in 0..4 and ignores output 0.
+The reference rule is kept, as ``rule="reference"``, only to reproduce the reference numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+N_GRADES = 5
+TARGETS = ("ordinal", "softmax")
+DECODE_RULES = ("count", "reference")
+THRESHOLD = 0.5
+
+__all__ = [
+    "DECODE_RULES",
+    "N_GRADES",
+    "TARGETS",
+    "THRESHOLD",
+    "decode",
+    "encode",
+    "onehot_encode",
+    "ordinal_decode",
+    "ordinal_encode",
+    "softmax_decode",
+    "validate_grades",
+]
+
+
+def _first_bad(valid: np.ndarray) -> int:
+    return int(np.flatnonzero(~valid)[0])
+
+
+def validate_grades(grades, name: str = "grades") -> np.ndarray:
+    """Check that ``grades`` holds integer DR grades 0-4 and return them as int64.
+
+    Parameters
+    ----------
+    grades : array-like, shape (N,)
+        Integer grades in 0..4. Floats are accepted when they are whole numbers (a pandas
+        column read with missing values turns into float64); NaN, fractions, booleans,
+        strings and values outside 0..4 are rejected.
+    name : str
+        Parameter name used in the error message.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 (N,) in 0..4. May be empty.
+
+    Raises
+    ------
+    ValueError
+        If ``grades`` is not 1-D, or names the first row that is not an integer in 0..4.
+    """
+    arr = np.asarray(grades)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one grade per image), got shape {arr.shape}")
+    if arr.size == 0:
+        return arr.astype(np.int64)
+    kind = arr.dtype.kind
+    if kind in "iu":
+        valid = (arr >= 0) & (arr < N_GRADES)
+    elif kind == "f":
+        with np.errstate(invalid="ignore"):
+            valid = np.isfinite(arr) & (arr == np.floor(arr)) & (arr >= 0) & (arr < N_GRADES)
+    elif kind == "O":
+        valid = np.array(
+            [
+                isinstance(v, (int, np.integer, float, np.floating))
+                and not isinstance(v, (bool, np.bool_))
+                and not pd.isna(v)
+                and float(v).is_integer()
+                and 0 <= v < N_GRADES
+                for v in arr
+            ],
+            dtype=bool,
+        )
+    else:  # bool, str, bytes, datetime ...: not a grade
+        valid = np.zeros(arr.shape, dtype=bool)
+    if not valid.all():
+        row = _first_bad(valid)
+        raise ValueError(
+            f"{name} must be integer grades 0-4; row {row} holds {arr[row]!r} "
+            f"({int((~valid).sum())} bad row(s) in all)"
+        )
+    return arr.astype(np.int64)
+
+
+def _validate_outputs(probabilities, name: str = "probabilities", unit_interval: bool = True):
+    arr = np.asarray(probabilities)
+    if arr.ndim != 2 or arr.shape[1] != N_GRADES:
+        raise ValueError(
+            f"{name} must have shape (N, {N_GRADES}), one row of head outputs per image; "
+            f"got shape {arr.shape}"
+        )
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
+    arr = arr.astype(np.float64)
+    if not np.isfinite(arr).all():
+        row = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
+        raise ValueError(f"{name} must be finite; row {row} holds {arr[row].tolist()}")
+    if unit_interval:
+        outside = ((arr < 0) | (arr > 1)).any(axis=1)
+        if outside.any():
+            row = int(np.flatnonzero(outside)[0])
+            raise ValueError(
+                f"{name} must be sigmoid outputs in [0, 1] (logits? apply a sigmoid first); "
+                f"row {row} holds {arr[row].tolist()}"
+            )
+    return arr
+
+
+def ordinal_encode(grades) -> np.ndarray:
+    """Encode grades with the reference's cumulative (ordinal) code.
+
+    Parameters
+    ----------
+    grades : array-like, shape (N,)
+        Integer grades in 0..4.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 (N, 5) of 0/1. Grade ``k`` has ones in columns ``0..k``:
+        0 -> ``[1, 0, 0, 0, 0]``, 2 -> ``[1, 1, 1, 0, 0]``, 4 -> ``[1, 1, 1, 1, 1]``.
+        Column ``j`` means "grade >= j".
+
+    Raises
+    ------
+    ValueError
+        If a grade is not an integer in 0..4 (the message names the row).
+    """
+    g = validate_grades(grades)
+    return (np.arange(N_GRADES)[None, :] <= g[:, None]).astype(np.float32)
+
+
+def ordinal_decode(probabilities, rule: str = "count") -> np.ndarray:
+    """Turn sigmoid outputs of an ordinal head into grades.
+
+    Parameters
+    ----------
+    probabilities : array-like, shape (N, 5)
+        Sigmoid outputs in [0, 1]; column ``j`` estimates P(grade >= j).
+    rule : {"count", "reference"}
+        ``"count"`` (default): grade = number of outputs 1..4 above 0.5. Output 0
+        ("grade >= 0") is always true and is ignored. The result is always in 0..4: all
+        outputs below 0.5 give 0, and non-monotone outputs still land in range, e.g.
+        ``[.9, .2, .8, .1, .1]`` -> 1 (only output 2 is above 0.5) and
+        ``[.1, .9, .9, .1, .1]`` -> 2.
+
+        ``"reference"``: ``(p > 0.5).sum(1) - 1`` exactly as the reference code
+        (``transform_multilabel_to_continuous`` in ``self_supervised_3d_tasks/metrics.py``).
+        This CAN return -1 (all five outputs below 0.5), and it counts output 0 like the
+        others (``[.1, .9, .9, .1, .1]`` -> 1). The reference then passed such -1 grades to
+        ``cohen_kappa_score(labels=[0..4])``, which silently drops them. Use it only to
+        reproduce reference numbers, and score its output with
+        :func:`drnb.metrics.evaluate_predictions`, which counts the -1 rows instead of
+        dropping them.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 (N,): in 0..4 for ``"count"``, in -1..4 for ``"reference"``.
+
+    Raises
+    ------
+    ValueError
+        If ``probabilities`` is not (N, 5), not finite, outside [0, 1], or ``rule`` is unknown.
+    """
+    if rule not in DECODE_RULES:
+        raise ValueError(f"rule must be one of {DECODE_RULES}, got {rule!r}")
+    p = _validate_outputs(probabilities)
+    above = p > THRESHOLD
+    if rule == "count":
+        return above[:, 1:].sum(axis=1).astype(np.int64)
+    return above.sum(axis=1).astype(np.int64) - 1
+
+
+def onehot_encode(grades) -> np.ndarray:
+    """Encode grades one-hot for a softmax head.
+
+    Parameters
+    ----------
+    grades : array-like, shape (N,)
+        Integer grades in 0..4.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 (N, 5) with a single 1 per row, in the column of the grade.
+    """
+    g = validate_grades(grades)
+    return np.eye(N_GRADES, dtype=np.float32)[g]
+
+
+def softmax_decode(probabilities) -> np.ndarray:
+    """Turn softmax outputs (or logits) into grades by argmax.
+
+    Parameters
+    ----------
+    probabilities : array-like, shape (N, 5)
+        Softmax probabilities or logits (any finite values; argmax is the same). Ties go to
+        the lower grade.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 (N,) in 0..4.
+    """
+    p = _validate_outputs(probabilities, unit_interval=False)
+    return np.argmax(p, axis=1).astype(np.int64)
+
+
+def _check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+
+
+def encode(grades, target: str) -> np.ndarray:
+    """Encode grades for the head named by ``target``.
+
+    Parameters
+    ----------
+    grades : array-like, shape (N,)
+        Integer grades in 0..4.
+    target : {"ordinal", "softmax"}
+        ``"ordinal"`` -> :func:`ordinal_encode`, ``"softmax"`` -> :func:`onehot_encode`.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 (N, 5).
+    """
+    _check_target(target)
+    return ordinal_encode(grades) if target == "ordinal" else onehot_encode(grades)
+
+
+def decode(probabilities, target: str, rule: str = "count") -> np.ndarray:
+    """Decode head outputs into grades for the head named by ``target``.
+
+    Parameters
+    ----------
+    probabilities : array-like, shape (N, 5)
+        Head outputs.
+    target : {"ordinal", "softmax"}
+        ``"ordinal"`` -> :func:`ordinal_decode` with ``rule``; ``"softmax"`` ->
+        :func:`softmax_decode`.
+    rule : {"count", "reference"}
+        Ordinal decoding rule (see :func:`ordinal_decode`). ``"reference"`` only exists for
+        the ordinal head and is refused for ``target="softmax"``.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 (N,); in 0..4 except for ``rule="reference"``, which can give -1.
+    """
+    _check_target(target)
+    if rule not in DECODE_RULES:
+        raise ValueError(f"rule must be one of {DECODE_RULES}, got {rule!r}")
+    if target == "ordinal":
+        return ordinal_decode(probabilities, rule=rule)
+    if rule != "count":
+        raise ValueError(
+            f"rule={rule!r} applies only to target='ordinal'; a softmax head is decoded by argmax"
+        )
+    return softmax_decode(probabilities)

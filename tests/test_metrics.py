@@ -1,0 +1,159 @@
+"""Kappa matches the textbook formula, intervals are seeded, and no prediction is dropped."""
+
+import logging
+
+import numpy as np
+import pytest
+from sklearn.metrics import confusion_matrix
+
+from drnb.metrics import (
+    GRADES,
+    bootstrap_kappa_ci,
+    evaluate_predictions,
+    quadratic_weighted_kappa,
+)
+from drnb.targets import ordinal_decode
+
+# Small worked example: 8 images.
+Y_TRUE = [0, 0, 1, 1, 2, 3, 4, 4]
+Y_PRED = [0, 1, 1, 2, 2, 3, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def noisy():
+    """300 images predicted right or one grade off, so kappa is high but below 1."""
+    rng = np.random.default_rng(0)
+    y = rng.choice(5, size=300, p=[0.5, 0.15, 0.2, 0.1, 0.05])
+    pred = np.clip(y + rng.choice([-1, 0, 0, 0, 1], size=300), 0, 4)
+    return y, pred
+
+
+def test_kappa_matches_hand_computation():
+    # Observed matrix O (rows true grade, columns predicted grade), counted from the lists.
+    observed = np.array(
+        [
+            [1, 1, 0, 0, 0],
+            [0, 1, 1, 0, 0],
+            [0, 0, 1, 0, 0],
+            [0, 0, 0, 1, 0],
+            [0, 0, 0, 1, 1],
+        ]
+    )
+    rows = observed.sum(axis=1)  # true grade counts      [2, 2, 1, 1, 2]
+    cols = observed.sum(axis=0)  # predicted grade counts [1, 2, 2, 2, 1]
+    np.testing.assert_array_equal(rows, [2, 2, 1, 1, 2])
+    np.testing.assert_array_equal(cols, [1, 2, 2, 2, 1])
+    expected = np.outer(rows, cols) / 8  # E_ij = r_i c_j / N
+    i, j = np.indices((5, 5))
+    weights = (i - j) ** 2  # quadratic; the 1/16 scale cancels in the ratio
+    # sum w*O: three one-step disagreements (0->1, 1->2, 4->3) -> 3
+    assert (weights * observed).sum() == 3
+    # sum w*E = (2*44 + 2*20 + 12 + 20 + 2*44) / 8 = 248 / 8 = 31
+    assert (weights * expected).sum() == pytest.approx(31.0)
+    hand = 1 - 3 / 31  # = 28/31 = 0.9032...
+    assert quadratic_weighted_kappa(Y_TRUE, Y_PRED) == pytest.approx(hand, abs=1e-12)
+    assert hand == pytest.approx(0.903225806, abs=1e-9)
+
+
+def test_perfect_predictions_give_one():
+    assert quadratic_weighted_kappa([0, 1, 2, 3, 4, 2], [0, 1, 2, 3, 4, 2]) == 1.0
+
+
+def test_kappa_refuses_predictions_outside_grades():
+    with pytest.raises(ValueError, match="2 of 8 predictions outside grades 0-4"):
+        quadratic_weighted_kappa(Y_TRUE, [0, -1, 1, 2, 2, 3, 5, 4])
+
+
+def test_kappa_undefined_for_a_single_grade_is_nan():
+    assert np.isnan(quadratic_weighted_kappa([2, 2, 2], [2, 2, 2]))
+
+
+def test_bootstrap_ci_contains_point_and_is_seeded(noisy):
+    y, pred = noisy
+    point = quadratic_weighted_kappa(y, pred)
+    low, high = bootstrap_kappa_ci(y, pred, n_resamples=100, seed=7)
+    assert low < point < high
+    assert high - low < 0.2
+    assert (low, high) == bootstrap_kappa_ci(y, pred, n_resamples=100, seed=7)
+    assert (low, high) != bootstrap_kappa_ci(y, pred, n_resamples=100, seed=8)
+
+
+def test_bootstrap_ci_degenerate_inputs_do_not_crash():
+    assert np.isnan(bootstrap_kappa_ci([1, 1, 1, 1], [1, 1, 1, 1], n_resamples=50)).all()
+    assert np.isnan(bootstrap_kappa_ci([3], [2], n_resamples=50)).all()
+    perfect = np.tile(np.arange(5), 10)
+    assert bootstrap_kappa_ci(perfect, perfect, n_resamples=50) == (1.0, 1.0)
+
+
+def test_bootstrap_bad_arguments():
+    with pytest.raises(ValueError, match="confidence"):
+        bootstrap_kappa_ci(Y_TRUE, Y_PRED, confidence=95)
+    with pytest.raises(ValueError, match="n_resamples"):
+        bootstrap_kappa_ci(Y_TRUE, Y_PRED, n_resamples=0)
+
+
+def test_evaluate_counts_invalid_predictions_instead_of_dropping(caplog):
+    # The reference decoding gives -1 for an image whose outputs are all below 0.5.
+    probabilities = np.array(
+        [
+            [0.9, 0.1, 0.1, 0.1, 0.1],  # 0
+            [0.9, 0.8, 0.1, 0.1, 0.1],  # 1
+            [0.2, 0.1, 0.1, 0.1, 0.1],  # -1 under the reference rule
+            [0.9, 0.9, 0.9, 0.9, 0.1],  # 3
+            [0.4, 0.3, 0.2, 0.1, 0.1],  # -1 under the reference rule
+        ]
+    )
+    y_true = np.array([0, 1, 2, 3, 0])
+    pred = ordinal_decode(probabilities, rule="reference")
+    np.testing.assert_array_equal(pred, [0, 1, -1, 3, -1])
+    # What the reference did: scikit-learn silently leaves the -1 rows out.
+    assert confusion_matrix(y_true, pred, labels=list(GRADES)).sum() == 3
+
+    with caplog.at_level(logging.WARNING, logger="drnb.metrics"):
+        result = evaluate_predictions(y_true, pred, n_resamples=0)
+    assert "2 of 5 predictions are outside grades 0-4" in caplog.text
+    assert result["n"] == 5
+    assert result["n_invalid_predictions"] == 2
+    assert np.array(result["confusion"]).sum() == 5
+    # scored as grade 0: row 2 (true 2) -> predicted 0, row 4 (true 0) -> predicted 0
+    assert result["confusion"][2][0] == 1
+    assert result["confusion"][0][0] == 2
+    assert result["accuracy"] == pytest.approx(4 / 5)
+    assert result["qw_kappa"] == pytest.approx(
+        quadratic_weighted_kappa(y_true, [0, 1, 0, 3, 0])
+    )
+
+
+def test_evaluate_fields(noisy):
+    y, pred = noisy
+    result = evaluate_predictions(y, pred, n_resamples=100, seed=1)
+    expected_keys = {
+        "n", "qw_kappa", "accuracy", "kappa_ci_low", "kappa_ci_high",
+        "recall_0", "recall_1", "recall_2", "recall_3", "recall_4",
+        "n_invalid_predictions", "confusion",
+    }
+    assert set(result) == expected_keys
+    assert result["n"] == 300 and result["n_invalid_predictions"] == 0
+    assert result["kappa_ci_low"] < result["qw_kappa"] < result["kappa_ci_high"]
+    confusion = np.array(result["confusion"])
+    assert confusion.shape == (5, 5)
+    for g in GRADES:
+        assert result[f"recall_{g}"] == pytest.approx(confusion[g, g] / confusion[g].sum())
+
+
+def test_recall_is_nan_for_absent_grade():
+    result = evaluate_predictions([0, 0, 1, 2], [0, 1, 1, 2], n_resamples=0)
+    assert result["recall_0"] == 0.5
+    assert np.isnan(result["recall_3"]) and np.isnan(result["recall_4"])
+    assert np.isnan(result["kappa_ci_low"])
+
+
+def test_bad_pairs_raise():
+    with pytest.raises(ValueError, match="y_pred must be 1-D with one prediction"):
+        evaluate_predictions([0, 1, 2], [0, 1])
+    with pytest.raises(ValueError, match="y_true is empty"):
+        evaluate_predictions([], [])
+    with pytest.raises(ValueError, match="y_true.*row 1"):
+        quadratic_weighted_kappa([0, 6], [0, 1])
+    with pytest.raises(ValueError, match="integer grades"):
+        evaluate_predictions([0, 1], [0.0, 0.7])

@@ -1,0 +1,111 @@
+"""Label codings round-trip, and decoding always gives a grade (except the reference rule)."""
+
+import numpy as np
+import pytest
+
+from drnb.targets import (
+    N_GRADES,
+    decode,
+    encode,
+    onehot_encode,
+    ordinal_decode,
+    ordinal_encode,
+    softmax_decode,
+    validate_grades,
+)
+
+ALL_GRADES = np.arange(N_GRADES)
+
+
+def test_ordinal_code_is_cumulative():
+    code = ordinal_encode(ALL_GRADES)
+    assert code.dtype == np.float32
+    expected = np.array(
+        [
+            [1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 1],
+        ],
+        dtype=np.float32,
+    )
+    np.testing.assert_array_equal(code, expected)
+
+
+@pytest.mark.parametrize("rule", ["count", "reference"])
+def test_ordinal_round_trip_every_grade(rule):
+    np.testing.assert_array_equal(ordinal_decode(ordinal_encode(ALL_GRADES), rule=rule), ALL_GRADES)
+    # soft but confident outputs decode the same way
+    soft = np.where(ordinal_encode(ALL_GRADES) == 1, 0.8, 0.2)
+    np.testing.assert_array_equal(ordinal_decode(soft, rule=rule), ALL_GRADES)
+
+
+def test_onehot_round_trip_every_grade():
+    code = onehot_encode(ALL_GRADES)
+    assert code.dtype == np.float32
+    np.testing.assert_array_equal(code, np.eye(5, dtype=np.float32))
+    np.testing.assert_array_equal(softmax_decode(code), ALL_GRADES)
+
+
+def test_all_outputs_below_half_is_grade_zero_but_reference_gives_minus_one():
+    low = np.full((3, 5), 0.1)
+    np.testing.assert_array_equal(ordinal_decode(low), [0, 0, 0])
+    np.testing.assert_array_equal(ordinal_decode(low, rule="reference"), [-1, -1, -1])
+
+
+def test_non_monotone_outputs_stay_in_range():
+    p = np.array([[0.9, 0.2, 0.8, 0.1, 0.1], [0.1, 0.9, 0.9, 0.1, 0.1], [0.2, 0.1, 0.1, 0.1, 0.9]])
+    # count rule: outputs 1..4 above 0.5 -> 1 (output 2), 2 (outputs 1, 2), 1 (output 4)
+    np.testing.assert_array_equal(ordinal_decode(p), [1, 2, 1])
+    # reference rule counts output 0 too and subtracts one: 2-1, 2-1, 1-1
+    np.testing.assert_array_equal(ordinal_decode(p, rule="reference"), [1, 1, 0])
+
+
+def test_count_rule_always_in_range_on_random_outputs():
+    p = np.random.default_rng(0).uniform(size=(2000, 5))
+    g = ordinal_decode(p)
+    assert g.dtype == np.int64
+    assert g.min() >= 0 and g.max() <= 4
+    assert ordinal_decode(p, rule="reference").min() == -1  # the reference rule does not
+
+
+def test_encode_decode_dispatch():
+    grades = np.array([4, 0, 2])
+    np.testing.assert_array_equal(encode(grades, "ordinal"), ordinal_encode(grades))
+    np.testing.assert_array_equal(encode(grades, "softmax"), onehot_encode(grades))
+    for target in ("ordinal", "softmax"):
+        np.testing.assert_array_equal(decode(encode(grades, target), target), grades)
+    np.testing.assert_array_equal(
+        decode(np.full((1, 5), 0.2), "ordinal", rule="reference"), [-1]
+    )
+
+
+def test_softmax_decode_accepts_logits():
+    np.testing.assert_array_equal(softmax_decode([[-3.0, 2.0, 0.5, -1.0, 7.0]]), [4])
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="target"):
+        encode([0, 1], "regression")
+    with pytest.raises(ValueError, match="target"):
+        decode(np.zeros((1, 5)), "regression")
+    with pytest.raises(ValueError, match="rule"):
+        ordinal_decode(np.zeros((1, 5)), rule="argmax")
+    with pytest.raises(ValueError, match="rule='reference' applies only"):
+        decode(np.zeros((1, 5)), "softmax", rule="reference")
+    with pytest.raises(ValueError, match=r"probabilities must have shape \(N, 5\)"):
+        ordinal_decode(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        ordinal_decode([[0.0, 2.5, -1.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match="finite"):
+        softmax_decode([[0.0, np.nan, 0.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match="grades.*row 1"):
+        ordinal_encode([0, 7])
+    with pytest.raises(ValueError, match="grades.*row 0"):
+        onehot_encode([True, False])
+
+
+def test_validate_grades_accepts_whole_floats():
+    np.testing.assert_array_equal(validate_grades([0.0, 4.0, 2.0]), [0, 4, 2])
+    assert validate_grades(np.array([1, 2], dtype=np.uint8)).dtype == np.int64
