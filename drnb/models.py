@@ -62,11 +62,17 @@ def compact_densenet(
     keras.Model
         (B, image_size, image_size, 3) in [0, 255] -> (B, features) float.
     """
+    smallest = 4 * 2 ** (len(growth_rates) - 1)  # stem and pool halve twice, each transition once
+    if image_size < smallest:
+        raise ValueError(f"image_size={image_size}: the compact encoder with {len(growth_rates)} stages needs >= {smallest} px")
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = _scale_inputs(inputs)
     x = layers.Conv2D(stem_filters, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
     x = layers.BatchNormalization(name="stem_bn")(x)
     x = layers.ReLU(name="stem_relu")(x)
+    # As DenseNet121's stem: a further halving before the dense stages, where most of the
+    # compute would otherwise go at full resolution.
+    x = layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
     for stage, growth in enumerate(growth_rates):
         for index in range(layers_per_stage):
             prefix = f"stage{stage}_layer{index}"

@@ -265,14 +265,18 @@ def preprocess_table(
     workers = workers or os.cpu_count() or 1
     chunks = [paths[start : start + 32] for start in range(0, len(paths), 32)]
     results: list[np.ndarray | str] = []
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
+    # A plain text bar, updated every few seconds: saved notebooks keep every update.
     bar = tqdm(
-        total=len(paths), desc=f"preprocessing {config.size}px", unit="img", disable=not progress, file=sys.stderr
+        total=len(paths), desc=f"preprocessing {config.size}px", unit="img", disable=not progress,
+        file=sys.stderr, mininterval=5, ascii=True,
     )
     if workers > 1 and len(chunks) > 1:
-        # "spawn": the parent may have TensorFlow loaded, which does not survive a fork.
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        # Workers only run PIL and NumPy, never TensorFlow, so forking a parent that has
+        # TensorFlow loaded is safe; "spawn" would re-run an unguarded user script's main.
+        method = "fork" if sys.platform.startswith("linux") else "spawn"
+        with ProcessPoolExecutor(workers, mp_context=get_context(method)) as pool:
             for chunk_results in pool.map(_preprocess_paths, chunks, [config] * len(chunks)):
                 results.extend(chunk_results)
                 bar.update(len(chunk_results))

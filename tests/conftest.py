@@ -1,0 +1,100 @@
+"""Shared fixtures: fundus-like drawings and image files in the layouts drnb reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def _draw_fundus(
+    height: int,
+    width: int,
+    center: tuple[float, float] | None = None,
+    radius: float | None = None,
+    clip: float | None = None,
+    colour: tuple[int, int, int] = (200, 100, 40),
+) -> np.ndarray:
+    """A bright, radially shaded disc on black, like a fundus photograph.
+
+    Parameters
+    ----------
+    height, width : int
+        Image size in pixels.
+    center : (row, col), optional
+        Disc centre in pixel coordinates (pixel centres at i + 0.5); default the image centre.
+    radius : float, optional
+        Disc radius in pixels; default 0.45 of the smaller side.
+    clip : float, optional
+        Rows farther than ``clip`` pixels from the centre row are blacked out, as in a
+        photograph cut flat at the top and bottom (APTOS 2019).
+    colour : (r, g, b)
+        Colour at the disc centre; it darkens to 60 % towards the rim, never below 30.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 (height, width, 3); exactly 0 outside the disc and in clipped rows.
+    """
+    center_row, center_col = center if center is not None else (height / 2, width / 2)
+    radius = radius if radius is not None else 0.45 * min(height, width)
+    rows, cols = np.mgrid[:height, :width]
+    distance = np.hypot(rows + 0.5 - center_row, cols + 0.5 - center_col)
+    inside = distance <= radius
+    if clip is not None:
+        inside &= np.abs(rows + 0.5 - center_row) <= clip
+    shade = 1.0 - 0.4 * np.clip(distance / radius, 0.0, 1.0)
+    image = np.clip(np.asarray(colour, dtype=np.float64) * shade[..., None], 30, 255).astype(np.uint8)
+    return np.where(inside[..., None], image, 0).astype(np.uint8)
+
+
+@pytest.fixture
+def draw_fundus():
+    """Function ``draw_fundus(height, width, center=None, radius=None, clip=None, colour=...)``.
+
+    Returns a uint8 (height, width, 3) bright disc on black (see ``_draw_fundus``).
+    """
+    return _draw_fundus
+
+
+def _write_image(path: str | Path, image: np.ndarray, quality: int = 95) -> Path:
+    """Save a uint8 (H, W, 3) array with PIL, the format taken from the suffix; parents are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        Image.fromarray(image).save(path, format="JPEG", quality=quality)
+    else:
+        Image.fromarray(image).save(path)
+    return path
+
+
+@pytest.fixture
+def write_image():
+    """Function ``write_image(path, image)``: save a uint8 (H, W, 3) array as PNG or JPEG by suffix."""
+    return _write_image
+
+
+@pytest.fixture
+def write_fundus():
+    """Function ``write_fundus(path, height=48, width=64, **draw_kwargs)``: draw a disc and save it.
+
+    Returns the path. Small sizes keep the tests fast; ``draw_kwargs`` go to ``draw_fundus``.
+    """
+
+    def write(path: str | Path, height: int = 48, width: int = 64, **draw_kwargs) -> Path:
+        return _write_image(path, _draw_fundus(height, width, **draw_kwargs))
+
+    return write
+
+
+@pytest.fixture
+def isolated_drnb_dirs(tmp_path, monkeypatch):
+    """Point ``$DRNB_DATA`` and ``$DRNB_CACHE`` into ``tmp_path``, so nothing reads or writes the
+    real data or cache folders. Returns ``(data_root, cache_root)``; neither exists yet.
+    """
+    data_root, cache_root = tmp_path / "drnb-data", tmp_path / "drnb-cache"
+    monkeypatch.setenv("DRNB_DATA", str(data_root))
+    monkeypatch.setenv("DRNB_CACHE", str(cache_root))
+    return data_root, cache_root

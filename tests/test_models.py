@@ -1,0 +1,66 @@
+"""Encoders, heads, saving and loading."""
+
+import keras
+import numpy as np
+import pytest
+
+from drnb.models import build_encoder, build_head, stack
+from drnb.pretext import load_encoder, save_atomically
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_compact_encoder_maps_images_to_features(pooling):
+    encoder = build_encoder("compact", 32, pooling=pooling)
+    features = encoder(np.zeros((2, 32, 32, 3), np.float32))
+    assert features.shape[0] == 2 and len(features.shape) == 2
+    assert encoder.get_layer("global_pool").__class__.__name__.startswith("GlobalAverage" if pooling == "avg" else "GlobalMax")
+
+
+def test_densenet121_builds_without_weights():
+    encoder = build_encoder("densenet121", 32)
+    assert encoder.output_shape == (None, 1024)
+
+
+def test_imagenet_weights_offline_give_a_clear_error(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(keras.applications, "DenseNet121", offline)
+    with pytest.raises(RuntimeError, match="ImageNet weights"):
+        build_encoder("densenet121", 32, weights="imagenet")
+
+
+@pytest.mark.parametrize("arguments", [{"name": "resnet"}, {"name": "compact", "weights": "imagenet"}, {"name": "compact", "pooling": "sum"}])
+def test_bad_encoder_arguments_raise(arguments):
+    with pytest.raises(ValueError):
+        build_encoder(image_size=32, **arguments)
+
+
+def test_reference_heads_have_the_published_layers():
+    pretext = build_head(64, 4, hidden=(2048, 1024), dropout=0.5)
+    dense = [layer.units for layer in pretext.layers if isinstance(layer, keras.layers.Dense)]
+    assert dense == [2048, 1024, 4]
+    assert sum(isinstance(layer, keras.layers.BatchNormalization) for layer in pretext.layers) == 2
+    assert pretext.layers[-1].dtype_policy.compute_dtype == "float32"
+
+
+def test_saved_encoder_reloads_and_predicts_identically(tmp_path):
+    encoder = build_encoder("compact", 32)
+    images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    path = tmp_path / "encoder.keras"
+    save_atomically(encoder, path)
+    reloaded = load_encoder(path)
+    np.testing.assert_allclose(reloaded.predict(images, verbose=0), encoder.predict(images, verbose=0), rtol=1e-5, atol=1e-5)
+    assert [p.name for p in tmp_path.iterdir()] == ["encoder.keras"]  # no temporary file left
+
+
+def test_missing_encoder_says_how_to_make_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="02_rotation_pretext"):
+        load_encoder(tmp_path / "encoder.keras")
+
+
+def test_stacked_classifier_outputs_probabilities():
+    encoder = build_encoder("compact", 32)
+    model = stack(encoder, build_head(encoder.output_shape[-1], 5, hidden=(8,), activation="sigmoid"))
+    outputs = model.predict(np.zeros((2, 32, 32, 3), np.float32), verbose=0)
+    assert outputs.shape == (2, 5) and (outputs >= 0).all() and (outputs <= 1).all()

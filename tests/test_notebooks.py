@@ -1,0 +1,92 @@
+"""The notebooks: their shape, and the whole chain through papermill with the smoke profile."""
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from drnb.reproduce import NOTEBOOKS, reproduce
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+@pytest.mark.parametrize("name", sorted(NOTEBOOKS.values()))
+def test_notebook_is_thin_narrated_parameterised_and_stripped(name):
+    notebook = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+    first = notebook.cells[0]
+    assert first.cell_type == "markdown" and "papermill" in first.source and "Writes" in first.source
+    tagged = [cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    for line in tagged[0].source.splitlines():
+        assert "=" in line and "#" in line, f"parameter line without a value or comment: {line!r}"
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            assert not cell.outputs and cell.execution_count is None, "commit notebooks with outputs stripped"
+            assert "def " not in cell.source and "sys.path" not in cell.source
+    assert notebook.metadata.kernelspec.name == "drnb"
+
+
+def is_png(path):
+    data = Path(path).read_bytes()
+    width, height = struct.unpack(">II", data[16:24])
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and width > 100 and height > 100
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+def test_smoke_reproduction_reports_failures_keeps_results_and_resumes(tmp_path):
+    """One failing fraction, then a rerun that redoes only what failed (about 3 minutes on 2 cores)."""
+    broken = tmp_path / "notebooks"
+    shutil.copytree(NOTEBOOK_DIR, broken)
+    finetune = nbformat.read(broken / NOTEBOOKS["finetune"], as_version=4)
+    finetune.cells.insert(3, nbformat.v4.new_code_cell('if fraction == 0.25:\n    raise RuntimeError("injected failure")'))
+    nbformat.write(finetune, broken / NOTEBOOKS["finetune"])
+    out = tmp_path / "run"
+    lines = []
+
+    report = reproduce("smoke", out=str(out), notebooks=broken, kernel="python3", log=lines.append)
+
+    assert [label for label, _, _ in report.failed] == ["03_finetune_fractions (fraction=0.25)"]
+    failed_notebook = report.failed[0][1]
+    assert failed_notebook.exists() and "injected failure" in failed_notebook.read_text()
+    assert any("FAILED" in line and str(failed_notebook) in line for line in lines)
+    finished = sorted(out.glob("finetune/*/fraction_1/repetition_*/metrics.json"))
+    assert len(finished) == 2 * 2  # rotation and scratch, 2 repetitions: the other fraction is intact
+    stamps = {path: path.stat().st_mtime_ns for path in finished}
+
+    lines.clear()
+    report = reproduce("smoke", out=str(out), kernel="python3", log=lines.append)
+
+    assert report.ok, report.failed
+    assert set(report.skipped) == {"01_data_exploration", "02_rotation_pretext", "03_finetune_fractions (fraction=1.0)"}
+    assert {path: path.stat().st_mtime_ns for path in finished} == stamps  # finished results untouched
+    table = pd.read_csv(out / "table.csv")
+    assert set(zip(table["method"], table["train_split"])) == {(m, s) for m in ("rotation", "scratch") for s in (25, 100)}
+    assert table[["qwk_min", "qwk_avg", "qwk_max"]].notna().all().all()
+    results = pd.read_csv(out / "results.csv")
+    assert len(results) == 2 * 2 * 2
+    assert is_png(out / "kappa_vs_fraction.png")
+    assert "| method |" in (out / "table.md").read_text()
+    assert json.loads((out / "profile.json").read_text())["name"] == "smoke"
+    assert any("table:" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"profile_name": "fast"}, "profile"),
+        ({"profile_name": "smoke", "dataset": "kaggle"}, "dataset"),
+        ({"profile_name": "smoke", "overrides": {"fractions": "0"}}, "fractions"),
+        ({"profile_name": "smoke", "overrides": {"fractions": "1.5"}}, "fractions"),
+        ({"profile_name": "smoke", "overrides": {"epochs": "3"}}, "no such setting"),
+        ({"profile_name": "smoke", "dataset": "aptos2019", "data_dir": "/nonexistent/aptos"}, "does not exist"),
+    ],
+)
+def test_bad_parameters_fail_before_anything_runs(tmp_path, arguments, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        reproduce(out=str(tmp_path / "run"), **arguments)
+    assert not (tmp_path / "run").exists()

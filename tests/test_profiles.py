@@ -1,0 +1,90 @@
+"""Profiles: one source of truth, overridable by name, checked before anything runs."""
+
+import json
+
+import pytest
+
+from drnb.profiles import PROFILES, Profile, load_profile, parse_assignments, resolve_profile
+from drnb.runs import open_run
+
+
+def test_paper_profile_is_the_study_configuration():
+    paper = PROFILES["paper"]
+    assert (paper.encoder, paper.image_size) == ("densenet121", 224)
+    assert (paper.pretext_learning_rate, paper.pretext_batch_size, paper.pretext_epochs) == (1e-5, 32, 200)
+    assert paper.pretext_hidden == (2048, 1024) and paper.pretext_dropout == 0.5
+    assert (paper.finetune_learning_rate, paper.finetune_batch_size) == (5e-5, 32)
+    assert (paper.warmup_epochs, paper.finetune_epochs, paper.repetitions) == (3, 17, 5)
+    assert paper.fractions == (0.05, 0.1, 0.25, 0.5, 1.0)
+    assert (paper.target, paper.finetune_hidden) == ("ordinal", (1024,))
+
+
+def test_overrides_are_parsed_to_the_field_types():
+    profile = resolve_profile("smoke", {"pretext_epochs": "7", "fractions": "0.1,1.0", "ben_graham": "true", "pretext_learning_rate": "1e-4"})
+    assert profile.pretext_epochs == 7
+    assert profile.fractions == (0.1, 1.0)
+    assert profile.ben_graham is True
+    assert profile.pretext_learning_rate == 1e-4
+    assert PROFILES["smoke"].pretext_epochs != 7  # the registry itself is untouched
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"no_such_setting": "1"}, "no such setting"),
+        ({"fractions": "0"}, "fractions"),
+        ({"fractions": "1.5"}, "fractions"),
+        ({"pretext_epochs": "many"}, "pretext_epochs"),
+        ({"dataset": "kaggle"}, "dataset"),
+        ({"encoder": "resnet50"}, "encoder"),
+        ({"repetitions": "6"}, "repetitions"),
+        ({"ben_graham": "perhaps"}, "ben_graham"),
+    ],
+)
+def test_bad_overrides_name_the_setting(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_profile("smoke", overrides)
+
+
+def test_unknown_profile():
+    with pytest.raises(ValueError, match="profile"):
+        resolve_profile("fast")
+
+
+def test_assignments():
+    assert parse_assignments(["a=1", " b = x=y "]) == {"a": "1", "b": "x=y"}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_assignments(["pretext_epochs"])
+
+
+def test_profile_round_trips_through_json(tmp_path):
+    path = tmp_path / "profile.json"
+    path.write_text(PROFILES["quick"].to_json())
+    assert load_profile(path) == PROFILES["quick"]
+    path.write_text(json.dumps({**PROFILES["quick"].to_dict(), "colour": "red"}))
+    with pytest.raises(ValueError, match="colour"):
+        load_profile(path)
+
+
+def test_a_run_folder_keeps_its_settings(tmp_path):
+    paths, profile = open_run(tmp_path / "run", "smoke", {"pretext_epochs": "2", "data_dir": ""})
+    assert profile.pretext_epochs == 2 and paths.profile.exists()
+    # Reopening with no or the same overrides gives the stored settings...
+    assert open_run(tmp_path / "run", "quick")[1] == profile
+    assert open_run(tmp_path / "run", "smoke", {"pretext_epochs": 2})[1] == profile
+    # ...but changing them is refused, so results made with different settings never mix.
+    with pytest.raises(ValueError, match="pretext_epochs"):
+        open_run(tmp_path / "run", "smoke", {"pretext_epochs": "3"})
+
+
+def test_opening_a_missing_run_without_create_fails(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no run"):
+        open_run(tmp_path / "absent", create=False)
+    assert not (tmp_path / "absent").exists()
+
+
+def test_profiles_validate_directly():
+    with pytest.raises(ValueError, match="rotation_mode"):
+        Profile(rotation_mode="random4")
+    with pytest.raises(ValueError, match="pretext_batch_size"):
+        Profile(rotation_mode="all4", pretext_batch_size=30)

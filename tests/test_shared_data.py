@@ -1,0 +1,96 @@
+"""Checks against the real datasets in ``../shared/data`` beside the checkout.
+
+The counts are facts of the files there (label CSVs and the MedMNIST archive), counted once
+and written down; a loader that drops, duplicates or mis-parses a row changes them.
+Skipped when the folder is absent (e.g. in a fresh clone).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from drnb.datasets import TABLE_COLUMNS, grade_counts, load_dataset, read_image
+from drnb.preprocessing import PreprocessConfig, preprocess_image, rotation_invariant_mask
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+pytestmark = [
+    pytest.mark.shared_data,
+    pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"no shared data folder at {SHARED_DATA}"),
+]
+
+
+def shared_folder(name: str) -> Path:
+    folder = SHARED_DATA / name
+    if not folder.is_dir():
+        pytest.skip(f"no shared data folder at {folder}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def idrid():
+    return load_dataset("idrid", shared_folder("idrid"))
+
+
+@pytest.fixture(scope="module")
+def eyepacs():
+    return load_dataset("eyepacs2015", shared_folder("eyepacs"))
+
+
+def test_idrid_counts(idrid):
+    assert tuple(idrid.columns) == TABLE_COLUMNS
+    assert len(idrid) == 516
+    assert idrid["image_id"].is_unique
+    assert idrid["split"].value_counts().to_dict() == {"train": 413, "test": 103}
+    assert grade_counts(idrid).tolist() == [168, 25, 168, 93, 62]
+    train = idrid[idrid["split"] == "train"]
+    test = idrid[idrid["split"] == "test"]
+    assert grade_counts(train).tolist() == [134, 20, 136, 74, 49]
+    assert grade_counts(test).tolist() == [34, 5, 32, 19, 13]
+    # The splits share file names: both IDRiD_001 are there, each from its own folder.
+    first = idrid.set_index("image_id").loc[["train/IDRiD_001", "test/IDRiD_001"], "path"]
+    assert first.iloc[0].endswith("images/train/IDRiD_001.jpg")
+    assert first.iloc[1].endswith("images/test/IDRiD_001.jpg")
+
+
+def test_retinamnist_counts():
+    table = load_dataset("retinamnist", shared_folder("retinamnist"))
+    assert tuple(table.columns) == TABLE_COLUMNS
+    assert len(table) == 1600
+    assert table["split"].value_counts().to_dict() == {"train": 1080, "test": 400, "val": 120}
+    assert grade_counts(table).tolist() == [714, 186, 326, 282, 92]
+    image = read_image(table["path"].iloc[-1])
+    assert image.shape == (28, 28, 3) and image.dtype == np.uint8
+
+
+def test_eyepacs_counts_and_patients(eyepacs):
+    assert tuple(eyepacs.columns) == TABLE_COLUMNS
+    assert len(eyepacs) == 3629
+    assert eyepacs["image_id"].is_unique
+    assert grade_counts(eyepacs).tolist() == [1800, 477, 1045, 173, 134]
+    assert eyepacs["patient_id"].notna().all()
+    assert eyepacs["patient_id"].nunique() == 2439
+    row = eyepacs.set_index("image_id").loc["10003_right"]
+    assert row["patient_id"] == "10003"
+    assert (eyepacs["image_id"].str.split("_").str[0] == eyepacs["patient_id"]).all()
+
+
+@pytest.mark.parametrize("dataset", ["idrid", "eyepacs"])
+def test_real_photographs_become_centred_masked_squares(dataset, request):
+    table = request.getfixturevalue(dataset)
+    size = 96
+    rows = np.linspace(0, len(table) - 1, 8).astype(int)  # spread over both IDRiD splits
+    for path in table["path"].iloc[rows]:
+        out = preprocess_image(read_image(path), PreprocessConfig(size=size))
+        assert out.shape == (size, size, 3) and out.dtype == np.uint8, path
+        nonzero = out.max(axis=2) > 0
+        assert not nonzero[[0, 0, -1, -1], [0, -1, 0, -1]].any(), path
+        middle = (size - 1) / 2
+        np.testing.assert_allclose(np.argwhere(nonzero).mean(axis=0), [middle, middle], atol=1.0, err_msg=path)
+        for k in (1, 2, 3):
+            np.testing.assert_array_equal(np.rot90(nonzero, k), nonzero, err_msg=f"{path}, rot90 k={k}")
+        # The fundus fills most of the disc: the photograph was found, not a corner of it.
+        assert nonzero.sum() > 0.6 * rotation_invariant_mask(size, 1.0, 1.0).sum(), path

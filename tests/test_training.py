@@ -1,0 +1,89 @@
+"""The shared training engine: learning happens, freezing freezes, resets do not retrace."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from drnb.distribute import scaled_batch_and_rate, select_strategy
+from drnb.models import build_encoder, build_head
+from drnb.training import Trainer
+
+
+def make_trainer(strategy=None, learning_rate=3e-3):
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        encoder = build_encoder("compact", 32)
+        head = build_head(encoder.output_shape[-1], 4, hidden=(16,), dropout=0.0)
+    return Trainer(encoder, head, loss="sparse_categorical", learning_rate=learning_rate, strategy=strategy)
+
+
+def constant_batches(n=32, seed=0):
+    """Random images whose label is a simple function of the image (its brightest quadrant)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    images = rng.uniform(0, 60, (n, 32, 32, 3)).astype(np.float32)
+    for image, label in zip(images, labels):
+        row, col = divmod(int(label), 2)
+        image[row * 16 : row * 16 + 16, col * 16 : col * 16 + 16] += 180
+    return tf.data.Dataset.from_tensors((images, labels.astype(np.int32))).repeat()
+
+
+def test_loss_falls_over_twenty_steps():
+    trainer = make_trainer()
+    batches = trainer.batches(constant_batches())
+    first = trainer.train(batches, 3).losses[-1]
+    trainer.train(batches, 20)
+    last = trainer.train(batches, 3).losses[-1]
+    assert last < 0.5 * first, (first, last)
+
+
+def test_warmup_freezes_the_encoder_and_unfreezing_trains_it():
+    trainer = make_trainer()
+    batches = trainer.batches(constant_batches())
+    encoder_before = [w.copy() for w in trainer.encoder.get_weights()]  # includes batch-norm statistics
+    head_before = [w.copy() for w in trainer.head.get_weights()]
+    trainer.train(batches, 5, phase="head")
+    for before, after in zip(encoder_before, trainer.encoder.get_weights()):
+        np.testing.assert_array_equal(before, after)
+    assert any(not np.array_equal(b, a) for b, a in zip(head_before, trainer.head.get_weights()))
+    trainer.train(batches, 5, phase="full")
+    assert any(not np.array_equal(b, a) for b, a in zip(encoder_before, trainer.encoder.get_weights()))
+
+
+def test_reset_restores_weights_and_optimizer_without_retracing():
+    trainer = make_trainer()
+    batches = trainer.batches(constant_batches())
+    start_encoder, start_head = trainer.encoder.get_weights(), trainer.head.get_weights()
+    first = trainer.train(batches, 4)
+    step = trainer._step("full")
+    traces = step.experimental_get_tracing_count()
+    trainer.reset(encoder_weights=start_encoder, head_weights=start_head, learning_rate=1e-3)
+    assert int(trainer.optimizers["full"].iterations.numpy()) == 0
+    assert float(trainer.optimizers["full"].learning_rate.numpy()) == pytest.approx(1e-3)
+    trainer.train(batches, 4)
+    assert step.experimental_get_tracing_count() == traces == 1
+    assert first.steps == 4
+
+
+def test_bad_phase_and_loss_are_rejected():
+    trainer = make_trainer()
+    with pytest.raises(ValueError, match="phase"):
+        trainer.train(iter([]), 1, phase="encoder")
+    with pytest.raises(ValueError, match="loss"):
+        Trainer(trainer.encoder, trainer.head, loss="hinge", learning_rate=1e-3)
+
+
+def test_mirrored_strategy_over_the_cpu_trains_and_scales():
+    strategy = select_strategy(devices=["/cpu:0"])
+    assert isinstance(strategy, tf.distribute.MirroredStrategy)
+    assert scaled_batch_and_rate(32, 1e-4, strategy) == (32 * strategy.num_replicas_in_sync, 1e-4 * strategy.num_replicas_in_sync)
+    trainer = make_trainer(strategy)
+    batches = trainer.batches(constant_batches())
+    first = trainer.train(batches, 3).losses[-1]
+    trainer.train(batches, 15)
+    assert trainer.train(batches, 3).losses[-1] < first
+
+
+def test_default_strategy_without_tf_config(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert select_strategy().num_replicas_in_sync == 1
