@@ -72,10 +72,13 @@ def _inspect(args) -> int:
 
     handler = Collect(logging.WARNING)
     logging.getLogger("drnb").addHandler(handler)
-    table = load_dataset(
-        args.dataset, args.data_dir, drop_missing=True, label_file=args.label_file, image_dir=args.image_dir,
-        id_column=args.id_column, grade_column=args.grade_column, suffix=args.suffix,
-    )
+    try:
+        table = load_dataset(
+            args.dataset, args.data_dir, drop_missing=True, label_file=args.label_file, image_dir=args.image_dir,
+            id_column=args.id_column, grade_column=args.grade_column, suffix=args.suffix,
+        )
+    finally:
+        logging.getLogger("drnb").removeHandler(handler)
     if not args.no_decode:
         problems.extend(find_unreadable(table))
     print(f"{args.dataset}: {len(table)} images")

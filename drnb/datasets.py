@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -288,15 +289,19 @@ def _read_label_csv(label_path: Path, required: list[str]) -> pd.DataFrame:
     return labels
 
 
-def parse_grades(values: pd.Series, source: Path, column: str) -> np.ndarray:
-    """Parse a column of grades as int64 0-4, naming the first bad row (1-based, after the header)."""
+def parse_grades(values: pd.Series, source: Path, column: str, row_offset: int = 2) -> np.ndarray:
+    """Parse a column of grades as int64 0-4, naming the first bad row.
+
+    ``row_offset`` turns a 0-based position into the row number shown: 2 for a CSV file
+    (1-based, after the header line), 0 for an index into an array.
+    """
     text = values.astype(str).str.strip()
     valid = text.str.fullmatch(r"[0-4](\.0*)?")
     if not valid.all():
         bad = np.flatnonzero(~valid.to_numpy())
         row = int(bad[0])
         raise ValueError(
-            f"{source}: column {column!r} row {row + 2} holds {values.iloc[row]!r}; expected an integer "
+            f"{source}: column {column!r} row {row + row_offset} holds {str(values.iloc[row])!r}; expected an integer "
             f"grade 0-4 ({len(bad)} bad row(s) in all)"
         )
     return text.str.split(".").str[0].astype(np.int64).to_numpy()
@@ -383,9 +388,16 @@ def download_retinamnist(data_dir: str | os.PathLike, size: int = 28) -> Path:
         ) from error
 
 
-@lru_cache(maxsize=4)
-def _open_npz(path: str):
-    return np.load(path)
+def _open_npz(path: str) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file, read once per version of the file (keyed by size and mtime)."""
+    stat = os.stat(path)
+    return _read_npz(path, stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=2)
+def _read_npz(path: str, size: int, mtime_ns: int) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as archive:
+        return {key: archive[key] for key in archive.files}
 
 
 def _load_npz(info: DatasetInfo, data_dir: Path) -> pd.DataFrame:
@@ -394,13 +406,16 @@ def _load_npz(info: DatasetInfo, data_dir: Path) -> pd.DataFrame:
         npz_path = download_retinamnist(data_dir)
     try:
         archive = _open_npz(str(npz_path))
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{npz_path} is not a readable .npz archive ({type(error).__name__}: {error})") from None
+    try:
         rows = []
         for split in ("train", "val", "test"):
             labels = archive[f"{split}_labels"].reshape(-1)
             images = archive[f"{split}_images"]
             if len(images) != len(labels):
                 raise ValueError(f"{npz_path}: {split}_images and {split}_labels differ in length")
-            grades = parse_grades(pd.Series(labels), npz_path, f"{split}_labels")
+            grades = parse_grades(pd.Series(labels), npz_path, f"{split}_labels", row_offset=0)
             rows.append(
                 pd.DataFrame(
                     {
@@ -412,7 +427,7 @@ def _load_npz(info: DatasetInfo, data_dir: Path) -> pd.DataFrame:
                     }
                 )
             )
-    except (KeyError, OSError, EOFError) as error:
+    except KeyError as error:
         raise ValueError(
             f"{npz_path} is not a MedMNIST archive with train/val/test images and labels: {error}"
         ) from None
@@ -489,16 +504,16 @@ def image_sizes(table: pd.DataFrame, limit: int = 500, seed: int = 0) -> pd.Data
 
 
 def find_unreadable(table: pd.DataFrame) -> list[str]:
-    """Problems found by opening every image file (PIL's ``verify``): one message per bad file."""
-    from PIL import Image
+    """Problems found by decoding every image file completely: one message per bad file.
 
+    (PIL's ``verify`` reads headers only and passes a truncated JPEG.)
+    """
     problems = []
     for path in table["path"]:
         if NPZ_SEPARATOR in path:
             continue
         try:
-            with Image.open(path) as image:
-                image.verify()
-        except Exception as error:  # PIL raises many types for corrupt data; each is reported
-            problems.append(f"{path}: cannot be decoded ({type(error).__name__}: {error})")
+            read_image(path)
+        except ValueError as error:
+            problems.append(str(error))
     return problems

@@ -38,7 +38,7 @@ from drnb.datasets import NPZ_SEPARATOR, read_image
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the preprocessing algorithm changes, so old caches are not reused
+CACHE_VERSION = 2  # bump when the preprocessing algorithm changes, so old caches are not reused
 
 
 @dataclass(frozen=True)
@@ -91,10 +91,25 @@ def find_fundus(image: np.ndarray, threshold: int = 20) -> FundusGeometry:
     ------
     ValueError
         When no bright region is found (an all-black image).
+
+    Notes
+    -----
+    A disc clipped by the frame is assumed to be clipped symmetrically (top and bottom, or
+    left and right), as cameras crop; a disc cut on one side only is found off-centre.
     """
+    from scipy import ndimage
+
     foreground = image.max(axis=2) > threshold
+    # Speckle and noise in the border (common in contrast-enhanced copies) would widen the
+    # disc: open the mask, then keep its largest connected region, the fundus.
+    opening = max(1, round(min(image.shape[:2]) / 100))
+    foreground = ndimage.binary_opening(foreground, structure=np.ones((2 * opening + 1,) * 2, bool))
+    labels, count = ndimage.label(foreground)
+    if count > 1:
+        sizes = np.bincount(labels.ravel())[1:]
+        foreground = labels == 1 + int(np.argmax(sizes))
     # A row or column belongs to the fundus when a few percent of it is bright; this ignores
-    # stray bright pixels, text and noise in the border.
+    # what is left of stray pixels and small marks (text wider than that is not ignored).
     rows = np.flatnonzero(foreground.sum(axis=1) > 0.02 * image.shape[1])
     cols = np.flatnonzero(foreground.sum(axis=0) > 0.02 * image.shape[0])
     if rows.size < 4 or cols.size < 4:
@@ -259,6 +274,13 @@ def preprocess_table(
     if images_path.exists() and kept_path.exists():
         kept = np.load(kept_path)
         logger.info("preprocessed images read from cache %s", images_path)
+        if len(kept) < len(table):
+            # The cache was written by a run that dropped unreadable images: same rule again.
+            dropped = table["path"].drop(table.index[kept]).tolist()
+            message = f"{len(dropped)} of {len(table)} image(s) could not be preprocessed, e.g. {dropped[:5]}"
+            if not drop_unreadable:
+                raise ValueError(message + "; pass drop_unreadable=True (--drop-unreadable) to skip them")
+            logger.warning("%s; dropping them", message)
         return np.load(images_path), table.iloc[kept].reset_index(drop=True)
 
     paths = table["path"].tolist()

@@ -131,8 +131,6 @@ def reproduce(
     ValueError, FileNotFoundError
         For bad settings, an unknown dataset or a missing data folder, before anything runs.
     """
-    import papermill
-
     settings = dict(overrides or {})
     if dataset:
         settings["dataset"] = dataset
@@ -140,6 +138,7 @@ def reproduce(
         settings["data_dir"] = str(Path(data_dir).expanduser().resolve())
     profile = resolve_profile(profile_name, settings)  # every settings error surfaces here
     _check_data(profile)
+    import papermill  # imported after the checks, so that a bad setting fails at once
     paths, profile = open_run(out or default_run_dir(f"{profile_name}-{profile.dataset}"), profile_name, settings)
     source = Path(notebooks) if notebooks else notebook_dir()
     kernel = kernel or default_kernel()

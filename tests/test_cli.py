@@ -133,11 +133,6 @@ def test_inspect_bad_grade_names_file_and_row(tmp_path, write_fundus, capsys):
     assert str(root / "train.csv") in err and "row 3" in err and "'x'" in err
 
 
-@pytest.mark.xfail(
-    reason="_inspect adds a logging handler to the 'drnb' logger and never removes it: every "
-    "call leaves one more handler behind",
-    strict=True,
-)
 def test_inspect_leaves_the_drnb_logger_as_it_was(tmp_path, write_fundus, capsys):
     root = write_aptos(tmp_path / "aptos", write_fundus, [("a", 0)])
     before = list(logging.getLogger("drnb").handlers)

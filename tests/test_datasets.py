@@ -375,11 +375,6 @@ def test_unreadable_image_is_found_and_named(tmp_path, write_fundus):
         read_image(str(bad))
 
 
-@pytest.mark.xfail(
-    reason="find_unreadable uses PIL's verify(), which does not decode JPEG data, so a truncated "
-    "JPEG passes the check while read_image (and preprocessing) fail on it",
-    strict=True,
-)
 def test_find_unreadable_reports_a_truncated_jpeg(tmp_path, write_fundus):
     root = write_eyepacs(tmp_path / "eyepacs", write_fundus, [("1_left", 0), ("1_right", 2)])
     bad = root / "train" / "1_right.jpeg"
@@ -392,11 +387,6 @@ def test_find_unreadable_reports_a_truncated_jpeg(tmp_path, write_fundus):
     assert len(problems) == 1 and str(bad) in problems[0]
 
 
-@pytest.mark.xfail(
-    reason="_load_npz catches only KeyError/OSError/EOFError: numpy's ValueError for a non-zip "
-    "file (no file name) and zipfile.BadZipFile for a cut archive escape unnamed",
-    strict=True,
-)
 @pytest.mark.parametrize("cut", [False, True], ids=["garbage", "truncated"])
 def test_corrupt_retinamnist_archive_is_named(tmp_path, cut):
     root = tmp_path / "retinamnist"
@@ -425,11 +415,6 @@ def test_retinamnist_bad_label_names_the_array(tmp_path):
         load_dataset("retinamnist", root)
 
 
-@pytest.mark.xfail(
-    reason="_open_npz is an lru_cache keyed on the path only: an archive replaced at the same "
-    "path is read from the stale open handle (old data or BadZipFile)",
-    strict=True,
-)
 def test_retinamnist_archive_replaced_in_place_is_reread(tmp_path):
     root = write_retinamnist(tmp_path / "retinamnist", splits={"train": [1], "val": [1], "test": [1]})
     assert load_dataset("retinamnist", root)["grade"].tolist() == [1, 1, 1]

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from drnb.datasets import TABLE_COLUMNS, grade_counts, load_dataset, read_image
-from drnb.preprocessing import PreprocessConfig, preprocess_image, rotation_invariant_mask
+from drnb.preprocessing import PreprocessConfig, find_fundus, preprocess_image
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -92,5 +93,48 @@ def test_real_photographs_become_centred_masked_squares(dataset, request):
         np.testing.assert_allclose(np.argwhere(nonzero).mean(axis=0), [middle, middle], atol=1.0, err_msg=path)
         for k in (1, 2, 3):
             np.testing.assert_array_equal(np.rot90(nonzero, k), nonzero, err_msg=f"{path}, rot90 k={k}")
-        # The fundus fills most of the disc: the photograph was found, not a corner of it.
-        assert nonzero.sum() > 0.6 * rotation_invariant_mask(size, 1.0, 1.0).sum(), path
+
+
+def largest_bright_region(image: np.ndarray, threshold: int = 20) -> tuple[float, float, float]:
+    """(center_row, center_col, radius) of the bounding box of the largest bright blob, after an
+    opening that removes speckle: an independent estimate of where the fundus is."""
+    bright = ndimage.binary_opening(image.max(axis=2) > threshold, iterations=2)
+    labels, _ = ndimage.label(bright)
+    blob = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    rows, cols = np.flatnonzero(blob.any(axis=1)), np.flatnonzero(blob.any(axis=0))
+    height, width = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+    return (rows[0] + rows[-1] + 1) / 2, (cols[0] + cols[-1] + 1) / 2, max(height, width) / 2
+
+
+def test_fundus_is_found_on_idrid_photographs(idrid):
+    for path in idrid["path"].iloc[::40]:
+        image = read_image(path)
+        geometry = find_fundus(image)
+        center_row, center_col, radius = largest_bright_region(image)
+        assert geometry.radius == pytest.approx(radius, abs=3), path
+        assert geometry.center_row == pytest.approx(center_row, abs=3), path
+        assert geometry.center_col == pytest.approx(center_col, abs=3), path
+
+
+# At least 3 % of this EyePACS copy (38 of 1,210 checked) have a band of bright speckle, left by
+# its contrast enhancement, beside the disc; these are three of them.
+NOISY_EYEPACS = [
+    "13585_left",
+    "14262_right",
+    pytest.param(
+        "14393_right",
+        marks=pytest.mark.xfail(
+            reason="speckle dense enough to touch the disc survives the opening: radius 74 px found, about 79 px true",
+            strict=True,
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("image_id", NOISY_EYEPACS)
+def test_fundus_is_found_beside_border_speckle(eyepacs, image_id):
+    image = read_image(eyepacs.set_index("image_id").loc[image_id, "path"])
+    geometry = find_fundus(image)
+    center_row, center_col, radius = largest_bright_region(image)
+    assert geometry.radius == pytest.approx(radius, abs=3)
+    assert geometry.center_col == pytest.approx(center_col, abs=3)

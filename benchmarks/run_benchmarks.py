@@ -1,0 +1,207 @@
+"""Where the time goes: throughput, overhead ratios and fixed costs of a drnb profile.
+
+Prints a table and writes JSON (default ``benchmarks/results/<profile>-<dataset>.json``).
+Run it on an otherwise idle machine: the two cores are shared by everything.
+
+    python benchmarks/run_benchmarks.py --profile quick
+    python benchmarks/run_benchmarks.py --profile quick --dataset eyepacs2015 --data-dir ../shared/data/eyepacs
+    python benchmarks/run_benchmarks.py --profile smoke --end-to-end smoke,quick
+
+Measured:
+- input pipeline: images/s preprocessing from files (empty cache), loading the cache, and
+  the augmenting ``tf.data`` pipeline alone;
+- training images/s of the profile's encoder inside drnb (pipeline + traced step) against the
+  same step on one constant in-memory batch; the ratio is the pipeline's overhead (>= 0.9);
+- achieved training FLOP/s (forward FLOPs counted from layer shapes, x3 for training) against
+  a float32 NumPy matmul measured in the same run;
+- fixed costs: interpreter + imports, a Jupyter kernel start, graph tracing per model;
+- optionally the end-to-end wall time of ``drnb reproduce`` for some profiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+    """Best float32 ``a @ b`` rate in GFLOP/s."""
+    rng = np.random.default_rng(0)
+    a, b = rng.random((size, size), dtype=np.float32), rng.random((size, size), dtype=np.float32)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def _timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def forward_flops(model) -> float:
+    """FLOPs of one image through ``model`` (convolutions and dense layers, 2 per multiply-add)."""
+    import keras
+
+    total = 0.0
+    for layer in _leaf_layers(model):
+        if isinstance(layer, keras.layers.Conv2D):
+            kernel = np.prod(layer.kernel.shape)
+            out_h, out_w = layer.output.shape[1:3]
+            total += 2.0 * kernel * out_h * out_w
+        elif isinstance(layer, keras.layers.Dense):
+            total += 2.0 * np.prod(layer.kernel.shape)
+    return total
+
+
+def _leaf_layers(model):
+    for layer in model.layers:
+        if hasattr(layer, "layers") and layer.layers:
+            yield from _leaf_layers(layer)
+        else:
+            yield layer
+
+
+def training_rates(trainer, dataset, batch_size: int, steps: int, phase: str = "full") -> dict:
+    """Images/s through the drnb pipeline and on one constant batch, same traced step."""
+    import tensorflow as tf
+
+    batches = trainer.batches(dataset)
+    start = time.perf_counter()
+    trainer.train(batches, 1, phase=phase)  # traces the step
+    tracing = time.perf_counter() - start
+    trainer.train(batches, 3, phase=phase)  # warm caches
+    pipeline = trainer.train(batches, steps, phase=phase).images_per_second
+    images, targets = next(iter(dataset))
+    constant = trainer.batches(tf.data.Dataset.from_tensors((images, targets)).repeat())
+    trainer.train(constant, 3, phase=phase)
+    bare = trainer.train(constant, steps, phase=phase).images_per_second
+    return {"tracing_seconds": tracing, "pipeline_images_per_second": pipeline, "bare_images_per_second": bare, "ratio": pipeline / bare}
+
+
+def pipeline_rate(dataset, batches: int) -> float:
+    """Images/s of a ``tf.data`` pipeline alone (no model)."""
+    iterator = iter(dataset)
+    next(iterator)
+    start = time.perf_counter()
+    count = sum(int(next(iterator)[0].shape[0]) for _ in range(batches))
+    return count / (time.perf_counter() - start)
+
+
+def import_seconds() -> float:
+    """A fresh interpreter importing drnb's training modules (TensorFlow included)."""
+    return _timed(lambda: subprocess.run([sys.executable, "-c", "import drnb.finetune, drnb.pretext"], check=True))
+
+
+def kernel_start_seconds() -> float:
+    """Start a Jupyter kernel and import drnb in it, as each papermill notebook does."""
+    from jupyter_client.manager import start_new_kernel
+
+    start = time.perf_counter()
+    manager, client = start_new_kernel(kernel_name="python3")
+    try:
+        client.execute_interactive("import drnb.finetune, drnb.pretext", timeout=300)
+        return time.perf_counter() - start
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+
+
+def end_to_end_seconds(profile: str, dataset: str | None, data_dir: str | None) -> float:
+    """Wall time of ``drnb reproduce`` for ``profile`` in a temporary run folder."""
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, "-m", "drnb", "reproduce", "--profile", profile, "--out", folder]
+        if dataset:
+            command += ["--dataset", dataset]
+        if data_dir:
+            command += ["--data-dir", data_dir]
+        return _timed(lambda: subprocess.run(command, check=True))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="quick", help="profile whose settings are measured")
+    parser.add_argument("--dataset", help="dataset (default: the profile's)")
+    parser.add_argument("--data-dir", help="the dataset's folder")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per training measurement")
+    parser.add_argument("--end-to-end", default="", help="comma-separated profiles to time with `drnb reproduce`")
+    parser.add_argument("--json", help="output file (default benchmarks/results/<profile>-<dataset>.json)")
+    args = parser.parse_args()
+
+    import tensorflow as tf
+
+    from drnb.datasets import load_dataset
+    from drnb.distribute import describe_devices
+    from drnb.finetune import FinetuneSession
+    from drnb.pipeline import labelled_batches, rotation_batches
+    from drnb.preprocessing import PreprocessConfig, preprocess_table
+    from drnb.pretext import build_pretext_trainer
+    from drnb.profiles import resolve_profile
+
+    overrides = {k: v for k, v in {"dataset": args.dataset, "data_dir": args.data_dir}.items() if v}
+    profile = resolve_profile(args.profile, overrides)
+    figures: dict = {"profile": profile.name, "dataset": profile.dataset, "devices": describe_devices()}
+
+    figures["numpy_matmul_gflops"] = matmul_peak()
+    table = load_dataset(profile.dataset, profile.data_dir or None, synthetic_images=profile.synthetic_images, seed=profile.seed)
+    config = PreprocessConfig(size=profile.image_size, ben_graham=profile.ben_graham)
+    with tempfile.TemporaryDirectory() as empty_cache:
+        start = time.perf_counter()
+        preprocess_table(table, config, cache_dir=empty_cache, progress=False)
+        figures["preprocess_uncached_images_per_second"] = len(table) / (time.perf_counter() - start)
+        start = time.perf_counter()
+        images, table = preprocess_table(table, config, cache_dir=empty_cache, progress=False)
+        figures["preprocess_cached_images_per_second"] = len(table) / (time.perf_counter() - start)
+    image_tensor = tf.constant(images)
+    indices = np.arange(len(images))
+
+    pretext_data = rotation_batches(image_tensor, indices, profile.pretext_batch_size, mode=profile.rotation_mode,
+                                    augment_options={"zoom": profile.pretext_zoom})
+    figures["pretext_pipeline_images_per_second"] = pipeline_rate(pretext_data, 20)
+    start = time.perf_counter()
+    pretext = build_pretext_trainer(profile)
+    figures["pretext_build_seconds"] = time.perf_counter() - start
+    pretext_rates = training_rates(pretext, pretext_data, profile.pretext_batch_size, args.steps)
+    figures.update({f"pretext_{k}": v for k, v in pretext_rates.items()})
+    flops = 3 * forward_flops(pretext.model)
+    figures["pretext_training_gflop_per_image"] = flops / 1e9
+    figures["pretext_achieved_gflops"] = flops * pretext_rates["pipeline_images_per_second"] / 1e9
+
+    session = FinetuneSession(images, table, profile, log=lambda line: None)
+    finetune_data = labelled_batches(
+        image_tensor, indices, session.targets, profile.finetune_batch_size, seed=0, training=True,
+        augment_options={"zoom": profile.finetune_zoom, "vertical_flip": True, "rot90": True},
+    )
+    figures["finetune_pipeline_images_per_second"] = pipeline_rate(finetune_data, 20)
+    for phase in ("head", "full"):
+        rates = training_rates(session.trainer, finetune_data, profile.finetune_batch_size, args.steps, phase)
+        figures.update({f"finetune_{phase}_{k}": v for k, v in rates.items()})
+    flops = 3 * forward_flops(session.trainer.model)
+    figures["finetune_achieved_gflops"] = flops * figures["finetune_full_pipeline_images_per_second"] / 1e9
+    figures["finetune_flops_to_matmul_peak"] = figures["finetune_achieved_gflops"] / figures["numpy_matmul_gflops"]
+    figures["pretext_flops_to_matmul_peak"] = figures["pretext_achieved_gflops"] / figures["numpy_matmul_gflops"]
+    figures["pipeline_to_training_speed"] = figures["finetune_pipeline_images_per_second"] / figures["finetune_full_pipeline_images_per_second"]
+
+    figures["python_import_seconds"] = import_seconds()
+    figures["kernel_start_and_import_seconds"] = kernel_start_seconds()
+    for name in filter(None, args.end_to_end.split(",")):
+        figures[f"end_to_end_{name}_seconds"] = end_to_end_seconds(name, args.dataset, args.data_dir)
+
+    width = max(map(len, figures))
+    for key, value in figures.items():
+        print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    out = Path(args.json or Path(__file__).parent / "results" / f"{profile.name}-{profile.dataset}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(figures, indent=2))
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
