@@ -183,7 +183,9 @@ class FinetuneSession:
         validation_indices = split.validation_for(fraction)
         seed = profile.seed + repetition
         encoder_weights, head_weights = self._initial_weights(method, seed)
-        self.trainer.reset(encoder_weights=encoder_weights, head_weights=head_weights, learning_rate=self.learning_rate)
+        self.trainer.reset(
+            encoder_weights=encoder_weights, head_weights=head_weights, learning_rate=self.learning_rate, seed=seed
+        )
 
         batch = min(self.batch_size, len(train_indices))
         batches = self.trainer.batches(

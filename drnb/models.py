@@ -21,6 +21,9 @@ from keras import layers
 
 from drnb.profiles import ENCODERS, POOLINGS
 
+# The compact encoder is trained for hundreds, not tens of thousands, of steps: batch-norm
+# moving statistics that forget faster (Keras's default is 0.99) are usable after a few dozen.
+BN_MOMENTUM = 0.9
 # ImageNet statistics, as keras.applications.densenet.preprocess_input ("torch" mode) uses.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -68,7 +71,7 @@ def compact_densenet(
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = _scale_inputs(inputs)
     x = layers.Conv2D(stem_filters, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
-    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name="stem_bn")(x)
     x = layers.ReLU(name="stem_relu")(x)
     # As DenseNet121's stem: a further halving before the dense stages, where most of the
     # compute would otherwise go at full resolution.
@@ -77,13 +80,13 @@ def compact_densenet(
         for index in range(layers_per_stage):
             prefix = f"stage{stage}_layer{index}"
             y = layers.Conv2D(growth, 3, padding="same", use_bias=False, name=f"{prefix}_conv")(x)
-            y = layers.BatchNormalization(name=f"{prefix}_bn")(y)
+            y = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_bn")(y)
             y = layers.ReLU(name=f"{prefix}_relu")(y)
             x = layers.Concatenate(name=f"{prefix}_concat")([x, y])
         if stage < len(growth_rates) - 1:
             # Transition: compress the concatenated maps by half and halve the resolution.
             x = layers.Conv2D(x.shape[-1] // 2, 1, use_bias=False, name=f"transition{stage}_conv")(x)
-            x = layers.BatchNormalization(name=f"transition{stage}_bn")(x)
+            x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"transition{stage}_bn")(x)
             x = layers.ReLU(name=f"transition{stage}_relu")(x)
             x = layers.AveragePooling2D(2, name=f"transition{stage}_pool")(x)
     x = _global_pool(pooling)(x)

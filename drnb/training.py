@@ -114,10 +114,14 @@ class Trainer:
         self._steps[phase] = step
         return step
 
-    def reset(self, *, encoder_weights=None, head_weights=None, learning_rate: float | None = None) -> None:
+    def reset(
+        self, *, encoder_weights=None, head_weights=None, learning_rate: float | None = None, seed: int | None = None
+    ) -> None:
         """Assign weights (lists as from ``get_weights``) and restart both optimizers.
 
-        Nothing is retraced: the variables keep their identity, only their values change.
+        ``seed`` also restarts every dropout layer's random stream, so the same seed gives
+        the same run. Nothing is retraced: the variables keep their identity, only their
+        values change.
         """
         if encoder_weights is not None:
             self.encoder.set_weights(encoder_weights)
@@ -128,6 +132,9 @@ class Trainer:
                 variable.assign(start)
             if learning_rate is not None:
                 optimizer.learning_rate.assign(learning_rate)
+        if seed is not None:
+            for index, generator in enumerate(_seed_generators(self.model)):
+                generator.state.assign(np.array([seed, index], dtype=generator.state.dtype))
 
     def batches(self, dataset: tf.data.Dataset):
         """An iterator over ``dataset`` distributed for this trainer's strategy.
@@ -174,6 +181,17 @@ class Trainer:
                 lambda images: self.model(images, training=False), reduce_retracing=True
             )
         return np.concatenate([self._predict(images).numpy() for images, _ in dataset], axis=0)
+
+
+def _seed_generators(model) -> list:
+    """The random-stream generators of ``model``'s layers (dropout), nested models included."""
+    generators = []
+    for layer in model.layers:
+        if getattr(layer, "layers", None):
+            generators.extend(_seed_generators(layer))
+        elif getattr(layer, "seed_generator", None) is not None:
+            generators.append(layer.seed_generator)
+    return generators
 
 
 def _batch_size(images) -> int:
