@@ -7,15 +7,18 @@ A run, given a repetition's split (:mod:`drnb.splits`):
    weights) and a fresh head, both seeded by ``seed + repetition`` so that methods are
    compared on the same split, head initialisation and batch order;
 2. warms up for ``warmup_epochs`` with the encoder frozen (batch norm in inference mode),
-   then trains everything for ``finetune_epochs`` with a fresh optimizer state;
+   then trains everything for ``finetune_epochs`` with a fresh optimizer state. With
+   ``warmup_on_features`` the warm-up trains the head on encoder features computed once
+   (no augmentation), which makes a warm-up step nearly free on a CPU;
 3. after each epoch scores quadratic weighted kappa on the validation split (carved from
    the training pool, never the test fold) and keeps the best weights;
 4. predicts the test fold with them and writes ``predictions.csv``, ``history.csv`` and,
    last, ``metrics.json``: a run whose ``metrics.json`` exists is finished.
 
-An "epoch" is one pass over the labelled subset, but never fewer than
-``ceil(min_steps / (warmup_epochs + finetune_epochs))`` optimizer steps, so a run makes at
-least ``min_steps`` steps: 5 % of the data is not judged after a few dozen updates.
+An epoch is one pass over the labelled subset. A run makes at least ``min_steps`` optimizer
+steps, so 5 % of the data is not judged after a few dozen updates: the shortfall is added to
+the warm-up (spread over its epochs), or, without a warm-up, each epoch is stretched. See
+:func:`plan_steps`.
 """
 
 from __future__ import annotations
@@ -49,10 +52,23 @@ def run_directory(root: str | os.PathLike, method: str, fraction: float, repetit
     return Path(root) / method / f"fraction_{fraction:g}" / f"repetition_{repetition}"
 
 
-def steps_per_epoch(n_train: int, batch_size: int, profile: Profile) -> int:
-    """Optimizer steps in one epoch: a pass over ``n_train`` images, stretched to honour ``min_steps``."""
-    epochs = profile.warmup_epochs + profile.finetune_epochs
-    return max(math.ceil(n_train / batch_size), math.ceil(profile.min_steps / max(epochs, 1)), 1)
+def plan_steps(n_train: int, batch_size: int, profile: Profile) -> tuple[int, int]:
+    """Optimizer steps per warm-up epoch and per fine-tuning epoch.
+
+    Both are one pass over ``n_train`` images, except that a run must make ``min_steps``
+    steps in all: the shortfall goes to the warm-up epochs when there are any, otherwise
+    the fine-tuning epochs are stretched.
+
+    Returns
+    -------
+    (warmup_steps, finetune_steps) : tuple of int
+        Steps in each warm-up epoch and in each fine-tuning epoch.
+    """
+    one_pass = max(math.ceil(n_train / batch_size), 1)
+    shortfall = max(profile.min_steps - one_pass * (profile.warmup_epochs + profile.finetune_epochs), 0)
+    if profile.warmup_epochs:
+        return one_pass + math.ceil(shortfall / profile.warmup_epochs), one_pass
+    return 0, one_pass + math.ceil(shortfall / profile.finetune_epochs)
 
 
 class FinetuneSession:
@@ -188,19 +204,30 @@ class FinetuneSession:
         )
 
         batch = min(self.batch_size, len(train_indices))
+        train_targets = self.targets[train_indices]
         batches = self.trainer.batches(
             labelled_batches(
-                self.images, train_indices, self.targets[train_indices], batch, seed=seed, training=True,
+                self.images, train_indices, train_targets, batch, seed=seed, training=True,
                 augment_options={"zoom": profile.finetune_zoom, "vertical_flip": True, "rot90": True},
             )
         )
-        epoch_steps = steps_per_epoch(len(train_indices), batch, profile)
+        warmup_steps, finetune_steps = plan_steps(len(train_indices), batch, profile)
+        warmup_batches, warmup_phase = batches, "head"
+        if profile.warmup_on_features and profile.warmup_epochs:
+            features = self.trainer.encode(
+                labelled_batches(self.images, train_indices, train_targets, self.batch_size, seed=seed, training=False)
+            )
+            warmup_batches = self.trainer.batches(feature_batches(features, train_targets, batch, seed))
+            warmup_phase = "features"
         history, best = [], {"kappa": -np.inf, "weights": None, "epoch": 0}
         start = time.perf_counter()
-        schedule = ["head"] * profile.warmup_epochs + ["full"] * profile.finetune_epochs
-        for epoch, phase in enumerate(schedule, start=1):
-            step_log = self.trainer.train(batches, epoch_steps, phase=phase)
-            row = {"epoch": epoch, "phase": phase, "loss": step_log.losses[-1], "images_per_second": step_log.images_per_second}
+        schedule = [("warmup", warmup_steps)] * profile.warmup_epochs + [("full", finetune_steps)] * profile.finetune_epochs
+        for epoch, (phase, steps) in enumerate(schedule, start=1):
+            if phase == "warmup":
+                step_log = self.trainer.train(warmup_batches, steps, phase=warmup_phase)
+            else:
+                step_log = self.trainer.train(batches, steps, phase="full")
+            row = {"epoch": epoch, "phase": phase, "steps": steps, "loss": step_log.losses[-1], "images_per_second": step_log.images_per_second}
             if len(validation_indices) and phase == "full":
                 validation_grades = self._decode(self._predict(validation_indices))
                 row["validation_qw_kappa"] = quadratic_weighted_kappa(self.grades[validation_indices], validation_grades)
@@ -229,7 +256,7 @@ class FinetuneSession:
             n_train=int(len(train_indices)),
             n_validation=int(len(validation_indices)),
             n_test=int(len(split.test)),
-            steps=int(epoch_steps * len(schedule)),
+            steps=int(sum(steps for _, steps in schedule)),
             best_epoch=int(best["epoch"]),
             seconds=train_seconds,
         )
@@ -241,6 +268,12 @@ class FinetuneSession:
 
     def _decode(self, probabilities: np.ndarray) -> np.ndarray:
         return decode(probabilities, self.profile.target)
+
+
+def feature_batches(features: np.ndarray, targets: np.ndarray, batch_size: int, seed: int) -> tf.data.Dataset:
+    """Shuffled, endlessly repeated batches of (features, targets) for a warm-up on features."""
+    dataset = tf.data.Dataset.from_tensor_slices((features, np.asarray(targets, np.float32)))
+    return dataset.shuffle(len(features), seed=seed).repeat().batch(batch_size, drop_remainder=True).prefetch(2)
 
 
 def write_run(out_dir, metrics, history, test_rows, true_grades, predicted, probabilities) -> None:

@@ -85,6 +85,30 @@ def _kappa(t: np.ndarray, p: np.ndarray) -> float:
     return float(cohen_kappa_score(t, p, labels=list(GRADES), weights="quadratic"))
 
 
+_QUADRATIC_WEIGHTS = (np.arange(len(GRADES))[:, None] - np.arange(len(GRADES))[None, :]) ** 2
+
+
+def kappa_of_resamples(t: np.ndarray, p: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Quadratic weighted kappa of many resamples at once, for the bootstrap.
+
+    The same formula as scikit-learn's ``cohen_kappa_score(weights="quadratic",
+    labels=range(5))`` (``1 - sum(W * observed) / sum(W * expected)``, tested equal to it),
+    vectorised over resamples: calling scikit-learn once per resample made the bootstrap
+    the slowest step of a fine-tuning run. NaN where kappa is undefined.
+    """
+    t = np.moveaxis(np.asarray(t), axis, -1)
+    p = np.moveaxis(np.asarray(p), axis, -1)
+    grades = np.arange(len(GRADES))
+    true_onehot = (t[..., None] == grades).astype(np.float64)
+    pred_onehot = (p[..., None] == grades).astype(np.float64)
+    observed = np.einsum("...ni,...nj->...ij", true_onehot, pred_onehot)
+    expected = np.einsum("...i,...j->...ij", true_onehot.sum(-2), pred_onehot.sum(-2)) / t.shape[-1]
+    disagreement = (_QUADRATIC_WEIGHTS * observed).sum((-2, -1))
+    chance = (_QUADRATIC_WEIGHTS * expected).sum((-2, -1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(chance > 0, 1 - disagreement / np.where(chance > 0, chance, 1), np.nan)
+
+
 def quadratic_weighted_kappa(y_true, y_pred) -> float:
     """Quadratic weighted Cohen's kappa over the five grades.
 
@@ -141,8 +165,8 @@ def bootstrap_kappa_ci(
     confidence : float
         Confidence level in (0, 1).
     n_resamples : int
-        Number of bootstrap resamples, >= 1. Each costs one ``cohen_kappa_score`` call
-        (1-2 ms), so 1000 take one to two seconds.
+        Number of bootstrap resamples, >= 1 (vectorised: 1000 resamples of 700 images take
+        about 0.1 s).
     seed : int
         Seed (>= 0) of the resampling.
 
@@ -182,9 +206,10 @@ def bootstrap_kappa_ci(
         warnings.simplefilter("ignore", category=stats.DegenerateDataWarning)
         result = stats.bootstrap(
             (t, p),
-            _kappa,
+            kappa_of_resamples,
             n_resamples=int(n_resamples),
-            vectorized=False,
+            vectorized=True,
+            batch=200,  # bounds the one-hot arrays at 200 x N x 5
             paired=True,
             confidence_level=float(confidence),
             method="percentile",

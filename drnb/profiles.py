@@ -25,6 +25,8 @@ import typing
 from dataclasses import dataclass
 
 from drnb.datasets import DATASETS
+from drnb.splits import MODES as SPLIT_MODES
+from drnb.targets import TARGETS
 
 # Choices live here, not in the modules that use them, so that checking a profile (and every
 # command-line error) happens before TensorFlow is imported.
@@ -32,8 +34,6 @@ ENCODERS = ("densenet121", "compact")
 POOLINGS = ("avg", "max")
 ROTATION_MODES = ("all4", "random1")
 METHODS = ("rotation", "scratch", "imagenet")
-TARGETS = ("ordinal", "softmax")
-SPLIT_MODES = ("stratified", "reference")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,11 @@ class Profile:
     dataset: str = "synthetic"  # a name from drnb.datasets.DATASETS
     data_dir: str = ""  # the dataset's folder; "" = drnb's default place for it
     synthetic_images: int = 600  # size of the synthetic dataset, when dataset == "synthetic"
+    label_file: str = ""  # layout override (e.g. for dataset "csv"): label file in data_dir; "" = registry's
+    image_dir: str = ""  # layout override: image folder in data_dir; "" = registry's
+    id_column: str = ""  # layout override: column of image ids; "" = registry's
+    grade_column: str = ""  # layout override: column of grades 0-4; "" = registry's
+    suffix: str = ""  # layout override: image file suffix such as .jpg; "" = registry's
     image_size: int = 128  # side of the square preprocessed images, pixels
     ben_graham: bool = False  # Ben Graham's local colour normalisation in preprocessing
     drop_missing: bool = False  # drop listed-but-missing images with a warning instead of failing
@@ -75,8 +80,9 @@ class Profile:
     finetune_batch_size: int = 32  # images per batch
     finetune_learning_rate: float = 5e-5  # Adam, both phases
     warmup_epochs: int = 3  # epochs with the encoder frozen (head only)
+    warmup_on_features: bool = False  # warm up on features computed once (no augmentation, ~free per step)
     finetune_epochs: int = 17  # epochs with everything training, after the warm-up
-    min_steps: int = 0  # at least this many optimizer steps per run (warm-up + fine-tuning)
+    min_steps: int = 0  # at least this many optimizer steps per run; a shortfall is made up in the warm-up
     finetune_zoom: float = 0.1  # centred zoom range 1 +- zoom
     bootstrap_resamples: int = 1000  # for the 95% CI of each run's kappa
     # --- reproducibility ---
@@ -165,9 +171,10 @@ PROFILES: dict[str, Profile] = {
         finetune_dropout=0.3,
         finetune_batch_size=32,
         finetune_learning_rate=5e-4,
-        warmup_epochs=1,
-        finetune_epochs=4,
-        min_steps=60,
+        warmup_epochs=3,
+        warmup_on_features=True,
+        finetune_epochs=5,
+        min_steps=200,
     ),
     "paper": Profile(
         name="paper",

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from drnb.metrics import quadratic_weighted_kappa
+from drnb.metrics import kappa_of_resamples, quadratic_weighted_kappa
 
 # The study's published quadratic weighted kappa, rotation pretext, APTOS 2019 (min, avg, max).
 PAPER_KAPPA = {
@@ -147,9 +147,10 @@ def compare_methods(
         try:
             interval = stats.bootstrap(
                 data,
-                lambda y, a, b: quadratic_weighted_kappa(y, a) - quadratic_weighted_kappa(y, b),
+                lambda y, a, b, axis=-1: kappa_of_resamples(y, a, axis) - kappa_of_resamples(y, b, axis),
                 paired=True,
-                vectorized=False,
+                vectorized=True,
+                batch=200,
                 n_resamples=n_resamples,
                 method="percentile",
                 random_state=np.random.default_rng(seed),

@@ -131,6 +131,24 @@ def _as_overrides(profile: Profile) -> dict:
     return {key: tuple(value) if isinstance(value, list) else value for key, value in profile.to_dict().items() if key != "name"}
 
 
+def load_table(profile: Profile):
+    """The profile's dataset as drnb's common table (see :func:`drnb.datasets.load_dataset`)."""
+    from drnb.datasets import load_dataset
+
+    return load_dataset(
+        profile.dataset,
+        profile.data_dir or None,
+        drop_missing=profile.drop_missing,
+        synthetic_images=profile.synthetic_images,
+        seed=profile.seed,
+        label_file=profile.label_file or None,
+        image_dir=profile.image_dir or None,
+        id_column=profile.id_column or None,
+        grade_column=profile.grade_column or None,
+        suffix=profile.suffix or None,
+    )
+
+
 def load_images(profile: Profile, *, log=print):
     """Load the profile's dataset and preprocess it (from the cache when it can).
 
@@ -141,18 +159,10 @@ def load_images(profile: Profile, *, log=print):
     table : pandas.DataFrame
         The dataset table, row-aligned with ``images``.
     """
-    from drnb.datasets import load_dataset
     from drnb.preprocessing import PreprocessConfig, preprocess_table
 
-    table = load_dataset(
-        profile.dataset,
-        profile.data_dir or None,
-        drop_missing=profile.drop_missing,
-        synthetic_images=profile.synthetic_images,
-        seed=profile.seed,
-    )
     images, table = preprocess_table(
-        table,
+        load_table(profile),
         PreprocessConfig(size=profile.image_size, ben_graham=profile.ben_graham),
         drop_unreadable=profile.drop_unreadable,
     )

@@ -8,7 +8,9 @@ instead traces two ``tf.function`` steps per model shape, once per process:
 
 - ``head`` step: encoder called in inference mode (batch norm uses its moving statistics and
   is not updated), gradients for the head only;
-- ``full`` step: everything trains.
+- ``full`` step: everything trains;
+- ``features`` step: the head alone on encoder features computed beforehand
+  (:meth:`Trainer.encode`), for a warm-up that costs almost nothing per step.
 
 Between runs, :meth:`Trainer.reset` assigns new weights and restores the optimizers'
 variables (step counter, moments, learning rate) to their starting values; nothing is
@@ -30,6 +32,7 @@ from drnb.models import stack
 logger = logging.getLogger(__name__)
 
 LOSSES = ("sparse_categorical", "categorical", "binary")
+PHASES = ("head", "full", "features")
 
 
 @dataclass
@@ -75,6 +78,7 @@ class Trainer:
         }
         self._steps = {}
         self._predict = None
+        self._encode = None
 
     def _per_example_loss(self, targets, probabilities):
         epsilon = keras.backend.epsilon()
@@ -90,15 +94,17 @@ class Trainer:
     def _step(self, phase: str):
         if phase in self._steps:
             return self._steps[phase]
-        optimizer = self.optimizers[phase]
-        variables = self.head.trainable_variables if phase == "head" else self.model.trainable_variables
+        optimizer = self.optimizers["full" if phase == "full" else "head"]
+        variables = self.model.trainable_variables if phase == "full" else self.head.trainable_variables
 
-        def replica_step(images, targets):
+        def replica_step(inputs, targets):
             with tf.GradientTape() as tape:
                 if phase == "head":
-                    probabilities = self.head(self.encoder(images, training=False), training=True)
+                    probabilities = self.head(self.encoder(inputs, training=False), training=True)
+                elif phase == "features":
+                    probabilities = self.head(inputs, training=True)
                 else:
-                    probabilities = self.model(images, training=True)
+                    probabilities = self.model(inputs, training=True)
                 per_example = self._per_example_loss(targets, probabilities)
                 loss = tf.nn.compute_average_loss(per_example)
                 scaled = optimizer.scale_loss(loss)
@@ -149,13 +155,14 @@ class Trainer:
 
         Parameters
         ----------
-        phase : {"head", "full"}
-            Train the head on a frozen encoder, or everything.
+        phase : {"head", "full", "features"}
+            Train the head on a frozen encoder, everything, or the head on batches of
+            features from :meth:`encode`.
         log_every : int
             Record the mean loss every this many steps (0: once, at the end).
         """
-        if phase not in ("head", "full"):
-            raise ValueError(f"phase={phase!r}: expected 'head' or 'full'")
+        if phase not in PHASES:
+            raise ValueError(f"phase={phase!r}: expected one of {PHASES}")
         step = self._step(phase)
         log = StepLog()
         interval = log_every or steps
@@ -173,6 +180,12 @@ class Trainer:
         log.seconds = time.perf_counter() - start
         log.images_per_second = images_seen / max(log.seconds, 1e-9)
         return log
+
+    def encode(self, dataset: tf.data.Dataset) -> np.ndarray:
+        """Encoder features (inference mode) for every batch of ``dataset`` (images, anything): float32 (N, F)."""
+        if self._encode is None:
+            self._encode = tf.function(lambda images: self.encoder(images, training=False), reduce_retracing=True)
+        return np.concatenate([self._encode(images).numpy() for images, _ in dataset], axis=0).astype(np.float32)
 
     def predict(self, dataset: tf.data.Dataset) -> np.ndarray:
         """Probabilities for every batch of ``dataset`` (images, anything), in order: float32 (N, outputs)."""

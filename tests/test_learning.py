@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from drnb.finetune import FinetuneSession, run_directory, run_fraction, steps_per_epoch
+from drnb.finetune import FinetuneSession, plan_steps, run_directory, run_fraction
 from drnb.preprocessing import PreprocessConfig, preprocess_image
 from drnb.pretext import train_pretext
 from drnb.profiles import resolve_profile
@@ -25,7 +25,8 @@ SETTINGS = {
     "pretext_hidden": (64,),
     "finetune_hidden": (64,),
     "finetune_learning_rate": 2e-3,
-    "warmup_epochs": 1,
+    "warmup_epochs": 2,
+    "warmup_on_features": True,
     "finetune_epochs": 6,
     "min_steps": 150,
     "fractions": (0.25, 1.0),
@@ -81,9 +82,12 @@ def test_finetuning_reaches_kappa_above_0_5_and_writes_its_run(synthetic, profil
 
 
 def test_small_fractions_get_at_least_min_steps(profile):
-    epochs = profile.warmup_epochs + profile.finetune_epochs
-    assert steps_per_epoch(10, 32, profile) * epochs >= profile.min_steps
-    assert steps_per_epoch(10_000, 32, profile) == 313  # a large subset: one pass per epoch
+    warmup, finetune = plan_steps(10, 32, profile)
+    assert warmup * profile.warmup_epochs + finetune * profile.finetune_epochs >= profile.min_steps
+    assert finetune == 1  # the shortfall goes to the warm-up
+    assert plan_steps(10_000, 32, profile) == (313, 313)  # a large subset: one pass per epoch
+    no_warmup = profile.derive(warmup_epochs=0)
+    assert plan_steps(10, 32, no_warmup)[1] * no_warmup.finetune_epochs >= profile.min_steps
 
 
 def test_sweep_skips_finished_runs(synthetic, profile, pretext, tmp_path):

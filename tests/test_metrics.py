@@ -157,3 +157,16 @@ def test_bad_pairs_raise():
         quadratic_weighted_kappa([0, 6], [0, 1])
     with pytest.raises(ValueError, match="integer grades"):
         evaluate_predictions([0, 1], [0.0, 0.7])
+
+
+def test_vectorised_bootstrap_kappa_equals_scikit_learn():
+    from sklearn.metrics import cohen_kappa_score
+
+    from drnb.metrics import kappa_of_resamples
+
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 5, (50, 40))
+    predicted = np.clip(truth + rng.integers(-2, 3, (50, 40)), 0, 4)
+    expected = [cohen_kappa_score(t, p, weights="quadratic", labels=range(5)) for t, p in zip(truth, predicted)]
+    np.testing.assert_allclose(kappa_of_resamples(truth, predicted), expected, rtol=1e-12, atol=1e-12)
+    assert np.isnan(kappa_of_resamples(np.full(6, 2), np.full(6, 2)))

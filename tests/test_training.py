@@ -87,3 +87,17 @@ def test_mirrored_strategy_over_the_cpu_trains_and_scales():
 def test_default_strategy_without_tf_config(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     assert select_strategy().num_replicas_in_sync == 1
+
+
+def test_warmup_on_cached_features_trains_the_head_only():
+    trainer = make_trainer()
+    images, labels = next(iter(constant_batches()))
+    features = trainer.encode(tf.data.Dataset.from_tensors((images, labels)))
+    assert features.shape == (32, trainer.encoder.output_shape[-1])
+    encoder_before = [w.copy() for w in trainer.encoder.get_weights()]
+    batches = trainer.batches(tf.data.Dataset.from_tensors((features, labels)).repeat())
+    first = trainer.train(batches, 2, phase="features").losses[-1]
+    last = trainer.train(batches, 30, phase="features").losses[-1]
+    assert last < first
+    for before, after in zip(encoder_before, trainer.encoder.get_weights()):
+        np.testing.assert_array_equal(before, after)
