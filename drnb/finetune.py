@@ -159,28 +159,37 @@ class FinetuneSession:
         return self._splits[key]
 
     def _initial_weights(self, method: str, seed: int):
+        """(encoder weights, head weights) a run of ``method`` starts from.
+
+        The head is built first after seeding, so every method of a repetition starts from
+        the same head; only ``scratch`` and ``imagenet`` need a fresh encoder.
+        """
         seed_everything(seed, self.profile.deterministic)
+        head_weights = self._build_head(self.trainer.encoder.output_shape[-1]).get_weights()
+        if method == "rotation":
+            if self._pretrained is None:
+                self._pretrained = self._load_pretrained()
+            return self._pretrained, head_weights
         fresh_encoder = build_encoder(
             self.profile.encoder,
             self.profile.image_size,
             pooling=self.profile.pooling,
             weights="imagenet" if method == "imagenet" else None,
         )
-        head_weights = self._build_head(fresh_encoder.output_shape[-1]).get_weights()
-        if method == "rotation":
-            if self._pretrained is None:
-                if self.encoder_path is None:
-                    raise ValueError("method 'rotation' needs encoder_path: the encoder saved by the pretext")
-                pretrained = load_encoder(self.encoder_path)
-                if pretrained.input_shape != fresh_encoder.input_shape or len(pretrained.weights) != len(fresh_encoder.weights):
-                    raise ValueError(
-                        f"encoder {self.encoder_path} takes {pretrained.input_shape} with {len(pretrained.weights)} "
-                        f"weights; the profile builds {self.profile.encoder} taking {fresh_encoder.input_shape}. "
-                        "Train the pretext with the same profile."
-                    )
-                self._pretrained = pretrained.get_weights()
-            return self._pretrained, head_weights
         return fresh_encoder.get_weights(), head_weights
+
+    def _load_pretrained(self) -> list:
+        if self.encoder_path is None:
+            raise ValueError("method 'rotation' needs encoder_path: the encoder saved by the pretext")
+        pretrained = load_encoder(self.encoder_path)
+        expected = self.trainer.encoder
+        if pretrained.input_shape != expected.input_shape or [w.shape for w in pretrained.weights] != [w.shape for w in expected.weights]:
+            raise ValueError(
+                f"encoder {self.encoder_path} takes {pretrained.input_shape} with {len(pretrained.weights)} "
+                f"weights; the profile builds {self.profile.encoder} taking {expected.input_shape}. "
+                "Train the pretext with the same profile."
+            )
+        return pretrained.get_weights()
 
     def _predict(self, indices: np.ndarray) -> np.ndarray:
         dataset = labelled_batches(

@@ -160,7 +160,7 @@ PROFILES: dict[str, Profile] = {
     "quick": Profile(
         name="quick",
         dataset="synthetic",
-        synthetic_images=600,
+        synthetic_images=400,
         image_size=96,
         rotation_mode="all4",
         pretext_hidden=(256,),
