@@ -322,18 +322,18 @@ def run_fraction(
     done = 0
     for repetition in range(repetitions):
         for method in methods:
+            done += 1
             out_dir = run_directory(root, method, fraction, repetition)
             metrics_path = out_dir / METRICS_FILE
             if metrics_path.exists() and not overwrite:
                 rows.append(json.loads(metrics_path.read_text()))
-                session.log(f"{method} fraction {fraction:g} repetition {repetition}: finished earlier, skipped")
+                session.log(f"[{done}/{total}] {method} fraction {fraction:g} repetition {repetition}: finished earlier, skipped")
             else:
                 metrics = session.run(method, fraction, repetition, out_dir, save_model=repetition == 0)
                 rows.append(metrics)
                 session.log(
-                    f"{method} fraction {fraction:g} repetition {repetition}: qw kappa {metrics['qw_kappa']:.3f}, "
+                    f"[{done}/{total}] {method} fraction {fraction:g} repetition {repetition}: qw kappa {metrics['qw_kappa']:.3f}, "
                     f"accuracy {metrics['accuracy']:.3f}, {metrics['n_train']} train images, "
                     f"{metrics['seconds']:.0f} s (elapsed {time.perf_counter() - start:.0f} s)"
                 )
-            done += 1
     return pd.DataFrame(rows)
