@@ -18,6 +18,11 @@ from drnb.profiles import ROTATION_MODES
 
 
 
+def _all_rotations(images: tf.Tensor) -> tf.Tensor:
+    """(B, S, S, C) -> (B, 4, S, S, C): each image turned 0-3 quarter turns counter-clockwise."""
+    return tf.stack([tf.image.rot90(images, k) for k in range(4)], axis=1)
+
+
 def rotate_all4(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Every image in all four rotations, in the same batch (Gidaris et al.'s RotNet).
 
@@ -33,7 +38,7 @@ def rotate_all4(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     labels : tf.Tensor
         int32 (4B,) in 0-3.
     """
-    rotated = tf.stack([tf.image.rot90(images, k) for k in range(4)], axis=1)
+    rotated = _all_rotations(images)
     shape = tf.shape(images)
     labels = tf.tile(tf.range(4, dtype=tf.int32), [shape[0]])
     return tf.reshape(rotated, tf.concat([[-1], shape[1:]], 0)), labels
@@ -57,8 +62,7 @@ def rotate_random1(images: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Te
         int32 (B,) in 0-3.
     """
     labels = tf.random.stateless_uniform(tf.shape(images)[:1], seed, 0, 4, dtype=tf.int32)
-    all_rotations = tf.stack([tf.image.rot90(images, k) for k in range(4)], axis=1)
-    return tf.gather(all_rotations, labels, axis=1, batch_dims=1), labels
+    return tf.gather(_all_rotations(images), labels, axis=1, batch_dims=1), labels
 
 
 def augment(
@@ -105,8 +109,7 @@ def augment(
         images = tf.where(flip, tf.reverse(images, axis=[1]), images)
     if rot90:
         quarter_turns = tf.random.stateless_uniform([batch], seeds[2], 0, 4, dtype=tf.int32)
-        all_rotations = tf.stack([tf.image.rot90(images, k) for k in range(4)], axis=1)
-        images = tf.gather(all_rotations, quarter_turns, axis=1, batch_dims=1)
+        images = tf.gather(_all_rotations(images), quarter_turns, axis=1, batch_dims=1)
     if zoom:
         half = 0.5 / tf.random.stateless_uniform([batch], seeds[3], 1 - zoom, 1 + zoom)
         boxes = tf.stack([0.5 - half, 0.5 - half, 0.5 + half, 0.5 + half], axis=1)

@@ -205,19 +205,15 @@ def _clock(seconds: float) -> str:
 
 
 def _check_data(profile: Profile) -> None:
-    from drnb.datasets import dataset_info
+    """A real dataset's folder must exist before anything runs (synthetic data is made on first use)."""
+    from drnb.datasets import dataset_info, default_data_dir
 
     info = dataset_info(profile.dataset)
-    if info.kind == "synthetic" or not profile.data_dir:
-        if info.kind != "synthetic":
-            from drnb.datasets import default_data_dir
-
-            folder = default_data_dir(profile.dataset)
-            if not folder.is_dir():
-                raise FileNotFoundError(
-                    f"no data folder for dataset {profile.dataset!r}: pass --data-dir or put it at {folder}; "
-                    f"expected {info.layout}"
-                )
+    if info.kind == "synthetic":
         return
-    if not Path(profile.data_dir).is_dir():
-        raise FileNotFoundError(f"--data-dir {profile.data_dir} does not exist; expected {info.layout}")
+    folder = Path(profile.data_dir) if profile.data_dir else default_data_dir(profile.dataset)
+    if not folder.is_dir():
+        hint = "check --data-dir" if profile.data_dir else "pass --data-dir DIR, or put the data there"
+        raise FileNotFoundError(
+            f"no data folder for dataset {profile.dataset!r}: {folder} does not exist ({hint}); expected {info.layout}"
+        )
