@@ -213,7 +213,9 @@ def _check_data(profile: Profile) -> None:
         return
     folder = Path(profile.data_dir) if profile.data_dir else default_data_dir(profile.dataset)
     if not folder.is_dir():
-        hint = "check --data-dir" if profile.data_dir else "pass --data-dir DIR, or put the data there"
-        raise FileNotFoundError(
-            f"no data folder for dataset {profile.dataset!r}: {folder} does not exist ({hint}); expected {info.layout}"
+        problem = (
+            f"--data-dir {folder} does not exist for dataset {profile.dataset!r}"
+            if profile.data_dir
+            else f"no data folder for dataset {profile.dataset!r}: {folder} does not exist (pass --data-dir DIR)"
         )
+        raise FileNotFoundError(f"{problem}; expected {info.layout}")
