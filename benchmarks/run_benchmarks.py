@@ -137,20 +137,20 @@ def main() -> None:
 
     import tensorflow as tf
 
-    from drnb.datasets import load_dataset
     from drnb.distribute import describe_devices
     from drnb.finetune import FinetuneSession
     from drnb.pipeline import labelled_batches, rotation_batches
     from drnb.preprocessing import PreprocessConfig, preprocess_table
     from drnb.pretext import build_pretext_trainer
     from drnb.profiles import resolve_profile
+    from drnb.runs import load_table
 
     overrides = {k: v for k, v in {"dataset": args.dataset, "data_dir": args.data_dir}.items() if v}
     profile = resolve_profile(args.profile, overrides)
     figures: dict = {"profile": profile.name, "dataset": profile.dataset, "devices": describe_devices()}
 
     figures["numpy_matmul_gflops"] = matmul_peak()
-    table = load_dataset(profile.dataset, profile.data_dir or None, synthetic_images=profile.synthetic_images, seed=profile.seed)
+    table = load_table(profile)
     config = PreprocessConfig(size=profile.image_size, ben_graham=profile.ben_graham)
     with tempfile.TemporaryDirectory() as empty_cache:
         start = time.perf_counter()

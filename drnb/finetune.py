@@ -52,6 +52,12 @@ def run_directory(root: str | os.PathLike, method: str, fraction: float, repetit
     return Path(root) / method / f"fraction_{fraction:g}" / f"repetition_{repetition}"
 
 
+def runnable_methods(profile: Profile) -> list[str]:
+    """The profile's methods that can run here: ``imagenet`` needs DenseNet121 and its cached weights."""
+    imagenet_ok = profile.encoder == "densenet121" and imagenet_weights_available()
+    return [method for method in profile.methods if method != "imagenet" or imagenet_ok]
+
+
 def plan_steps(n_train: int, batch_size: int, profile: Profile) -> tuple[int, int]:
     """Optimizer steps per warm-up epoch and per fine-tuning epoch.
 
@@ -128,13 +134,10 @@ class FinetuneSession:
         )
 
     def available_methods(self) -> list[str]:
-        """The profile's methods that can run here (``imagenet`` needs DenseNet121 and cached weights)."""
-        methods = []
-        for method in self.profile.methods:
-            if method == "imagenet" and not (self.profile.encoder == "densenet121" and imagenet_weights_available()):
-                self.log("imagenet: skipped (needs encoder=densenet121 and the ImageNet weights in ~/.keras/models)")
-                continue
-            methods.append(method)
+        """The profile's methods that can run here (see :func:`runnable_methods`); logs what is skipped."""
+        methods = runnable_methods(self.profile)
+        if len(methods) < len(self.profile.methods):
+            self.log("imagenet: skipped (needs encoder=densenet121 and the ImageNet weights in ~/.keras/models)")
         return methods
 
     def split(self, repetition: int, fraction: float | None = None) -> RepetitionSplit:

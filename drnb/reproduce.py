@@ -68,7 +68,7 @@ def notebook_dir() -> Path:
 
 def plan(profile: Profile, paths: RunPaths) -> list[Cell]:
     """The grid of notebook executions for ``profile``, in order."""
-    from drnb.finetune import METRICS_FILE, run_directory
+    from drnb.finetune import METRICS_FILE, run_directory, runnable_methods
     from drnb.pretext import ENCODER_FILE
 
     run_dir = str(paths.root)
@@ -76,7 +76,8 @@ def plan(profile: Profile, paths: RunPaths) -> list[Cell]:
         Cell("data", {"run_dir": run_dir}, paths.notebooks / NOTEBOOKS["data"], [paths.data / "summary.json"]),
         Cell("pretext", {"run_dir": run_dir}, paths.notebooks / NOTEBOOKS["pretext"], [paths.pretext / ENCODER_FILE]),
     ]
-    methods = [m for m in profile.methods if m != "imagenet" or profile.encoder == "densenet121"]
+    # The same rule notebook 03 applies, so a skipped method never leaves a cell "unfinished".
+    methods = runnable_methods(profile)
     for fraction in profile.fractions:
         markers = [
             run_directory(paths.finetune, method, fraction, repetition) / METRICS_FILE
