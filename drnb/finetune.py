@@ -17,8 +17,11 @@ A run, given a repetition's split (:mod:`drnb.splits`):
 
 An epoch is one pass over the labelled subset. A run makes at least ``min_steps`` optimizer
 steps, so 5 % of the data is not judged after a few dozen updates: the shortfall is added to
-the warm-up (spread over its epochs), or, without a warm-up, each epoch is stretched. See
-:func:`plan_steps`.
+the warm-up (spread over its epochs), or, without a warm-up, each epoch is stretched. The
+full phase can also be given a floor and a cap (``finetune_min_steps``, ``finetune_max_steps``)
+and a cosine learning-rate decay (``lr_schedule``). See :func:`plan_steps` and
+:func:`learning_rate_at`. Without a validation split (``validation_fraction=0``) the last
+epoch's weights are kept.
 """
 
 from __future__ import annotations
@@ -61,20 +64,44 @@ def runnable_methods(profile: Profile) -> list[str]:
 def plan_steps(n_train: int, batch_size: int, profile: Profile) -> tuple[int, int]:
     """Optimizer steps per warm-up epoch and per fine-tuning epoch.
 
-    Both are one pass over ``n_train`` images, except that a run must make ``min_steps``
-    steps in all: the shortfall goes to the warm-up epochs when there are any, otherwise
-    the fine-tuning epochs are stretched.
+    An epoch is one pass over ``n_train`` images, with three adjustments:
+
+    - the full fine-tuning phase (``finetune_epochs`` epochs) makes at least
+      ``finetune_min_steps`` and at most ``finetune_max_steps`` steps in all (0: no bound),
+      so small subsets get enough updates and large ones cost a bounded time;
+    - the run makes at least ``min_steps`` steps in all: the shortfall goes to the warm-up
+      epochs when there are any (cheap with ``warmup_on_features``), otherwise the
+      fine-tuning epochs are stretched.
 
     Returns
     -------
     (warmup_steps, finetune_steps) : tuple of int
-        Steps in each warm-up epoch and in each fine-tuning epoch.
+        Steps in each warm-up epoch and in each fine-tuning epoch (at least 1).
     """
     one_pass = max(math.ceil(n_train / batch_size), 1)
-    shortfall = max(profile.min_steps - one_pass * (profile.warmup_epochs + profile.finetune_epochs), 0)
+    epochs = profile.finetune_epochs
+    full_total = max(one_pass * epochs, profile.finetune_min_steps)
+    if profile.finetune_max_steps:
+        full_total = min(full_total, profile.finetune_max_steps)
+    finetune_steps = max(math.ceil(full_total / epochs), 1)
+    shortfall = max(profile.min_steps - one_pass * profile.warmup_epochs - finetune_steps * epochs, 0)
     if profile.warmup_epochs:
-        return one_pass + math.ceil(shortfall / profile.warmup_epochs), one_pass
-    return 0, one_pass + math.ceil(shortfall / profile.finetune_epochs)
+        return one_pass + math.ceil(shortfall / profile.warmup_epochs), finetune_steps
+    return 0, finetune_steps + math.ceil(shortfall / epochs)
+
+
+def learning_rate_at(epoch: int, profile: Profile, base_rate: float) -> float:
+    """Learning rate of full fine-tuning epoch ``epoch`` (0-based, ``< finetune_epochs``).
+
+    ``"constant"``: ``base_rate``. ``"cosine"``: ``base_rate * (1 + cos(pi * epoch / E)) / 2``
+    with ``E = finetune_epochs``, from ``base_rate`` at the first epoch towards 0 at the last,
+    so that the weights kept at the end of a short run have settled.
+    """
+    if not 0 <= epoch < profile.finetune_epochs:
+        raise ValueError(f"epoch={epoch}: expected a fine-tuning epoch in [0, {profile.finetune_epochs})")
+    if profile.lr_schedule == "constant":
+        return base_rate
+    return base_rate * 0.5 * (1 + math.cos(math.pi * epoch / profile.finetune_epochs))
 
 
 class FinetuneSession:
@@ -236,10 +263,16 @@ class FinetuneSession:
         schedule = [("warmup", warmup_steps)] * profile.warmup_epochs + [("full", finetune_steps)] * profile.finetune_epochs
         for epoch, (phase, steps) in enumerate(schedule, start=1):
             if phase == "warmup":
+                rate = self.learning_rate
                 step_log = self.trainer.train(warmup_batches, steps, phase=warmup_phase)
             else:
+                rate = learning_rate_at(epoch - 1 - profile.warmup_epochs, profile, self.learning_rate)
+                self.trainer.set_learning_rate(rate, phase="full")
                 step_log = self.trainer.train(batches, steps, phase="full")
-            row = {"epoch": epoch, "phase": phase, "steps": steps, "loss": step_log.losses[-1], "images_per_second": step_log.images_per_second}
+            row = {
+                "epoch": epoch, "phase": phase, "steps": steps, "learning_rate": rate,
+                "loss": step_log.losses[-1], "images_per_second": step_log.images_per_second,
+            }
             if len(validation_indices) and phase == "full":
                 validation_grades = self._decode(self._predict(validation_indices))
                 row["validation_qw_kappa"] = quadratic_weighted_kappa(self.grades[validation_indices], validation_grades)

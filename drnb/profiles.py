@@ -34,6 +34,7 @@ ENCODERS = ("densenet121", "compact")
 POOLINGS = ("avg", "max")
 ROTATION_MODES = ("all4", "random1")
 METHODS = ("rotation", "scratch", "imagenet")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,9 @@ class Profile:
     warmup_on_features: bool = False  # warm up on features computed once (no augmentation, ~free per step)
     finetune_epochs: int = 17  # epochs with everything training, after the warm-up
     min_steps: int = 0  # at least this many optimizer steps per run; a shortfall is made up in the warm-up
+    finetune_min_steps: int = 0  # at least this many steps with everything training (epochs stretched); 0: no floor
+    finetune_max_steps: int = 0  # at most this many steps with everything training (epochs shortened); 0: no cap
+    lr_schedule: str = "constant"  # full phase: "constant", or "cosine" decay from the rate towards 0, per epoch
     finetune_zoom: float = 0.1  # centred zoom range 1 +- zoom
     bootstrap_resamples: int = 1000  # for the 95% CI of each run's kappa
     # --- reproducibility ---
@@ -97,6 +101,7 @@ class Profile:
         _check_choice("rotation_mode", self.rotation_mode, ROTATION_MODES)
         _check_choice("target", self.target, TARGETS)
         _check_choice("split_mode", self.split_mode, SPLIT_MODES)
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         for method in self.methods:
             _check_choice("methods", method, METHODS)
         if not self.methods:
@@ -118,6 +123,14 @@ class Profile:
         for name in ("pretext_holdout_fraction", "validation_fraction"):
             if not 0 <= getattr(self, name) < 0.5:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a fraction in [0, 0.5)")
+        for name in ("min_steps", "finetune_min_steps", "finetune_max_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected a step count >= 0 (0: none)")
+        if self.finetune_max_steps and self.finetune_max_steps < max(self.finetune_min_steps, self.finetune_epochs):
+            raise ValueError(
+                f"finetune_max_steps={self.finetune_max_steps}: expected 0 (no cap) or at least "
+                f"finetune_min_steps={self.finetune_min_steps} and one step per epoch ({self.finetune_epochs})"
+            )
         for name in ("pretext_learning_rate", "finetune_learning_rate"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive learning rate")
@@ -161,20 +174,24 @@ PROFILES: dict[str, Profile] = {
         name="quick",
         dataset="synthetic",
         synthetic_images=400,
-        image_size=96,
+        image_size=128,
         rotation_mode="all4",
         pretext_hidden=(256,),
         pretext_batch_size=128,
         pretext_learning_rate=2e-3,
-        pretext_epochs=4,
+        pretext_epochs=3,
+        validation_fraction=0.0,
         finetune_hidden=(256,),
         finetune_dropout=0.3,
         finetune_batch_size=32,
         finetune_learning_rate=5e-4,
         warmup_epochs=3,
         warmup_on_features=True,
-        finetune_epochs=5,
+        finetune_epochs=8,
         min_steps=200,
+        finetune_min_steps=48,
+        finetune_max_steps=112,
+        lr_schedule="cosine",
     ),
     "paper": Profile(
         name="paper",

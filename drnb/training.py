@@ -142,6 +142,14 @@ class Trainer:
             for index, generator in enumerate(_seed_generators(self.model)):
                 generator.state.assign(np.array([seed, index], dtype=generator.state.dtype))
 
+    def set_learning_rate(self, learning_rate: float, *, phase: str = "full") -> None:
+        """Change the learning rate of the optimizer that ``phase`` uses (nothing is retraced)."""
+        if phase not in PHASES:
+            raise ValueError(f"phase={phase!r}: expected one of {PHASES}")
+        if not learning_rate > 0:
+            raise ValueError(f"learning_rate={learning_rate!r}: expected a positive rate")
+        self.optimizers["full" if phase == "full" else "head"].learning_rate.assign(learning_rate)
+
     def batches(self, dataset: tf.data.Dataset):
         """An iterator over ``dataset`` distributed for this trainer's strategy.
 

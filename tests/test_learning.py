@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from drnb.finetune import FinetuneSession, plan_steps, run_directory, run_fraction
+from drnb.finetune import FinetuneSession, learning_rate_at, plan_steps, run_directory, run_fraction
 from drnb.preprocessing import PreprocessConfig, preprocess_image
 from drnb.pretext import train_pretext
 from drnb.profiles import resolve_profile
@@ -88,6 +88,26 @@ def test_small_fractions_get_at_least_min_steps(profile):
     assert plan_steps(10_000, 32, profile) == (313, 313)  # a large subset: one pass per epoch
     no_warmup = profile.derive(warmup_epochs=0)
     assert plan_steps(10, 32, no_warmup)[1] * no_warmup.finetune_epochs >= profile.min_steps
+
+
+def test_full_fine_tuning_steps_are_floored_and_capped(profile):
+    bounded = profile.derive(warmup_epochs=2, finetune_epochs=4, min_steps=0, finetune_min_steps=40, finetune_max_steps=100)
+    assert plan_steps(10, 32, bounded) == (1, 10)  # one pass is 1 step; 4 epochs stretched to the floor of 40
+    assert plan_steps(640, 32, bounded) == (20, 20)  # 4 x 20 = 80 lies between the bounds: one pass per epoch
+    assert plan_steps(10_000, 32, bounded) == (313, 25)  # 4 x 313 capped at 100; the warm-up keeps its passes
+    with_floor = bounded.derive(min_steps=120)
+    warmup, finetune = plan_steps(10, 32, with_floor)
+    assert (finetune, 2 * warmup + 4 * finetune) == (10, 120)  # the run's floor fills the warm-up
+
+
+def test_cosine_schedule_decays_towards_zero_and_constant_does_not(profile):
+    cosine = profile.derive(finetune_epochs=4, lr_schedule="cosine")
+    rates = [learning_rate_at(epoch, cosine, 1e-3) for epoch in range(4)]
+    assert rates[0] == pytest.approx(1e-3)
+    assert rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(1e-3 * (1 + np.cos(0.75 * np.pi)) / 2)
+    assert [learning_rate_at(epoch, profile.derive(finetune_epochs=4), 1e-3) for epoch in range(4)] == [1e-3] * 4
+    with pytest.raises(ValueError, match="epoch"):
+        learning_rate_at(4, cosine, 1e-3)
 
 
 def test_sweep_skips_finished_runs(synthetic, profile, pretext, tmp_path):

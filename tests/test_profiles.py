@@ -39,6 +39,9 @@ def test_overrides_are_parsed_to_the_field_types():
         ({"encoder": "resnet50"}, "encoder"),
         ({"repetitions": "6"}, "repetitions"),
         ({"ben_graham": "perhaps"}, "ben_graham"),
+        ({"lr_schedule": "linear"}, "lr_schedule"),
+        ({"finetune_min_steps": "-1"}, "finetune_min_steps"),
+        ({"finetune_min_steps": "50", "finetune_max_steps": "40"}, "finetune_max_steps"),
     ],
 )
 def test_bad_overrides_name_the_setting(overrides, message):

@@ -65,6 +65,20 @@ def test_reset_restores_weights_and_optimizer_without_retracing():
     assert first.steps == 4
 
 
+def test_learning_rate_changes_per_phase_without_retracing():
+    trainer = make_trainer()
+    batches = trainer.batches(constant_batches())
+    trainer.train(batches, 1, phase="full")
+    traced = dict(trainer._steps)
+    trainer.set_learning_rate(1e-4, phase="full")
+    assert float(trainer.optimizers["full"].learning_rate.numpy()) == pytest.approx(1e-4)
+    assert float(trainer.optimizers["head"].learning_rate.numpy()) == pytest.approx(3e-3)
+    trainer.train(batches, 1, phase="full")
+    assert trainer._steps == traced
+    with pytest.raises(ValueError, match="learning_rate"):
+        trainer.set_learning_rate(0.0)
+
+
 def test_bad_phase_and_loss_are_rejected():
     trainer = make_trainer()
     with pytest.raises(ValueError, match="phase"):
