@@ -10,6 +10,7 @@ the other fractions still run, and the command exits non-zero.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,10 +92,23 @@ def plan(profile: Profile, paths: RunPaths) -> list[Cell]:
 
 
 def default_kernel() -> str:
-    """``drnb`` when that Jupyter kernel is registered, else ``python3`` (this interpreter's own)."""
-    from jupyter_client.kernelspec import KernelSpecManager
+    """``drnb`` when that Jupyter kernel runs this interpreter, else ``python3`` (this interpreter's own).
 
-    return "drnb" if "drnb" in KernelSpecManager().find_kernel_specs() else "python3"
+    A ``drnb`` kernel registered by another checkout (another ``.venv``) is not used: its
+    notebooks would run another copy of drnb, or fail when that copy is gone.
+    """
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        spec = KernelSpecManager().get_kernel_spec("drnb")
+    except NoSuchKernel:
+        return "python3"
+    executable = spec.argv[0] if spec.argv else ""
+    try:
+        ours = Path(executable).resolve() == Path(sys.executable).resolve()
+    except OSError:
+        ours = False
+    return "drnb" if ours else "python3"
 
 
 def reproduce(

@@ -200,3 +200,16 @@ def test_reproduce_real_dataset_without_data_dir(isolated_drnb_dirs, nothing_may
     assert "no data folder for dataset 'idrid'" in err and "--data-dir" in err
     assert str(isolated_drnb_dirs[0] / "idrid") in err
     assert not nothing_may_run.exists()
+
+
+@pytest.mark.parametrize("ours", [True, False])
+def test_default_kernel_is_drnb_only_when_it_runs_this_interpreter(tmp_path, monkeypatch, ours):
+    import json
+
+    kernel_dir = tmp_path / "kernels" / "drnb"
+    kernel_dir.mkdir(parents=True)
+    executable = sys.executable if ours else str(tmp_path / "gone" / ".venv" / "bin" / "python")
+    spec = {"argv": [executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"], "display_name": "drnb", "language": "python"}
+    (kernel_dir / "kernel.json").write_text(json.dumps(spec))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    assert drnb.reproduce.default_kernel() == ("drnb" if ours else "python3")
