@@ -89,3 +89,12 @@ def test_labelled_batches_evaluation_is_one_ordered_pass():
     batches = list(labelled_batches(images, np.array([4, 2, 0]), targets[[4, 2, 0]], 2, seed=0, training=False))
     values = np.concatenate([b[0].numpy()[:, 0, 0, 0] for b in batches])
     assert values.tolist() == [4.0, 2.0, 0.0]
+
+
+def test_quarter_turn_augmentation_turns_each_image_like_np_rot90(asymmetric_images):
+    images = np.repeat(asymmetric_images[:1], 64, axis=0).astype(np.float32)
+    augmented = augment(tf.constant(images), tf.constant([3, 7]), zoom=0.0, colour=0.0, rot90=True).numpy()
+    source = images[0]
+    candidates = [np.rot90(image, k) for image in (source, source[:, ::-1]) for k in range(4)]
+    matched = [next(i for i, c in enumerate(candidates) if np.array_equal(c, out)) for out in augmented]
+    assert set(k % 4 for k in matched) == {0, 1, 2, 3}  # every quarter turn drawn, none invented
