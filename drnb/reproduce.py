@@ -10,6 +10,7 @@ the other fractions still run, and the command exits non-zero.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -103,11 +104,10 @@ def default_kernel() -> str:
         spec = KernelSpecManager().get_kernel_spec("drnb")
     except NoSuchKernel:
         return "python3"
+    # Compare the paths as written, not resolved: every venv's python links to the same base
+    # interpreter, and only the venv's own path says which drnb it imports.
     executable = spec.argv[0] if spec.argv else ""
-    try:
-        ours = Path(executable).resolve() == Path(sys.executable).resolve()
-    except OSError:
-        ours = False
+    ours = os.path.normpath(os.path.abspath(executable)) == os.path.normpath(os.path.abspath(sys.executable))
     return "drnb" if ours else "python3"
 
 

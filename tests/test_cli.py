@@ -7,6 +7,7 @@ make starting a run or a notebook fail the test, so they can never train.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import pytest
@@ -202,13 +203,20 @@ def test_reproduce_real_dataset_without_data_dir(isolated_drnb_dirs, nothing_may
     assert not nothing_may_run.exists()
 
 
-@pytest.mark.parametrize("ours", [True, False])
-def test_default_kernel_is_drnb_only_when_it_runs_this_interpreter(tmp_path, monkeypatch, ours):
+@pytest.mark.parametrize("which", ["ours", "gone", "another_venv"])
+def test_default_kernel_is_drnb_only_when_it_runs_this_interpreter(tmp_path, monkeypatch, which):
     import json
 
     kernel_dir = tmp_path / "kernels" / "drnb"
     kernel_dir.mkdir(parents=True)
-    executable = sys.executable if ours else str(tmp_path / "gone" / ".venv" / "bin" / "python")
+    executable = sys.executable
+    if which == "gone":
+        executable = str(tmp_path / "gone" / ".venv" / "bin" / "python")
+    elif which == "another_venv":  # another venv's python: a link to the same base interpreter
+        (tmp_path / "other").mkdir()
+        executable = str(tmp_path / "other" / "python")
+        os.symlink(os.path.realpath(sys.executable), executable)
+    ours = which == "ours"
     spec = {"argv": [executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"], "display_name": "drnb", "language": "python"}
     (kernel_dir / "kernel.json").write_text(json.dumps(spec))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
