@@ -83,7 +83,7 @@ def plan_steps(n_train: int, batch_size: int, profile: Profile) -> tuple[int, in
     full_total = max(one_pass * epochs, profile.finetune_min_steps)
     if profile.finetune_max_steps:
         full_total = min(full_total, profile.finetune_max_steps)
-    finetune_steps = max(math.ceil(full_total / epochs), 1)
+    finetune_steps = math.ceil(full_total / epochs)  # >= 1: a pass and the cap are both >= 1 step per epoch
     shortfall = max(profile.min_steps - one_pass * profile.warmup_epochs - finetune_steps * epochs, 0)
     if profile.warmup_epochs:
         return one_pass + math.ceil(shortfall / profile.warmup_epochs), finetune_steps

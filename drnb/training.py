@@ -91,10 +91,16 @@ class Trainer:
         binary = targets * tf.math.log(probabilities) + (1 - targets) * tf.math.log(1 - probabilities)
         return -tf.reduce_mean(binary, axis=-1)
 
+    def _optimizer(self, phase: str):
+        """The optimizer ``phase`` trains with: the full one, or the head's (head and features)."""
+        if phase not in PHASES:
+            raise ValueError(f"phase={phase!r}: expected one of {PHASES}")
+        return self.optimizers["full" if phase == "full" else "head"]
+
     def _step(self, phase: str):
         if phase in self._steps:
             return self._steps[phase]
-        optimizer = self.optimizers["full" if phase == "full" else "head"]
+        optimizer = self._optimizer(phase)
         variables = self.model.trainable_variables if phase == "full" else self.head.trainable_variables
 
         def replica_step(inputs, targets):
@@ -144,11 +150,10 @@ class Trainer:
 
     def set_learning_rate(self, learning_rate: float, *, phase: str = "full") -> None:
         """Change the learning rate of the optimizer that ``phase`` uses (nothing is retraced)."""
-        if phase not in PHASES:
-            raise ValueError(f"phase={phase!r}: expected one of {PHASES}")
+        optimizer = self._optimizer(phase)
         if not learning_rate > 0:
             raise ValueError(f"learning_rate={learning_rate!r}: expected a positive rate")
-        self.optimizers["full" if phase == "full" else "head"].learning_rate.assign(learning_rate)
+        optimizer.learning_rate.assign(learning_rate)
 
     def batches(self, dataset: tf.data.Dataset):
         """An iterator over ``dataset`` distributed for this trainer's strategy.
@@ -169,9 +174,7 @@ class Trainer:
         log_every : int
             Record the mean loss every this many steps (0: once, at the end).
         """
-        if phase not in PHASES:
-            raise ValueError(f"phase={phase!r}: expected one of {PHASES}")
-        step = self._step(phase)
+        step = self._step(phase)  # raises ValueError for an unknown phase
         log = StepLog()
         interval = log_every or steps
         running, count, images_seen = 0.0, 0, 0
