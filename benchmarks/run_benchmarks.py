@@ -8,7 +8,8 @@ Run it on an otherwise idle machine: the two cores are shared by everything.
     python benchmarks/run_benchmarks.py --profile smoke --end-to-end smoke,quick
 
 Measured:
-- input pipeline: images/s preprocessing from files (empty cache), loading the cache, and
+- input pipeline: images/s preprocessing from files (empty cache), loading the cache, seconds
+  per APTOS-sized (3216 x 2136 PNG) photograph, and
   the augmenting ``tf.data`` pipeline alone;
 - training images/s of the profile's encoder inside drnb (pipeline + traced step) against the
   same step on one constant in-memory batch; the ratio is the pipeline's overhead (>= 0.9);
@@ -95,6 +96,32 @@ def pipeline_rate(dataset, batches: int) -> float:
     return count / (time.perf_counter() - start)
 
 
+def large_photograph_seconds(repeats: int = 3, image_size: int = 128) -> float:
+    """Seconds to read and preprocess one APTOS-sized photograph (3216 x 2136 PNG) on one core.
+
+    APTOS 2019's largest photographs are this size; decoding the PNG dominates. The image is a
+    synthetic fundus upsampled into the frame, cut flat at top and bottom, with pixel noise so
+    that it compresses about as badly as a photograph.
+    """
+    from PIL import Image
+
+    from drnb.datasets import read_image
+    from drnb.preprocessing import PreprocessConfig, preprocess_image
+    from drnb.synthetic import make_fundus
+
+    rng = np.random.default_rng(0)
+    disc = Image.fromarray(make_fundus(2, size=512, rng=rng, clip=0.1)).resize((2136, 2136), Image.Resampling.BILINEAR)
+    photograph = np.zeros((2136, 3216, 3), dtype=np.uint8)
+    photograph[:, 540:2676] = np.asarray(disc)
+    noise = rng.integers(-4, 5, size=photograph.shape)
+    photograph = np.where(photograph > 0, np.clip(photograph + noise, 1, 255), 0).astype(np.uint8)
+    with tempfile.TemporaryDirectory() as folder:
+        path = str(Path(folder) / "large.png")
+        Image.fromarray(photograph).save(path)
+        config = PreprocessConfig(size=image_size)
+        return min(_timed(lambda: preprocess_image(read_image(path), config)) for _ in range(repeats))
+
+
 def import_seconds() -> float:
     """A fresh interpreter importing drnb's training modules (TensorFlow included)."""
     return _timed(lambda: subprocess.run([sys.executable, "-c", "import drnb.finetune, drnb.pretext"], check=True))
@@ -159,6 +186,7 @@ def main() -> None:
         start = time.perf_counter()
         images, table = preprocess_table(table, config, cache_dir=empty_cache, progress=False)
         figures["preprocess_cached_images_per_second"] = len(table) / (time.perf_counter() - start)
+    figures["preprocess_aptos_sized_photograph_seconds"] = large_photograph_seconds(image_size=profile.image_size)
     image_tensor = tf.constant(images)
     indices = np.arange(len(images))
 

@@ -38,7 +38,9 @@ from drnb.datasets import NPZ_SEPARATOR, read_image
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when the preprocessing algorithm changes, so old caches are not reused
+CACHE_VERSION = 3  # bump when the preprocessing algorithm changes, so old caches are not reused
+# find_fundus searches a thumbnail no larger than this many pixels a side.
+FIND_SIDE = 512
 
 
 @dataclass(frozen=True)
@@ -99,10 +101,15 @@ def find_fundus(image: np.ndarray, threshold: int = 20) -> FundusGeometry:
     """
     from scipy import ndimage
 
-    foreground = image.max(axis=2) > threshold
+    # Search a thumbnail of at most FIND_SIDE pixels a side: the disc's extent is needed to a
+    # fraction of a percent, and the morphology below on a full 3,000-pixel photograph (APTOS)
+    # takes seconds per image instead of milliseconds. Small images are searched as they are.
+    stride = max(1, int(np.ceil(max(image.shape[:2]) / FIND_SIDE)))
+    brightest = image[::stride, ::stride].max(axis=2)
+    foreground = brightest > threshold
     # Speckle and noise in the border (common in contrast-enhanced copies) would widen the
     # disc: open the mask, then keep its largest connected region, the fundus.
-    opening = max(1, round(min(image.shape[:2]) / 100))
+    opening = max(1, round(min(brightest.shape) / 100))
     foreground = ndimage.binary_opening(foreground, structure=np.ones((2 * opening + 1,) * 2, bool))
     labels, count = ndimage.label(foreground)
     if count > 1:
@@ -110,15 +117,18 @@ def find_fundus(image: np.ndarray, threshold: int = 20) -> FundusGeometry:
         foreground = labels == 1 + int(np.argmax(sizes))
     # A row or column belongs to the fundus when a few percent of it is bright; this ignores
     # what is left of stray pixels and small marks (text wider than that is not ignored).
-    rows = np.flatnonzero(foreground.sum(axis=1) > 0.02 * image.shape[1])
-    cols = np.flatnonzero(foreground.sum(axis=0) > 0.02 * image.shape[0])
+    rows = np.flatnonzero(foreground.sum(axis=1) > 0.02 * brightest.shape[1])
+    cols = np.flatnonzero(foreground.sum(axis=0) > 0.02 * brightest.shape[0])
     if rows.size < 4 or cols.size < 4:
         raise ValueError("no fundus found: the image is (almost) entirely dark")
-    height = rows[-1] - rows[0] + 1
-    width = cols[-1] - cols[0] + 1
+    # Back to the photograph's pixels: thumbnail pixel i covers rows [i * stride, (i + 1) * stride).
+    first_row, end_row = rows[0] * stride, min((rows[-1] + 1) * stride, image.shape[0])
+    first_col, end_col = cols[0] * stride, min((cols[-1] + 1) * stride, image.shape[1])
+    height = end_row - first_row
+    width = end_col - first_col
     return FundusGeometry(
-        center_row=(rows[0] + rows[-1] + 1) / 2,
-        center_col=(cols[0] + cols[-1] + 1) / 2,
+        center_row=(first_row + end_row) / 2,
+        center_col=(first_col + end_col) / 2,
         radius=max(height, width) / 2,
         half_extent=min(height, width) / 2,
     )

@@ -19,6 +19,7 @@ import pytest
 import drnb.preprocessing as preprocessing
 from drnb.datasets import load_dataset
 from drnb.preprocessing import (
+    FIND_SIDE,
     PreprocessConfig,
     ben_graham,
     cache_key,
@@ -83,6 +84,26 @@ def test_find_fundus_recovers_the_drawn_disc(draw_fundus, layout):
     assert geometry.radius == pytest.approx(radius, abs=1)
     visible = min(radius, clip or radius, center_row, height - center_row)
     assert geometry.half_extent == pytest.approx(visible, abs=1)
+
+
+@pytest.mark.parametrize(
+    "height, width, center, radius, clip",
+    [
+        (2136, 3216, (1068, 1608), 1200, 1068),  # APTOS's largest: cut flat top and bottom
+        (1736, 2416, (868, 1208), 850, None),  # a full disc with black left and right
+        (1050, 1050, (525, 525), 520, None),  # square, just over FIND_SIDE
+    ],
+)
+def test_find_fundus_on_large_photographs_is_accurate_to_a_thumbnail_pixel(draw_fundus, height, width, center, radius, clip):
+    # Large photographs are searched on a thumbnail: the geometry may be off by one thumbnail
+    # pixel (``stride`` photograph pixels), under half a pixel of a 224 px output.
+    stride = int(np.ceil(max(height, width) / FIND_SIDE))
+    assert stride > 1
+    geometry = find_fundus(draw_fundus(height, width, center=center, radius=radius, clip=clip))
+    assert geometry.center_row == pytest.approx(center[0], abs=stride)
+    assert geometry.center_col == pytest.approx(center[1], abs=stride)
+    assert geometry.radius == pytest.approx(radius, abs=stride)
+    assert geometry.half_extent == pytest.approx(min(radius, clip or radius, center[0]), abs=stride)
 
 
 def test_find_fundus_ignores_stray_bright_pixels_in_the_border(draw_fundus):
