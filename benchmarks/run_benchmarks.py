@@ -70,21 +70,36 @@ def _leaf_layers(model):
             yield layer
 
 
-def training_rates(trainer, dataset, batch_size: int, steps: int, phase: str = "full") -> dict:
-    """Images/s through the drnb pipeline and on one constant batch, same traced step."""
+def training_rates(trainer, dataset, batch_size: int, steps: int, phase: str = "full", rounds: int = 5) -> dict:
+    """Images/s through the drnb pipeline and on one constant batch, same traced step.
+
+    The machine's speed drifts by 10-30 % within a minute (shared host, clock changes), more
+    than the overhead being measured. So the two are measured in ``rounds`` alternating
+    blocks of ``steps // rounds`` steps, each pipeline block beside a constant-batch block,
+    and the ratio is the median of the per-round ratios; the rates are medians too.
+    """
     import tensorflow as tf
 
     batches = trainer.batches(dataset)
     start = time.perf_counter()
     trainer.train(batches, 1, phase=phase)  # traces the step
     tracing = time.perf_counter() - start
-    trainer.train(batches, 3, phase=phase)  # warm caches
-    pipeline = trainer.train(batches, steps, phase=phase).images_per_second
     images, targets = next(iter(dataset))
     constant = trainer.batches(tf.data.Dataset.from_tensors((images, targets)).repeat())
+    trainer.train(batches, 3, phase=phase)  # warm caches
     trainer.train(constant, 3, phase=phase)
-    bare = trainer.train(constant, steps, phase=phase).images_per_second
-    return {"tracing_seconds": tracing, "drnb_images_per_second": pipeline, "bare_images_per_second": bare, "ratio": pipeline / bare}
+    block = max(2, steps // rounds)
+    pipeline, bare = [], []
+    for _ in range(rounds):
+        pipeline.append(trainer.train(batches, block, phase=phase).images_per_second)
+        bare.append(trainer.train(constant, block, phase=phase).images_per_second)
+    return {
+        "tracing_seconds": tracing,
+        "drnb_images_per_second": float(np.median(pipeline)),
+        "bare_images_per_second": float(np.median(bare)),
+        "ratio": float(np.median(np.array(pipeline) / np.array(bare))),
+        "ratio_rounds": [round(float(p / b), 3) for p, b in zip(pipeline, bare)],
+    }
 
 
 def pipeline_rate(dataset, batches: int) -> float:
@@ -157,7 +172,7 @@ def main() -> None:
     parser.add_argument("--profile", default="quick", help="profile whose settings are measured")
     parser.add_argument("--dataset", help="dataset (default: the profile's)")
     parser.add_argument("--data-dir", help="the dataset's folder")
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per training measurement")
+    parser.add_argument("--steps", type=int, default=50, help="optimizer steps per training measurement, split into 5 rounds")
     parser.add_argument("--end-to-end", default="", help="comma-separated profiles to time with `drnb reproduce`")
     parser.add_argument("--json", help="output file (default benchmarks/results/<profile>-<dataset>.json)")
     args = parser.parse_args()

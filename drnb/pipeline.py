@@ -65,6 +65,25 @@ def rotate_random1(images: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Te
     return tf.gather(_all_rotations(images), labels, axis=1, batch_dims=1), labels
 
 
+def _symmetry_maps(size: tf.Tensor, *, transpose: bool, vertical_flip: bool) -> tf.Tensor:
+    """Pixel index maps of the flips and turns ``augment`` draws from.
+
+    Returns
+    -------
+    tf.Tensor
+        int32 (K, size * size), K in {2, 4, 8}: row k lists, for each output pixel in raster
+        order, the input pixel it copies. Rows: identity and horizontal flip, then those
+        combined with a vertical flip (``vertical_flip``), then all of these after a
+        transpose (``transpose``); with both, the 8 symmetries of the square.
+    """
+    grid = tf.reshape(tf.range(size * size, dtype=tf.int32), [size, size])
+    maps = []
+    for turned in (grid, tf.transpose(grid)) if transpose else (grid,):
+        for upright in (turned, tf.reverse(turned, [0])) if vertical_flip else (turned,):
+            maps.extend([upright, tf.reverse(upright, [1])])
+    return tf.reshape(tf.stack(maps), [len(maps), -1])
+
+
 def augment(
     images: tf.Tensor,
     seed: tf.Tensor,
@@ -81,16 +100,22 @@ def augment(
     flips and quarter turns, to which a DR grade is blind. Zoom is centred and pads with
     black, so a rotation-invariant mask stays rotation-invariant.
 
+    The flips and turns are drawn as one element of the square's symmetry group, uniformly:
+    a horizontal flip or not; with ``vertical_flip``, the 4 combinations of both flips; with
+    ``rot90``, the 8 quarter turns and mirrored quarter turns. They only move pixels, so they
+    run as one gather on the dtype given (uint8: a quarter of float32's memory traffic)
+    before the cast.
+
     Parameters
     ----------
     images : tf.Tensor
-        float32 (B, S, S, 3) in [0, 255].
+        uint8 or float32 (B, S, S, 3) in [0, 255], square.
     seed : tf.Tensor
         int (2,) stateless seed.
     zoom : float
         Zoom factor range ``1 +- zoom``.
     vertical_flip, rot90 : bool
-        Also flip top-bottom / turn by a random multiple of 90 degrees.
+        Also flip top-bottom / turn by a random multiple of 90 degrees (and mirror).
     colour : float
         Brightness (fraction of 255) and contrast (fraction of 1) jitter.
 
@@ -100,16 +125,13 @@ def augment(
         float32 (B, S, S, 3) in [0, 255].
     """
     seeds = tf.random.experimental.stateless_split(seed, 6)
-    batch = tf.shape(images)[0]
-    size = tf.shape(images)[1:3]
-    flip = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[0]) < 0.5
-    images = tf.where(flip, tf.reverse(images, axis=[2]), images)
-    if vertical_flip:
-        flip = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[1]) < 0.5
-        images = tf.where(flip, tf.reverse(images, axis=[1]), images)
-    if rot90:
-        quarter_turns = tf.random.stateless_uniform([batch], seeds[2], 0, 4, dtype=tf.int32)
-        images = tf.gather(_all_rotations(images), quarter_turns, axis=1, batch_dims=1)
+    shape = tf.shape(images)
+    batch, size = shape[0], shape[1:3]
+    maps = _symmetry_maps(shape[1], transpose=rot90, vertical_flip=vertical_flip or rot90)
+    drawn = tf.random.stateless_uniform([batch], seeds[0], 0, tf.shape(maps)[0], dtype=tf.int32)
+    pixels = tf.reshape(images, [batch, -1, shape[3]])
+    images = tf.reshape(tf.gather(pixels, tf.gather(maps, drawn), axis=1, batch_dims=1), shape)
+    images = tf.cast(images, tf.float32)
     if zoom:
         half = 0.5 / tf.random.stateless_uniform([batch], seeds[3], 1 - zoom, 1 + zoom)
         boxes = tf.stack([0.5 - half, 0.5 - half, 0.5 + half, 0.5 + half], axis=1)
@@ -118,8 +140,9 @@ def augment(
         inside = tf.cast(tf.reduce_max(images, axis=-1, keepdims=True) > 0, images.dtype)
         gain = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[4], 1 - colour, 1 + colour)
         shift = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[5], -colour, colour) * 255.0
-        # Jitter only inside the fundus: a brighter black surround would reveal the mask.
-        images = tf.clip_by_value(images * gain + shift * inside, 0.0, 255.0) * inside
+        # Jitter only inside the fundus: a brighter black surround would reveal the mask. The
+        # surround is exactly 0, so it stays 0 under the gain and, unshifted, under the clip.
+        images = tf.clip_by_value(images * gain + shift * inside, 0.0, 255.0)
     return images
 
 
@@ -167,8 +190,9 @@ def labelled_batches(
 
     if training:
         seeds = tf.data.Dataset.random(seed=seed).batch(2)
+        # augment casts to float32 itself, after the flips and turns done on uint8.
         dataset = tf.data.Dataset.zip((dataset, seeds)).map(
-            lambda batch, step_seed: (augment(gather(*batch)[0], step_seed, **options), batch[1]),
+            lambda batch, step_seed: (augment(tf.gather(images, batch[0]), step_seed, **options), batch[1]),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
     else:
@@ -222,9 +246,9 @@ def rotation_batches(
     options = augment_options or {}
 
     def make_batch(batch_indices, step_seed):
-        batch = tf.cast(tf.gather(images, batch_indices), tf.float32)
+        batch = tf.gather(images, batch_indices)
         if not training:
-            return rotate_all4(batch)
+            return rotate_all4(tf.cast(batch, tf.float32))
         augment_seed, rotation_seed = tf.unstack(tf.random.experimental.stateless_split(step_seed, 2))
         batch = augment(batch, augment_seed, **options)
         return rotate_all4(batch) if mode == "all4" else rotate_random1(batch, rotation_seed)

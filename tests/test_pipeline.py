@@ -98,3 +98,32 @@ def test_quarter_turn_augmentation_turns_each_image_like_np_rot90(asymmetric_ima
     candidates = [np.rot90(image, k) for image in (source, source[:, ::-1]) for k in range(4)]
     matched = [next(i for i, c in enumerate(candidates) if np.array_equal(c, out)) for out in augmented]
     assert set(k % 4 for k in matched) == {0, 1, 2, 3}  # every quarter turn drawn, none invented
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ({}, {(0, False), (0, True)}),  # the pretext's: a horizontal flip or not, never a turn
+        ({"vertical_flip": True}, {(0, False), (0, True), (2, False), (2, True)}),
+        ({"rot90": True}, {(k, mirrored) for k in range(4) for mirrored in (False, True)}),
+    ],
+)
+def test_augmentation_draws_exactly_the_symmetries_its_options_allow(asymmetric_images, options, expected):
+    # (k, mirrored): the output is np.rot90 by k of the source, or of its left-right mirror.
+    images = np.repeat(asymmetric_images[:1], 400, axis=0)
+    augmented = augment(tf.constant(images), tf.constant([2, 11]), zoom=0.0, colour=0.0, **options).numpy()
+    source = images[0].astype(np.float32)
+    candidates = {(k, mirrored): np.rot90(source[:, ::-1] if mirrored else source, k) for k in range(4) for mirrored in (False, True)}
+    drawn = [next(key for key, candidate in candidates.items() if np.array_equal(candidate, out)) for out in augmented]
+    assert set(drawn) == expected
+    counts = np.array([drawn.count(key) for key in expected])
+    assert counts.min() >= 400 / len(expected) / 2  # each drawn about equally often, none starved
+
+
+def test_augmentation_gives_the_same_float_images_from_uint8_and_float32(asymmetric_images):
+    images = np.repeat(asymmetric_images[:1], 8, axis=0)
+    seed = tf.constant([4, 1])
+    from_uint8 = augment(tf.constant(images), seed, rot90=True).numpy()
+    from_float = augment(tf.constant(images.astype(np.float32)), seed, rot90=True).numpy()
+    assert from_uint8.dtype == np.float32
+    np.testing.assert_allclose(from_uint8, from_float, atol=1e-3)
