@@ -124,7 +124,7 @@ def augment(
     tf.Tensor
         float32 (B, S, S, 3) in [0, 255].
     """
-    seeds = tf.random.experimental.stateless_split(seed, 6)
+    seeds = tf.random.experimental.stateless_split(seed, 4)  # symmetry, zoom, gain, shift
     shape = tf.shape(images)
     batch, size = shape[0], shape[1:3]
     maps = _symmetry_maps(shape[1], transpose=rot90, vertical_flip=vertical_flip or rot90)
@@ -133,13 +133,13 @@ def augment(
     images = tf.reshape(tf.gather(pixels, tf.gather(maps, drawn), axis=1, batch_dims=1), shape)
     images = tf.cast(images, tf.float32)
     if zoom:
-        half = 0.5 / tf.random.stateless_uniform([batch], seeds[3], 1 - zoom, 1 + zoom)
+        half = 0.5 / tf.random.stateless_uniform([batch], seeds[1], 1 - zoom, 1 + zoom)
         boxes = tf.stack([0.5 - half, 0.5 - half, 0.5 + half, 0.5 + half], axis=1)
         images = tf.image.crop_and_resize(images, boxes, tf.range(batch), size, extrapolation_value=0.0)
     if colour:
         inside = tf.cast(tf.reduce_max(images, axis=-1, keepdims=True) > 0, images.dtype)
-        gain = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[4], 1 - colour, 1 + colour)
-        shift = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[5], -colour, colour) * 255.0
+        gain = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[2], 1 - colour, 1 + colour)
+        shift = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[3], -colour, colour) * 255.0
         # Jitter only inside the fundus: a brighter black surround would reveal the mask. The
         # surround is exactly 0, so it stays 0 under the gain and, unshifted, under the clip.
         images = tf.clip_by_value(images * gain + shift * inside, 0.0, 255.0)
