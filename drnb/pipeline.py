@@ -184,10 +184,6 @@ def labelled_batches(
     dataset = dataset.batch(batch_size, drop_remainder=training)
     options = augment_options or {}
 
-    def gather(batch_indices, batch_targets):
-        batch = tf.cast(tf.gather(images, batch_indices), tf.float32)
-        return batch, batch_targets
-
     if training:
         seeds = tf.data.Dataset.random(seed=seed).batch(2)
         # augment casts to float32 itself, after the flips and turns done on uint8.
@@ -196,7 +192,10 @@ def labelled_batches(
             num_parallel_calls=tf.data.AUTOTUNE,
         )
     else:
-        dataset = dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+        dataset = dataset.map(
+            lambda batch_indices, batch_targets: (tf.cast(tf.gather(images, batch_indices), tf.float32), batch_targets),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
