@@ -17,10 +17,24 @@ import tensorflow as tf
 from drnb.profiles import ROTATION_MODES
 
 
+def _rotation_maps(size: tf.Tensor) -> tf.Tensor:
+    """Pixel index maps of the four quarter turns.
 
-def _all_rotations(images: tf.Tensor) -> tf.Tensor:
-    """(B, S, S, C) -> (B, 4, S, S, C): each image turned 0-3 quarter turns counter-clockwise."""
-    return tf.stack([tf.image.rot90(images, k) for k in range(4)], axis=1)
+    Returns
+    -------
+    tf.Tensor
+        int32 (4, size * size): row k lists, for each output pixel in raster order, the input
+        pixel that ``tf.image.rot90(image, k)`` puts there.
+    """
+    grid = tf.reshape(tf.range(size * size, dtype=tf.int32), [size, size, 1])
+    return tf.reshape(tf.stack([tf.image.rot90(grid, k) for k in range(4)]), [4, -1])
+
+
+def _gather_pixels(images: tf.Tensor, maps: tf.Tensor, **gather_options) -> tf.Tensor:
+    """Images (B, S, S, C) with pixels picked by index maps over S*S: (B, ..., S*S, C)."""
+    shape = tf.shape(images)
+    pixels = tf.reshape(images, [shape[0], -1, shape[3]])
+    return tf.gather(pixels, maps, axis=1, **gather_options)
 
 
 def rotate_all4(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -38,8 +52,8 @@ def rotate_all4(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     labels : tf.Tensor
         int32 (4B,) in 0-3.
     """
-    rotated = _all_rotations(images)
     shape = tf.shape(images)
+    rotated = _gather_pixels(images, _rotation_maps(shape[1]))  # (B, 4, S*S, C)
     labels = tf.tile(tf.range(4, dtype=tf.int32), [shape[0]])
     return tf.reshape(rotated, tf.concat([[-1], shape[1:]], 0)), labels
 
@@ -61,8 +75,10 @@ def rotate_random1(images: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Te
     labels : tf.Tensor
         int32 (B,) in 0-3.
     """
-    labels = tf.random.stateless_uniform(tf.shape(images)[:1], seed, 0, 4, dtype=tf.int32)
-    return tf.gather(_all_rotations(images), labels, axis=1, batch_dims=1), labels
+    shape = tf.shape(images)
+    labels = tf.random.stateless_uniform(shape[:1], seed, 0, 4, dtype=tf.int32)
+    maps = tf.gather(_rotation_maps(shape[1]), labels)  # (B, S*S): one turn per image
+    return tf.reshape(_gather_pixels(images, maps, batch_dims=1), shape), labels
 
 
 def _symmetry_maps(size: tf.Tensor, *, transpose: bool, vertical_flip: bool) -> tf.Tensor:
@@ -129,8 +145,7 @@ def augment(
     batch, size = shape[0], shape[1:3]
     maps = _symmetry_maps(shape[1], transpose=rot90, vertical_flip=vertical_flip or rot90)
     drawn = tf.random.stateless_uniform([batch], seeds[0], 0, tf.shape(maps)[0], dtype=tf.int32)
-    pixels = tf.reshape(images, [batch, -1, shape[3]])
-    images = tf.reshape(tf.gather(pixels, tf.gather(maps, drawn), axis=1, batch_dims=1), shape)
+    images = tf.reshape(_gather_pixels(images, tf.gather(maps, drawn), batch_dims=1), shape)
     images = tf.cast(images, tf.float32)
     if zoom:
         half = 0.5 / tf.random.stateless_uniform([batch], seeds[1], 1 - zoom, 1 + zoom)
