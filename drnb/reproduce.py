@@ -92,6 +92,27 @@ def plan(profile: Profile, paths: RunPaths) -> list[Cell]:
     return cells
 
 
+def kernel_manager_class():
+    """The Jupyter kernel manager papermill starts each notebook's kernel with.
+
+    On POSIX systems the kernel talks to papermill over Unix domain sockets (``ipc``
+    transport), readable only by the user, instead of plain-text TCP on localhost, which
+    ipykernel >= 7 warns about at every start. Windows has no ``ipc`` transport and keeps the
+    default.
+    """
+    from jupyter_client.manager import AsyncKernelManager
+
+    if os.name != "posix":
+        return AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            kwargs.setdefault("transport", "ipc")
+            super().__init__(**kwargs)
+
+    return IPCKernelManager
+
+
 def default_kernel() -> str:
     """``drnb`` when that Jupyter kernel runs this interpreter, else ``python3`` (this interpreter's own).
 
@@ -157,6 +178,7 @@ def reproduce(
     paths, profile = open_run(out or default_run_dir(f"{profile_name}-{profile.dataset}"), profile_name, settings)
     source = Path(notebooks) if notebooks else notebook_dir()
     kernel = kernel or default_kernel()
+    manager_class = kernel_manager_class()
     report = ReproduceReport(run=paths)
     cells = plan(profile, paths)
     start = time.perf_counter()
@@ -182,6 +204,7 @@ def reproduce(
                 str(cell.output),
                 parameters=parameters,
                 kernel_name=kernel,
+                kernel_manager_class=manager_class,
                 cwd=str(source),
                 progress_bar=False,
                 log_output=False,

@@ -1,6 +1,7 @@
 """The notebooks: their shape, and the whole chain through papermill with the smoke profile."""
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -9,7 +10,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from drnb.reproduce import NOTEBOOKS, reproduce
+from drnb.reproduce import NOTEBOOKS, kernel_manager_class, reproduce
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -40,7 +41,7 @@ def is_png(path):
 
 @pytest.mark.notebooks
 @pytest.mark.slow
-def test_smoke_reproduction_reports_failures_keeps_results_and_resumes(tmp_path):
+def test_smoke_reproduction_reports_failures_keeps_results_and_resumes(tmp_path, capfd):
     """One failing fraction, then a rerun that redoes only what failed (about 3 minutes on 2 cores)."""
     broken = tmp_path / "notebooks"
     shutil.copytree(NOTEBOOK_DIR, broken)
@@ -75,6 +76,14 @@ def test_smoke_reproduction_reports_failures_keeps_results_and_resumes(tmp_path)
     assert "| method |" in (out / "table.md").read_text()
     assert json.loads((out / "profile.json").read_text())["name"] == "smoke"
     assert any("table:" in line for line in lines)
+    if os.name == "posix":  # kernels talk over Unix sockets, so ipykernel has no plain-TCP warning to give
+        assert "without encryption" not in capfd.readouterr().err
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the ipc transport needs Unix domain sockets")
+def test_kernels_are_started_on_the_ipc_transport():
+    manager = kernel_manager_class()(kernel_name="python3")
+    assert manager.transport == "ipc"
 
 
 @pytest.mark.parametrize(
