@@ -262,7 +262,8 @@ def rotation_batches(
     def make_batch(batch_indices, step_seed):
         batch = tf.gather(images, batch_indices)
         if not training:
-            return rotate_all4(tf.cast(batch, tf.float32))
+            rotated, labels = rotate_all4(batch)  # on uint8: the gather moves a quarter of float32's bytes
+            return tf.cast(rotated, tf.float32), labels
         augment_seed, rotation_seed = tf.unstack(tf.random.experimental.stateless_split(step_seed, 2))
         batch = augment(batch, augment_seed, **options)
         return rotate_all4(batch) if mode == "all4" else rotate_random1(batch, rotation_seed)
