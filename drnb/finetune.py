@@ -37,6 +37,7 @@ import pandas as pd
 import tensorflow as tf
 
 from drnb.distribute import configure_precision, scaled_batch_and_rate, seed_everything, select_strategy
+from drnb.duplicates import find_duplicates, split_groups
 from drnb.metrics import evaluate_predictions, quadratic_weighted_kappa
 from drnb.models import build_encoder, build_head, imagenet_weights_available
 from drnb.pipeline import labelled_batches
@@ -130,7 +131,14 @@ class FinetuneSession:
         self.table = table.reset_index(drop=True)
         self.grades = self.table["grade"].to_numpy(np.int64)
         patients = self.table["patient_id"]
-        self.patient_ids = None if patients.isna().all() else patients.fillna(self.table["image_id"]).to_numpy()
+        patient_ids = None if patients.isna().all() else patients.fillna(self.table["image_id"]).to_numpy()
+        self.duplicate_pairs = find_duplicates(images, profile.duplicate_threshold)
+        if len(self.duplicate_pairs):
+            log(
+                f"{len(self.duplicate_pairs)} near-duplicate pair(s) of photographs "
+                f"(fingerprint similarity >= {profile.duplicate_threshold}): each kept within one fold"
+            )
+        self.patient_ids = split_groups(patient_ids, self.table["image_id"].to_numpy(), self.duplicate_pairs)
         self.strategy = strategy or select_strategy()
         configure_precision(profile.mixed_precision)
         self.batch_size, learning_rate = scaled_batch_and_rate(

@@ -56,6 +56,20 @@ def sample_grid(images: np.ndarray, grades: np.ndarray, per_grade: int = 4, seed
     return image_grid(np.stack(chosen), titles, columns=per_grade)
 
 
+def duplicate_grid(images: np.ndarray, table: pd.DataFrame, pairs: pd.DataFrame, limit: int = 4):
+    """The first ``limit`` near-duplicate pairs side by side, two pairs a row, titled with id,
+    grade and similarity; returns the Figure, or None when there are no pairs."""
+    shown = pairs.head(limit)
+    if shown.empty:
+        return None
+    ids, grades = table["image_id"].to_numpy(), table["grade"].to_numpy()
+    chosen, titles = [], []
+    for first, second, similarity in shown[["first", "second", "similarity"]].itertuples(index=False):
+        chosen += [images[first], images[second]]
+        titles += [f"{ids[first]} (grade {grades[first]})", f"{ids[second]} (grade {grades[second]}), {similarity:.3f}"]
+    return image_grid(np.stack(chosen), titles, columns=4)
+
+
 def plot_learning_curves(history: pd.DataFrame, metric: str = "heldout_rotation_accuracy"):
     """Loss and ``metric`` per epoch from a ``history.csv``; returns the Figure."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))

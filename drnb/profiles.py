@@ -74,6 +74,7 @@ class Profile:
     repetitions: int = 5  # cross-validation repetitions (repetition r tests on fold r)
     folds: int = 5  # cross-validation folds
     split_mode: str = "stratified"  # "stratified" (drnb) or "reference" (the study's code, for comparison)
+    duplicate_threshold: float = 0.97  # images whose fingerprints correlate this much share a fold (drnb.duplicates); 0: off
     validation_fraction: float = 0.1  # of the training pool, for model selection only
     target: str = "ordinal"  # "ordinal" (cumulative sigmoid code) or "softmax"
     finetune_hidden: tuple[int, ...] = (1024,)  # "simple multiclass" head widths
@@ -123,6 +124,11 @@ class Profile:
         for name in ("pretext_holdout_fraction", "validation_fraction"):
             if not 0 <= getattr(self, name) < 0.5:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a fraction in [0, 0.5)")
+        if not (self.duplicate_threshold == 0 or 0.5 <= self.duplicate_threshold <= 1):
+            raise ValueError(
+                f"duplicate_threshold={self.duplicate_threshold!r}: expected a cosine similarity in [0.5, 1], "
+                "or 0 to split image by image"
+            )
         for name in ("min_steps", "finetune_min_steps", "finetune_max_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a step count >= 0 (0: none)")

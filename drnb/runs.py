@@ -6,6 +6,7 @@
       profile.json                  the resolved settings (written once; a run keeps them)
       data/dataset.csv              the dataset table as loaded (notebook 01)
       data/summary.json             counts and image statistics (notebook 01)
+      data/near_duplicates.csv      pairs of near-identical photographs, kept within one fold (notebook 01)
       pretext/encoder.keras         the rotation encoder (notebook 02), history.csv, metrics.json
       finetune/<method>/fraction_<f>/repetition_<r>/
                                     metrics.json, predictions.csv, history.csv (notebook 03)
@@ -170,8 +171,9 @@ def load_images(profile: Profile, *, log=print):
     return images, table
 
 
-def write_data_summary(paths: RunPaths, table, images) -> dict:
-    """Write ``data/dataset.csv`` and ``data/summary.json`` (counts per grade, splits, image shape)."""
+def write_data_summary(paths: RunPaths, table, images, duplicates=None) -> dict:
+    """Write ``data/dataset.csv`` and ``data/summary.json`` (counts per grade, splits, image
+    shape and, given the :func:`drnb.duplicates.duplicate_table`, the near-duplicate pairs)."""
     from drnb.datasets import grade_counts
 
     summary = {
@@ -181,6 +183,10 @@ def write_data_summary(paths: RunPaths, table, images) -> dict:
         "patients": int(table["patient_id"].nunique()),
         "preprocessed_shape": list(images.shape[1:]),
     }
+    if duplicates is not None:
+        summary["near_duplicate_pairs"] = int(len(duplicates))
+        summary["near_duplicate_pairs_with_different_grades"] = int(duplicates["grades_differ"].sum())
+        write_text_atomically(paths.data / "near_duplicates.csv", duplicates.to_csv(index=False))
     write_text_atomically(paths.data / "dataset.csv", table.to_csv(index=False))
     write_json(paths.data / "summary.json", summary)
     return summary

@@ -14,7 +14,9 @@ import pytest
 from scipy import ndimage
 
 from drnb.datasets import TABLE_COLUMNS, grade_counts, load_dataset, read_image
-from drnb.preprocessing import PreprocessConfig, find_fundus, preprocess_image
+from drnb.duplicates import duplicate_table, find_duplicates, fingerprints, near_duplicate_pairs
+from drnb.preprocessing import PreprocessConfig, find_fundus, preprocess_image, preprocess_table
+from drnb.profiles import resolve_profile
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -138,3 +140,33 @@ def test_fundus_is_found_beside_border_speckle(eyepacs, image_id):
     center_row, center_col, radius = largest_bright_region(image)
     assert geometry.radius == pytest.approx(radius, abs=3)
     assert geometry.center_col == pytest.approx(center_col, abs=3)
+
+
+@pytest.fixture(scope="module")
+def duplicate_search_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("preprocessed")
+
+
+def test_idrids_identical_photographs_are_found_and_grouped(idrid, duplicate_search_cache):
+    images, table = preprocess_table(idrid, PreprocessConfig(size=128), cache_dir=duplicate_search_cache, progress=False)
+    threshold = resolve_profile("quick").duplicate_threshold
+    pairs = duplicate_table(table, find_duplicates(images, threshold))
+    # Six pairs of identical photographs (checked by eye), one of them across IDRiD's own
+    # train/test split, three graded differently.
+    assert sorted(zip(pairs["first_image"], pairs["second_image"])) == [
+        ("train/IDRiD_021", "train/IDRiD_391"),
+        ("train/IDRiD_028", "train/IDRiD_327"),
+        ("train/IDRiD_045", "train/IDRiD_333"),
+        ("train/IDRiD_073", "train/IDRiD_375"),
+        ("train/IDRiD_079", "train/IDRiD_279"),
+        ("train/IDRiD_118", "test/IDRiD_064"),
+    ]
+    assert pairs["similarity"].min() > 0.99 and pairs["grades_differ"].sum() == 3
+
+
+def test_no_two_eyepacs_photographs_pass_for_duplicates(eyepacs, duplicate_search_cache):
+    images, _ = preprocess_table(eyepacs, PreprocessConfig(size=128), cache_dir=duplicate_search_cache, progress=False)
+    prints = fingerprints(images)
+    assert near_duplicate_pairs(prints, resolve_profile("quick").duplicate_threshold).empty
+    # ... while unrelated photographs do come within reach of it: the threshold is not slack.
+    assert not near_duplicate_pairs(prints, 0.9).empty
