@@ -40,6 +40,7 @@ FINGERPRINT_SIDE = 32  # pixels a side; vessels are still a pixel or two wide
 HIGHPASS_SIGMA = 2.0  # pixels of the fingerprint grid
 INNER_RADIUS = 0.38  # of the side: inside drnb's mask (radius 0.485 of the side) with room to spare
 _BLOCK_ROWS = 2048  # rows of the similarity matrix held at once
+_CHUNK_IMAGES = 256  # images turned into thumbnails at once
 
 __all__ = [
     "FINGERPRINT_SIDE",
@@ -69,9 +70,14 @@ def fingerprints(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim not in (3, 4) or images.shape[1] != images.shape[2] or images.shape[1] < 8:
         raise ValueError(f"images of shape {images.shape}: expected square images (N, S, S[, 3]) with S >= 8")
-    grey = images.astype(np.float32).mean(axis=-1) if images.ndim == 4 else images.astype(np.float32)
-    side = min(FINGERPRINT_SIDE, grey.shape[1])
-    grey = _area_resize(grey, side)
+    side = min(FINGERPRINT_SIDE, images.shape[1])
+    # Thumbnails chunk by chunk: a float copy of a whole 224-px set would take gigabytes.
+    grey = np.concatenate(
+        [
+            _area_resize(chunk.mean(axis=-1, dtype=np.float32) if chunk.ndim == 4 else chunk.astype(np.float32), side)
+            for chunk in np.array_split(images, max(1, -(-len(images) // _CHUNK_IMAGES)))
+        ]
+    )
     grey -= ndimage.gaussian_filter(grey, sigma=(0, HIGHPASS_SIGMA, HIGHPASS_SIGMA), mode="nearest")
     rows, cols = np.mgrid[:side, :side]
     inner = np.hypot(rows - (side - 1) / 2, cols - (side - 1) / 2) < INNER_RADIUS * side
