@@ -16,6 +16,10 @@ Measured:
 - achieved training FLOP/s (forward FLOPs counted from layer shapes, x3 for training) against
   a float32 NumPy matmul measured in the same run;
 - fixed costs: interpreter + imports, a Jupyter kernel start, graph tracing per model;
+- the predicted wall time of the profile's whole sweep on this dataset: every image the
+  sweep trains on and predicts, counted from its real splits and step plan, at the rates
+  measured above, plus the fixed costs per notebook; and the same with APTOS-sized PNGs to
+  decode. On a GPU this tells in minutes whether ``paper`` fits its two hours;
 - optionally the end-to-end wall time of ``drnb reproduce`` for some profiles.
 """
 
@@ -137,6 +141,124 @@ def large_photograph_seconds(repeats: int = 3, image_size: int = 128) -> float:
         return min(_timed(lambda: preprocess_image(read_image(path), config)) for _ in range(repeats))
 
 
+def planned_work(profile, session, n_images: int) -> dict:
+    """What a ``drnb reproduce`` sweep of ``profile`` trains and predicts, counted, not guessed.
+
+    Pretext: its epochs x steps per epoch, as :func:`drnb.pretext.train_pretext` plans them,
+    and the held-out rotations it scores after each epoch. Fine-tuning: for every method,
+    fraction and repetition, the run's real labelled subset (from ``session``'s splits) through
+    :func:`drnb.finetune.plan_steps`; the images encoded for a warm-up on features; the
+    validation images scored after each full epoch; the test fold.
+
+    Returns
+    -------
+    dict
+        Image counts per kind of work (``pretext_train``, ``pretext_predict``,
+        ``finetune_full``, ``finetune_head``, ``finetune_features``, ``finetune_predict``),
+        the number of fine-tuning runs and of notebooks, and ``images`` (``n_images``).
+    """
+    import math
+
+    from drnb.finetune import plan_steps, runnable_methods
+    from drnb.pretext import split_holdout
+
+    pretext_train, holdout = split_holdout(n_images, profile.pretext_holdout_fraction, profile.seed)
+    views = 4 if profile.rotation_mode == "all4" else 1
+    pretext_steps = max(1, math.ceil(len(pretext_train) * views / profile.pretext_batch_size))
+    work = {
+        "pretext_train": profile.pretext_epochs * pretext_steps * profile.pretext_batch_size,
+        "pretext_predict": profile.pretext_epochs * 4 * (len(holdout) or min(len(pretext_train), 64)),
+        "finetune_full": 0, "finetune_head": 0, "finetune_features": 0, "finetune_predict": 0,
+    }
+    methods = runnable_methods(profile)
+    for fraction in profile.fractions:
+        for repetition in range(profile.repetitions):
+            split = session.split(repetition, fraction)
+            n_train = len(split.train[fraction])
+            batch = min(profile.finetune_batch_size, n_train)
+            warmup_steps, finetune_steps = plan_steps(n_train, batch, profile)
+            per_run = {
+                "finetune_full": profile.finetune_epochs * finetune_steps * batch,
+                "finetune_predict": len(split.test) + profile.finetune_epochs * len(split.validation_for(fraction)),
+            }
+            warmup_images = profile.warmup_epochs * warmup_steps * batch
+            if profile.warmup_on_features and profile.warmup_epochs:
+                per_run["finetune_features"] = warmup_images
+                per_run["finetune_predict"] += n_train  # the features are encoded once per run
+            else:
+                per_run["finetune_head"] = warmup_images
+            for key, value in per_run.items():
+                work[key] += len(methods) * value
+    work["runs"] = len(methods) * len(profile.fractions) * profile.repetitions
+    work["notebooks"] = 3 + len(profile.fractions)
+    work["images"] = n_images
+    return work
+
+
+def predicted_sweep_seconds(work: dict, rates: dict, fixed: dict) -> dict:
+    """Seconds per stage of a first ``drnb reproduce`` sweep: each kind of work at its measured rate.
+
+    Parameters
+    ----------
+    work : dict
+        From :func:`planned_work`, plus ``images`` (the dataset's size).
+    rates : dict
+        Images/s: ``preprocess`` (from files), ``pretext_train``, ``finetune_full``,
+        ``finetune_head``, ``finetune_features`` and ``predict`` (inference).
+    fixed : dict
+        Seconds: ``notebook`` (kernel start, imports, loading the cached images), and
+        ``pretext_tracing``, ``finetune_tracing`` (once per notebook that trains).
+
+    Returns
+    -------
+    dict
+        Seconds for ``data`` (notebook 01), ``pretext`` (02), ``finetune`` (all of 03) and
+        ``total``; notebook 04's analysis is counted as one notebook's start.
+    """
+    data = fixed["notebook"] + work["images"] / rates["preprocess"]
+    pretext = (
+        fixed["notebook"] + fixed["pretext_tracing"]
+        + work["pretext_train"] / rates["pretext_train"] + work["pretext_predict"] / rates["predict"]
+    )
+    fractions = work["notebooks"] - 3
+    finetune = (
+        fractions * (fixed["notebook"] + fixed["finetune_tracing"])
+        + work["finetune_full"] / rates["finetune_full"]
+        + work["finetune_head"] / rates["finetune_head"]
+        + work["finetune_features"] / rates["finetune_features"]
+        + work["finetune_predict"] / rates["predict"]
+    )
+    stages = {"data": data, "pretext": pretext, "finetune": finetune, "analysis": fixed["notebook"]}
+    stages["total"] = sum(stages.values())
+    return stages
+
+
+def predicted_figures(figures: dict, profile, session, n_images: int) -> dict:
+    """The sweep's predicted minutes per stage from this run's measured rates and fixed costs,
+    and the total if the photographs were APTOS-sized PNGs (decoded on every core)."""
+    import os
+
+    rates = {
+        "preprocess": figures["preprocess_uncached_images_per_second"],
+        "pretext_train": figures["pretext_drnb_images_per_second"],
+        "finetune_full": figures["finetune_full_drnb_images_per_second"],
+        "finetune_head": figures["finetune_head_drnb_images_per_second"],
+        "finetune_features": figures["finetune_features_images_per_second"],
+        "predict": figures["predict_images_per_second"],
+    }
+    head_tracing = 0.0 if profile.warmup_on_features else figures["finetune_head_tracing_seconds"]
+    fixed = {
+        "notebook": figures["kernel_start_and_import_seconds"] + n_images / figures["preprocess_cached_images_per_second"],
+        "pretext_tracing": figures["pretext_tracing_seconds"],
+        "finetune_tracing": figures["finetune_full_tracing_seconds"] + head_tracing + figures["predict_tracing_seconds"],
+    }
+    stages = predicted_sweep_seconds(planned_work(profile, session, n_images), rates, fixed)
+    predicted = {f"predicted_{stage}_minutes": seconds / 60 for stage, seconds in stages.items()}
+    aptos_decoding = n_images * figures["preprocess_aptos_sized_photograph_seconds"] / (os.cpu_count() or 1)
+    predicted["predicted_total_minutes_if_aptos_sized"] = (stages["total"] - stages["data"] + aptos_decoding) / 60
+    return predicted
+
+
 def import_seconds() -> float:
     """A fresh interpreter importing drnb's training modules (TensorFlow included)."""
     return _timed(lambda: subprocess.run([sys.executable, "-c", "import drnb.finetune, drnb.pretext"], check=True))
@@ -180,7 +302,7 @@ def main() -> None:
     import tensorflow as tf
 
     from drnb.distribute import describe_devices
-    from drnb.finetune import FinetuneSession
+    from drnb.finetune import FinetuneSession, feature_batches
     from drnb.pipeline import labelled_batches, rotation_batches
     from drnb.preprocessing import PreprocessConfig, preprocess_table
     from drnb.pretext import build_pretext_trainer
@@ -226,6 +348,20 @@ def main() -> None:
     for phase in ("head", "full"):
         rates = training_rates(session.trainer, finetune_data, profile.finetune_batch_size, args.steps, phase)
         figures.update({f"finetune_{phase}_{k}": v for k, v in rates.items()})
+    batch = profile.finetune_batch_size
+    predict_data = labelled_batches(image_tensor, indices[: 20 * batch], session.targets[: 20 * batch], batch, seed=0, training=False)
+    start = time.perf_counter()
+    features = session.trainer.encode(predict_data)
+    session.trainer.predict(predict_data)
+    figures["predict_tracing_seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    session.trainer.predict(predict_data)
+    figures["predict_images_per_second"] = len(features) / (time.perf_counter() - start)
+    feature_data = session.trainer.batches(feature_batches(features, session.targets[: len(features)], batch, seed=0))
+    session.trainer.train(feature_data, 3, phase="features")  # traces the step
+    figures["finetune_features_images_per_second"] = session.trainer.train(
+        feature_data, max(args.steps, 20), phase="features"
+    ).images_per_second
     flops = 3 * forward_flops(session.trainer.model)
     figures["finetune_achieved_gflops"] = flops * figures["finetune_full_drnb_images_per_second"] / 1e9
     figures["finetune_flops_to_matmul_peak"] = figures["finetune_achieved_gflops"] / figures["numpy_matmul_gflops"]
@@ -234,6 +370,7 @@ def main() -> None:
 
     figures["python_import_seconds"] = import_seconds()
     figures["kernel_start_and_import_seconds"] = kernel_start_seconds()
+    figures.update(predicted_figures(figures, profile, session, len(images)))
     for name in filter(None, args.end_to_end.split(",")):
         figures[f"end_to_end_{name}_seconds"] = end_to_end_seconds(name, args.dataset, args.data_dir)
 

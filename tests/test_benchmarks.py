@@ -1,11 +1,14 @@
-"""The benchmark script runs end to end on the smoke profile and writes every figure it prints."""
+"""The benchmark script runs end to end on the smoke profile, writes every figure it prints, and
+predicts a sweep's wall time from work counted the way the runs do it."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run_benchmarks.py"
@@ -33,3 +36,52 @@ def test_benchmark_script_writes_its_figures(tmp_path):
     assert figures["finetune_input_images_per_second"] > 0 and figures["numpy_matmul_gflops"] > 0
     assert "finetune_flops_to_matmul_peak" in result.stdout
     assert 0 < figures["preprocess_aptos_sized_photograph_seconds"] < 60
+
+
+def load_benchmark_module():
+    spec = importlib.util.spec_from_file_location("run_benchmarks", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path):
+    from drnb.finetune import FinetuneSession
+    from drnb.profiles import resolve_profile
+    from drnb.synthetic import make_fundus_images
+
+    benchmarks = load_benchmark_module()
+    images, grades = make_fundus_images(80, size=32, seed=1)
+    table = pd.DataFrame({"image_id": [str(i) for i in range(80)], "path": "", "grade": grades, "patient_id": None, "split": None})
+    for overrides in ({}, {"warmup_on_features": "true", "min_steps": "30"}):
+        profile = resolve_profile(
+            "smoke", {"fractions": "0.5", "methods": "scratch", "bootstrap_resamples": "0", **overrides}
+        )
+        session = FinetuneSession(images, table, profile, log=lambda line: None)
+        work = benchmarks.planned_work(profile, session, len(images))
+        runs = [session.run("scratch", 0.5, r, tmp_path / f"{len(overrides)}-{r}") for r in range(profile.repetitions)]
+        batches = [min(profile.finetune_batch_size, run["n_train"]) for run in runs]
+        trained = work["finetune_full"] + work["finetune_head"] + work["finetune_features"]
+        assert trained == sum(run["steps"] * batch for run, batch in zip(runs, batches))
+        predicted = sum(run["n_test"] + profile.finetune_epochs * run["n_validation"] for run in runs)
+        if profile.warmup_on_features:
+            assert work["finetune_head"] == 0 and work["finetune_features"] > 0
+            predicted += sum(run["n_train"] for run in runs)
+        assert work["finetune_predict"] == predicted
+        assert work["runs"] == profile.repetitions and work["notebooks"] == 4 and work["images"] == 80
+
+
+def test_predicted_sweep_adds_each_stage_at_its_rate():
+    benchmarks = load_benchmark_module()
+    work = {
+        "images": 100, "notebooks": 5, "pretext_train": 1200, "pretext_predict": 40, "finetune_full": 3000,
+        "finetune_head": 600, "finetune_features": 0, "finetune_predict": 500,
+    }
+    rates = {"preprocess": 50, "pretext_train": 100, "finetune_full": 100, "finetune_head": 300, "finetune_features": 1000, "predict": 20}
+    fixed = {"notebook": 10, "pretext_tracing": 4, "finetune_tracing": 3}
+    stages = benchmarks.predicted_sweep_seconds(work, rates, fixed)
+    assert stages["data"] == 10 + 2
+    assert stages["pretext"] == 10 + 4 + 12 + 2
+    assert stages["finetune"] == 2 * (10 + 3) + 30 + 2 + 25
+    assert stages["analysis"] == 10
+    assert stages["total"] == pytest.approx(12 + 28 + 83 + 10)
