@@ -19,11 +19,11 @@ all photographs share and what re-saving changes:
    correlation (cosine similarity) in [-1, 1].
 
 Two images whose cosine is at least the profile's ``duplicate_threshold`` are near
-duplicates. Measured on the development machine at 128 px: a photograph and its own copy
-re-saved as JPEG (quality 60), resized (x0.45 to x1.7), cropped by 2 % or brightened by
-15 % score at least 0.977; the nearest *different* photograph scores at most 0.952 among
-3,629 EyePACS images (where no pair reaches 0.97), 0.945 among 400 synthetic ones, while
-IDRiD's six identical pairs score above 0.99. Pairs are joined transitively into groups
+duplicates. Measured on the development machine at 128 px: 30 IDRiD photographs and their
+own copies re-saved as JPEG (quality 60), resized (x0.45 to x1.7), cropped by 2 % or
+brightened by 15 % score at least 0.976; the nearest *different* photograph scores at most
+0.952 among 3,629 EyePACS images (where no pair reaches 0.97), 0.945 among 400 synthetic
+ones, while IDRiD's six identical pairs score above 0.99. Pairs are joined transitively into groups
 (:func:`duplicate_groups`), and the groups are merged with patient ids
 (:func:`split_groups`), so that the cross-validation keeps every group in one fold.
 """
