@@ -23,8 +23,8 @@ duplicates. Measured on the development machine at 128 px: 30 IDRiD photographs 
 own copies re-saved as JPEG (quality 60), resized (x0.45 to x1.7), cropped by 2 % or
 brightened by 15 % score at least 0.976; the nearest *different* photograph scores at most
 0.952 among 3,629 EyePACS images (where no pair reaches 0.97), 0.945 among 400 synthetic
-ones, while IDRiD's six identical pairs score above 0.99. Pairs are joined transitively into groups
-(:func:`duplicate_groups`), and the groups are merged with patient ids
+ones, while IDRiD's six identical pairs score above 0.99. Pairs are joined transitively into
+groups (:func:`duplicate_groups`), and the groups are merged with patient ids
 (:func:`split_groups`), so that the cross-validation keeps every group in one fold.
 """
 
