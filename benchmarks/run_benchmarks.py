@@ -155,18 +155,22 @@ def planned_work(profile, session, n_images: int) -> dict:
     dict
         Image counts per kind of work (``pretext_train``, ``pretext_predict``,
         ``finetune_full``, ``finetune_head``, ``finetune_features``, ``finetune_predict``),
-        the number of fine-tuning runs and of notebooks, and ``images`` (``n_images``).
+        the number of fine-tuning runs, of runs that build a fresh encoder and of
+        notebooks, and ``images`` (``n_images``).
     """
     import math
 
+    from drnb.distribute import scaled_batch_and_rate
     from drnb.finetune import plan_steps, runnable_methods
     from drnb.pretext import split_holdout
 
     pretext_train, holdout = split_holdout(n_images, profile.pretext_holdout_fraction, profile.seed)
     views = 4 if profile.rotation_mode == "all4" else 1
-    pretext_steps = max(1, math.ceil(len(pretext_train) * views / profile.pretext_batch_size))
+    # Batches are per replica; the global batch grows with the replicas, as in the runs.
+    pretext_batch, _ = scaled_batch_and_rate(profile.pretext_batch_size, profile.pretext_learning_rate, session.strategy)
+    pretext_steps = max(1, math.ceil(len(pretext_train) * views / pretext_batch))
     work = {
-        "pretext_train": profile.pretext_epochs * pretext_steps * profile.pretext_batch_size,
+        "pretext_train": profile.pretext_epochs * pretext_steps * pretext_batch,
         "pretext_predict": profile.pretext_epochs * 4 * (len(holdout) or min(len(pretext_train), 64)),
         "finetune_full": 0, "finetune_head": 0, "finetune_features": 0, "finetune_predict": 0,
     }
@@ -175,7 +179,7 @@ def planned_work(profile, session, n_images: int) -> dict:
         for repetition in range(profile.repetitions):
             split = session.split(repetition, fraction)
             n_train = len(split.train[fraction])
-            batch = min(profile.finetune_batch_size, n_train)
+            batch = min(session.batch_size, n_train)
             warmup_steps, finetune_steps = plan_steps(n_train, batch, profile)
             per_run = {
                 "finetune_full": profile.finetune_epochs * finetune_steps * batch,
@@ -190,6 +194,7 @@ def planned_work(profile, session, n_images: int) -> dict:
             for key, value in per_run.items():
                 work[key] += len(methods) * value
     work["runs"] = len(methods) * len(profile.fractions) * profile.repetitions
+    work["fresh_encoders"] = sum(method != "rotation" for method in methods) * len(profile.fractions) * profile.repetitions
     work["notebooks"] = 3 + len(profile.fractions)
     work["images"] = n_images
     return work
@@ -201,34 +206,36 @@ def predicted_sweep_seconds(work: dict, rates: dict, fixed: dict) -> dict:
     Parameters
     ----------
     work : dict
-        From :func:`planned_work`, plus ``images`` (the dataset's size).
+        From :func:`planned_work`.
     rates : dict
         Images/s: ``preprocess`` (from files), ``pretext_train``, ``finetune_full``,
         ``finetune_head``, ``finetune_features`` and ``predict`` (inference).
     fixed : dict
-        Seconds: ``notebook`` (kernel start, imports, loading the cached images), and
-        ``pretext_tracing``, ``finetune_tracing`` (once per notebook that trains).
+        Seconds: ``kernel`` (a notebook's kernel start and imports), ``load`` (reading the
+        cached images), ``pretext_tracing`` and ``finetune_tracing`` (once per notebook that
+        trains), ``fresh_model`` (building a fresh encoder and head for a run).
 
     Returns
     -------
     dict
-        Seconds for ``data`` (notebook 01), ``pretext`` (02), ``finetune`` (all of 03) and
-        ``total``; notebook 04's analysis is counted as one notebook's start.
+        Seconds for ``data`` (notebook 01, preprocessing from the files), ``pretext`` (02),
+        ``finetune`` (all of 03), ``analysis`` (04, counted as a kernel start) and ``total``.
     """
-    data = fixed["notebook"] + work["images"] / rates["preprocess"]
+    data = fixed["kernel"] + work["images"] / rates["preprocess"]
     pretext = (
-        fixed["notebook"] + fixed["pretext_tracing"]
+        fixed["kernel"] + fixed["load"] + fixed["pretext_tracing"]
         + work["pretext_train"] / rates["pretext_train"] + work["pretext_predict"] / rates["predict"]
     )
     fractions = work["notebooks"] - 3
     finetune = (
-        fractions * (fixed["notebook"] + fixed["finetune_tracing"])
+        fractions * (fixed["kernel"] + fixed["load"] + fixed["finetune_tracing"])
+        + work["fresh_encoders"] * fixed["fresh_model"]
         + work["finetune_full"] / rates["finetune_full"]
         + work["finetune_head"] / rates["finetune_head"]
         + work["finetune_features"] / rates["finetune_features"]
         + work["finetune_predict"] / rates["predict"]
     )
-    stages = {"data": data, "pretext": pretext, "finetune": finetune, "analysis": fixed["notebook"]}
+    stages = {"data": data, "pretext": pretext, "finetune": finetune, "analysis": fixed["kernel"]}
     stages["total"] = sum(stages.values())
     return stages
 
@@ -246,16 +253,21 @@ def predicted_figures(figures: dict, profile, session, n_images: int) -> dict:
         "finetune_features": figures["finetune_features_images_per_second"],
         "predict": figures["predict_images_per_second"],
     }
-    head_tracing = 0.0 if profile.warmup_on_features else figures["finetune_head_tracing_seconds"]
+    warmup_tracing = figures[
+        "finetune_features_tracing_seconds" if profile.warmup_on_features else "finetune_head_tracing_seconds"
+    ]
     fixed = {
-        "notebook": figures["kernel_start_and_import_seconds"] + n_images / figures["preprocess_cached_images_per_second"],
+        "kernel": figures["kernel_start_and_import_seconds"],
+        "load": n_images / figures["preprocess_cached_images_per_second"],
         "pretext_tracing": figures["pretext_tracing_seconds"],
-        "finetune_tracing": figures["finetune_full_tracing_seconds"] + head_tracing + figures["predict_tracing_seconds"],
+        "finetune_tracing": figures["finetune_full_tracing_seconds"] + warmup_tracing + figures["predict_tracing_seconds"],
+        "fresh_model": figures["fresh_model_seconds"],
     }
     stages = predicted_sweep_seconds(planned_work(profile, session, n_images), rates, fixed)
     predicted = {f"predicted_{stage}_minutes": seconds / 60 for stage, seconds in stages.items()}
+    decoding = n_images / rates["preprocess"]
     aptos_decoding = n_images * figures["preprocess_aptos_sized_photograph_seconds"] / (os.cpu_count() or 1)
-    predicted["predicted_total_minutes_if_aptos_sized"] = (stages["total"] - stages["data"] + aptos_decoding) / 60
+    predicted["predicted_total_minutes_if_aptos_sized"] = (stages["total"] - decoding + aptos_decoding) / 60
     return predicted
 
 
@@ -303,6 +315,7 @@ def main() -> None:
 
     from drnb.distribute import describe_devices
     from drnb.finetune import FinetuneSession, feature_batches
+    from drnb.models import build_encoder, build_head
     from drnb.pipeline import labelled_batches, rotation_batches
     from drnb.preprocessing import PreprocessConfig, preprocess_table
     from drnb.pretext import build_pretext_trainer
@@ -358,10 +371,18 @@ def main() -> None:
     session.trainer.predict(predict_data)
     figures["predict_images_per_second"] = len(features) / (time.perf_counter() - start)
     feature_data = session.trainer.batches(feature_batches(features, session.targets[: len(features)], batch, seed=0))
-    session.trainer.train(feature_data, 3, phase="features")  # traces the step
+    start = time.perf_counter()
+    session.trainer.train(feature_data, 1, phase="features")  # traces the step
+    figures["finetune_features_tracing_seconds"] = time.perf_counter() - start
+    session.trainer.train(feature_data, 3, phase="features")
     figures["finetune_features_images_per_second"] = session.trainer.train(
         feature_data, max(args.steps, 20), phase="features"
     ).images_per_second
+    start = time.perf_counter()
+    fresh = build_encoder(profile.encoder, profile.image_size, pooling=profile.pooling)
+    build_head(fresh.output_shape[-1], 5, hidden=profile.finetune_hidden, dropout=profile.finetune_dropout).get_weights()
+    fresh.get_weights()
+    figures["fresh_model_seconds"] = time.perf_counter() - start
     flops = 3 * forward_flops(session.trainer.model)
     figures["finetune_achieved_gflops"] = flops * figures["finetune_full_drnb_images_per_second"] / 1e9
     figures["finetune_flops_to_matmul_peak"] = figures["finetune_achieved_gflops"] / figures["numpy_matmul_gflops"]

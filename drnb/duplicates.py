@@ -41,6 +41,7 @@ HIGHPASS_SIGMA = 2.0  # pixels of the fingerprint grid
 INNER_RADIUS = 0.38  # of the side: inside drnb's mask (radius 0.485 of the side) with room to spare
 _BLOCK_ROWS = 2048  # rows of the similarity matrix held at once
 _CHUNK_IMAGES = 256  # images turned into thumbnails at once
+_FLAT_GREY_LEVELS = 0.01  # root-mean-square detail below which a fingerprint is all zeros
 
 __all__ = [
     "FINGERPRINT_SIDE",
@@ -64,13 +65,17 @@ def fingerprints(images: np.ndarray) -> np.ndarray:
     Returns
     -------
     numpy.ndarray
-        float32 (N, D): D is the number of thumbnail pixels within the inner disc. A
-        uniform image gets a row of zeros (similar to nothing).
+        float32 (N, D): D is the number of thumbnail pixels within the inner disc. An image
+        without detail (uniform) gets a row of zeros, similar to nothing.
     """
     images = np.asarray(images)
     if images.ndim not in (3, 4) or images.shape[1] != images.shape[2] or images.shape[1] < 8:
         raise ValueError(f"images of shape {images.shape}: expected square images (N, S, S[, 3]) with S >= 8")
     side = min(FINGERPRINT_SIDE, images.shape[1])
+    rows, cols = np.mgrid[:side, :side]
+    inner = np.hypot(rows - (side - 1) / 2, cols - (side - 1) / 2) < INNER_RADIUS * side
+    if len(images) == 0:
+        return np.zeros((0, int(inner.sum())), np.float32)
     # Thumbnails chunk by chunk: a float copy of a whole 224-px set would take gigabytes.
     grey = np.concatenate(
         [
@@ -79,12 +84,13 @@ def fingerprints(images: np.ndarray) -> np.ndarray:
         ]
     )
     grey -= ndimage.gaussian_filter(grey, sigma=(0, HIGHPASS_SIGMA, HIGHPASS_SIGMA), mode="nearest")
-    rows, cols = np.mgrid[:side, :side]
-    inner = np.hypot(rows - (side - 1) / 2, cols - (side - 1) / 2) < INNER_RADIUS * side
     prints = grey[:, inner]
     prints -= prints.mean(axis=1, keepdims=True)
     norms = np.linalg.norm(prints, axis=1, keepdims=True)
-    return np.divide(prints, norms, out=np.zeros_like(prints), where=norms > 1e-6).astype(np.float32)
+    # Below a hundredth of a grey level per pixel there is nothing left but rounding: not
+    # scaled up, so that it matches nothing.
+    flat = norms <= _FLAT_GREY_LEVELS * np.sqrt(prints.shape[1])
+    return np.divide(prints, norms, out=np.zeros_like(prints), where=~flat).astype(np.float32)
 
 
 def _area_resize(grey: np.ndarray, side: int) -> np.ndarray:
@@ -141,8 +147,21 @@ def near_duplicate_pairs(prints: np.ndarray, threshold: float) -> pd.DataFrame:
 
 
 def find_duplicates(images: np.ndarray, threshold: float) -> pd.DataFrame:
-    """Near-duplicate pairs among preprocessed ``images``: :func:`near_duplicate_pairs` of
-    their :func:`fingerprints`, or no pairs when ``threshold`` is 0 (the search is off)."""
+    """Near-duplicate pairs among preprocessed images.
+
+    Parameters
+    ----------
+    images : numpy.ndarray
+        uint8 (N, S, S, 3), preprocessed.
+    threshold : float
+        A cosine similarity in (0, 1], or 0 to search nothing.
+
+    Returns
+    -------
+    pandas.DataFrame
+        :func:`near_duplicate_pairs` of the images' :func:`fingerprints`; no rows when
+        ``threshold`` is 0.
+    """
     if threshold == 0:
         return near_duplicate_pairs(np.zeros((0, 1), np.float32), 1.0)
     return near_duplicate_pairs(fingerprints(images), threshold)
@@ -150,6 +169,13 @@ def find_duplicates(images: np.ndarray, threshold: float) -> pd.DataFrame:
 
 def duplicate_groups(n_images: int, pairs: pd.DataFrame) -> np.ndarray:
     """Join pairs transitively: the group of every image, numbered by its smallest member.
+
+    Parameters
+    ----------
+    n_images : int
+    pairs : pandas.DataFrame
+        Integer columns ``first`` and ``second``, row indices in [0, n_images), as from
+        :func:`near_duplicate_pairs`.
 
     Returns
     -------
@@ -186,8 +212,10 @@ def split_groups(patient_ids, image_ids, pairs: pd.DataFrame) -> np.ndarray | No
     numpy.ndarray or None
         object (N,): a patient's id (or an image's, without patients), where every patient
         and image linked by a near-duplicate pair takes the id of the first of them. Ids
-        that no pair touches are returned unchanged, so a dataset without near duplicates
-        is split exactly as before. None when there are neither patient ids nor pairs.
+        that no pair touches are returned unchanged, and with no pair at all the result is
+        the patient ids themselves (or None without them), so a dataset without near
+        duplicates is split exactly as before. (With pairs and no patient ids, the folds are
+        drawn over groups, so every fold can differ from the image-by-image split.)
     """
     if patient_ids is None and pairs.empty:
         return None

@@ -132,7 +132,9 @@ class FinetuneSession:
         self.grades = self.table["grade"].to_numpy(np.int64)
         patients = self.table["patient_id"]
         patient_ids = None if patients.isna().all() else patients.fillna(self.table["image_id"]).to_numpy()
-        self.duplicate_pairs = find_duplicates(images, profile.duplicate_threshold)
+        # The reference split ignores groups (as the study's code did), so it is not searched.
+        threshold = profile.duplicate_threshold if profile.split_mode == "stratified" else 0
+        self.duplicate_pairs = find_duplicates(images, threshold)
         if len(self.duplicate_pairs):
             log(
                 f"{len(self.duplicate_pairs)} near-duplicate pair(s) of photographs "

@@ -57,8 +57,20 @@ def sample_grid(images: np.ndarray, grades: np.ndarray, per_grade: int = 4, seed
 
 
 def duplicate_grid(images: np.ndarray, table: pd.DataFrame, pairs: pd.DataFrame, limit: int = 4):
-    """The first ``limit`` near-duplicate pairs side by side, two pairs a row, titled with id,
-    grade and similarity; returns the Figure, or None when there are no pairs."""
+    """The first ``limit`` near-duplicate pairs side by side, two pairs a row.
+
+    Parameters
+    ----------
+    images : numpy.ndarray
+        uint8 (N, S, S, 3), row-aligned with ``table`` (``image_id``, ``grade``).
+    pairs : pandas.DataFrame
+        From :func:`drnb.duplicates.find_duplicates` (``first``, ``second``, ``similarity``).
+
+    Returns
+    -------
+    matplotlib.figure.Figure or None
+        Titled with id, grade and similarity; None when there are no pairs.
+    """
     shown = pairs.head(limit)
     if shown.empty:
         return None

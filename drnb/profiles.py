@@ -275,12 +275,22 @@ def parse_assignments(assignments: list[str]) -> dict[str, str]:
     return parsed
 
 
+# Settings added after run folders were first written, with the value that reproduces what
+# those runs did: a resumed run must not change its splits halfway through.
+SETTINGS_BEFORE_THEY_EXISTED = {"duplicate_threshold": 0.0}
+
+
 def load_profile(path) -> Profile:
-    """Read a resolved profile written by :meth:`Profile.to_json`."""
+    """Read a resolved profile written by :meth:`Profile.to_json`.
+
+    A setting the file does not name takes its value from :data:`SETTINGS_BEFORE_THEY_EXISTED`
+    when it has one there (the behaviour before the setting existed), else the default.
+    """
     values = json.loads(open(path).read())
     hints = typing.get_type_hints(Profile)
     unknown = sorted(set(values) - set(hints))
     if unknown:
         raise ValueError(f"{path}: unknown setting(s) {unknown}")
+    values = {**{key: value for key, value in SETTINGS_BEFORE_THEY_EXISTED.items() if key not in values}, **values}
     return Profile(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
 

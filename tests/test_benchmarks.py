@@ -45,6 +45,44 @@ def load_benchmark_module():
     return module
 
 
+class CountingBatches:
+    """An iterator over (images, targets) batches that counts the images it hands out."""
+
+    def __init__(self, batches):
+        self.batches, self.images = batches, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        images, targets = next(self.batches)
+        self.images += int(images.shape[0])
+        return images, targets
+
+
+def count_trainer_work(trainer) -> dict:
+    """Wrap ``trainer``'s train, encode and predict so that they count the images they process."""
+    counts = {"head": 0, "full": 0, "features": 0, "predict": 0}
+    train, encode, predict = trainer.train, trainer.encode, trainer.predict
+
+    def counting_train(batches, steps, *, phase="full", **kwargs):
+        counting = CountingBatches(batches)
+        log = train(counting, steps, phase=phase, **kwargs)
+        counts[phase] += counting.images
+        return log
+
+    def counting_inference(function):
+        def wrapped(dataset):
+            outputs = function(dataset)
+            counts["predict"] += len(outputs)
+            return outputs
+
+        return wrapped
+
+    trainer.train, trainer.encode, trainer.predict = counting_train, counting_inference(encode), counting_inference(predict)
+    return counts
+
+
 def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path):
     from drnb.finetune import FinetuneSession
     from drnb.profiles import resolve_profile
@@ -59,29 +97,29 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path):
         )
         session = FinetuneSession(images, table, profile, log=lambda line: None)
         work = benchmarks.planned_work(profile, session, len(images))
-        runs = [session.run("scratch", 0.5, r, tmp_path / f"{len(overrides)}-{r}") for r in range(profile.repetitions)]
-        batches = [min(profile.finetune_batch_size, run["n_train"]) for run in runs]
-        trained = work["finetune_full"] + work["finetune_head"] + work["finetune_features"]
-        assert trained == sum(run["steps"] * batch for run, batch in zip(runs, batches))
-        predicted = sum(run["n_test"] + profile.finetune_epochs * run["n_validation"] for run in runs)
-        if profile.warmup_on_features:
-            assert work["finetune_head"] == 0 and work["finetune_features"] > 0
-            predicted += sum(run["n_train"] for run in runs)
-        assert work["finetune_predict"] == predicted
-        assert work["runs"] == profile.repetitions and work["notebooks"] == 4 and work["images"] == 80
+        counts = count_trainer_work(session.trainer)
+        for repetition in range(profile.repetitions):
+            session.run("scratch", 0.5, repetition, tmp_path / f"{len(overrides)}-{repetition}")
+        assert counts["full"] == work["finetune_full"] > 0
+        assert counts["head"] == work["finetune_head"]
+        assert counts["features"] == work["finetune_features"]
+        assert (work["finetune_features"] > 0) == profile.warmup_on_features
+        assert counts["predict"] == work["finetune_predict"] > 0
+        assert work["runs"] == work["fresh_encoders"] == profile.repetitions
+        assert work["notebooks"] == 4 and work["images"] == 80
 
 
 def test_predicted_sweep_adds_each_stage_at_its_rate():
     benchmarks = load_benchmark_module()
     work = {
-        "images": 100, "notebooks": 5, "pretext_train": 1200, "pretext_predict": 40, "finetune_full": 3000,
-        "finetune_head": 600, "finetune_features": 0, "finetune_predict": 500,
+        "images": 100, "notebooks": 5, "fresh_encoders": 4, "pretext_train": 1200, "pretext_predict": 40,
+        "finetune_full": 3000, "finetune_head": 600, "finetune_features": 0, "finetune_predict": 500,
     }
     rates = {"preprocess": 50, "pretext_train": 100, "finetune_full": 100, "finetune_head": 300, "finetune_features": 1000, "predict": 20}
-    fixed = {"notebook": 10, "pretext_tracing": 4, "finetune_tracing": 3}
+    fixed = {"kernel": 10, "load": 1, "pretext_tracing": 4, "finetune_tracing": 3, "fresh_model": 0.5}
     stages = benchmarks.predicted_sweep_seconds(work, rates, fixed)
     assert stages["data"] == 10 + 2
-    assert stages["pretext"] == 10 + 4 + 12 + 2
-    assert stages["finetune"] == 2 * (10 + 3) + 30 + 2 + 25
+    assert stages["pretext"] == 10 + 1 + 4 + 12 + 2
+    assert stages["finetune"] == 2 * (10 + 1 + 3) + 4 * 0.5 + 30 + 2 + 25
     assert stages["analysis"] == 10
-    assert stages["total"] == pytest.approx(12 + 28 + 83 + 10)
+    assert stages["total"] == pytest.approx(12 + 29 + 87 + 10)

@@ -47,17 +47,29 @@ def photographs():
     return photos, grades
 
 
-def test_resaved_copies_are_near_duplicates_and_other_eyes_are_not(photographs):
+def crop(photo: np.ndarray, share: float) -> np.ndarray:
+    height, width = photo.shape[:2]
+    rows, cols = int(height * share), int(width * share)
+    return photo[rows : height - rows, cols : width - cols]
+
+
+# The changes the module docstring and the README say a copy survives.
+COPIES = {
+    "jpeg quality 60": lambda photo: resave_jpeg(photo, 60),
+    "resized x0.45": lambda photo: resize(photo, 0.45),
+    "resized x1.7": lambda photo: resize(photo, 1.7),
+    "cropped by 2 %": lambda photo: crop(photo, 0.02),
+    "brightened by 15 %": lambda photo: brighten(photo, 1.15),
+}
+
+
+@pytest.mark.parametrize("size", [128, 224])  # quick's and paper's image sizes
+def test_resaved_copies_are_near_duplicates_and_other_eyes_are_not(photographs, size):
     photos, _ = photographs
-    originals = fingerprints(np.stack([preprocess_image(photo, CONFIG) for photo in photos]))
-    copies = {
-        "jpeg quality 60": lambda photo: resave_jpeg(photo, 60),
-        "resized x0.6": lambda photo: resize(photo, 0.6),
-        "resized x1.5": lambda photo: resize(photo, 1.5),
-        "brightened 10 %": lambda photo: brighten(photo, 1.1),
-    }
-    for name, copy in copies.items():
-        copied = fingerprints(np.stack([preprocess_image(copy(photo), CONFIG) for photo in photos[:6]]))
+    config = PreprocessConfig(size=size)
+    originals = fingerprints(np.stack([preprocess_image(photo, config) for photo in photos]))
+    for name, copy in COPIES.items():
+        copied = fingerprints(np.stack([preprocess_image(copy(photo), config) for photo in photos[:6]]))
         similarity = (originals[:6] * copied).sum(axis=1)
         assert similarity.min() >= THRESHOLD, f"{name}: {similarity.round(3)}"
     between = originals @ originals.T
@@ -75,8 +87,10 @@ def test_fingerprints_are_unit_length_and_a_uniform_image_matches_nothing():
     assert prints.dtype == np.float32 and prints.shape[0] == 3
     np.testing.assert_allclose(np.linalg.norm(prints, axis=1), [1, 0, 1], atol=1e-5)
     assert near_duplicate_pairs(prints, THRESHOLD)[["first", "second"]].values.tolist() == [[0, 2]]
-    # Sides that are not a multiple of the fingerprint's (28 px RetinaMNIST, 100 px) work too.
+    # Sides that are not a multiple of the fingerprint's (28 px RetinaMNIST, 100 px) work too,
+    # and so does an empty set.
     assert fingerprints(images[:, :28, :28]).shape[0] == fingerprints(images[:, :100, :100]).shape[0] == 3
+    assert fingerprints(images[:0, :100, :100]).shape == (0, fingerprints(images[:1, :100, :100]).shape[1])
     with pytest.raises(ValueError, match="square"):
         fingerprints(np.zeros((2, 32, 40, 3), np.uint8))
 
@@ -149,3 +163,6 @@ def test_finetune_session_keeps_each_duplicate_pair_in_one_fold():
         assert all((a in test) == (b in test) for a, b in ((3, 60), (4, 61), (7, 62)))
     off = FinetuneSession(images, table, resolve_profile("smoke", {"duplicate_threshold": "0"}), log=lines.append)
     assert off.patient_ids is None and off.duplicate_pairs.empty
+    # The reference split deals rows into folds as the study's code did: no groups, no search.
+    reference = FinetuneSession(images, table, resolve_profile("smoke", {"split_mode": "reference"}), log=lines.append)
+    assert reference.patient_ids is None and reference.duplicate_pairs.empty

@@ -91,3 +91,14 @@ def test_profiles_validate_directly():
         Profile(rotation_mode="random4")
     with pytest.raises(ValueError, match="pretext_batch_size"):
         Profile(rotation_mode="all4", pretext_batch_size=30)
+
+
+def test_a_run_folder_written_before_a_setting_existed_keeps_its_old_behaviour(tmp_path):
+    # A profile.json from before near duplicates were grouped resumes without grouping them,
+    # so its remaining runs use the same folds as its finished ones.
+    values = json.loads(PROFILES["quick"].to_json())
+    del values["duplicate_threshold"]
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(values))
+    assert load_profile(path).duplicate_threshold == 0
+    assert PROFILES["quick"].duplicate_threshold == 0.97
