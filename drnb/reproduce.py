@@ -99,8 +99,16 @@ def kernel_manager_class():
     transport), readable only by the user, instead of plain-text TCP on localhost, which
     ipykernel >= 7 warns about at every start. Windows has no ``ipc`` transport and keeps the
     default.
+
+    The sockets are files. They are made in Jupyter's private runtime folder (where the
+    connection files go), under a name unique to each kernel, not in the notebook's working
+    folder: a kernel that is killed leaves its sockets behind, and in the checkout they
+    would break copying the notebooks folder.
     """
+    import uuid
+
     from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.paths import jupyter_runtime_dir
 
     if os.name != "posix":
         return AsyncKernelManager
@@ -108,6 +116,10 @@ def kernel_manager_class():
     class IPCKernelManager(AsyncKernelManager):
         def __init__(self, **kwargs):
             kwargs.setdefault("transport", "ipc")
+            if kwargs["transport"] == "ipc" and "ip" not in kwargs:
+                runtime = Path(jupyter_runtime_dir())
+                runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+                kwargs["ip"] = str(runtime / f"drnb-kernel-{uuid.uuid4().hex[:12]}")
             super().__init__(**kwargs)
 
     return IPCKernelManager

@@ -82,8 +82,14 @@ def test_smoke_reproduction_reports_failures_keeps_results_and_resumes(tmp_path,
 
 @pytest.mark.skipif(os.name != "posix", reason="the ipc transport needs Unix domain sockets")
 def test_kernels_are_started_on_the_ipc_transport():
+    from jupyter_core.paths import jupyter_runtime_dir
+
     manager = kernel_manager_class()(kernel_name="python3")
     assert manager.transport == "ipc"
+    # The socket files go to Jupyter's runtime folder, one name per kernel, never into the
+    # working folder (a killed kernel's sockets there broke copying the notebooks folder).
+    assert Path(manager.ip).parent == Path(jupyter_runtime_dir())
+    assert manager.ip != kernel_manager_class()(kernel_name="python3").ip
 
 
 @pytest.mark.parametrize(
