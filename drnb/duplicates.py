@@ -101,9 +101,11 @@ def _area_resize(grey: np.ndarray, side: int) -> np.ndarray:
         return grey.reshape(n, side, step, side, step).mean(axis=(2, 4))
     from PIL import Image
 
-    return np.stack(
-        [np.asarray(Image.fromarray(np.ascontiguousarray(image, dtype=np.float32)).resize((side, side), Image.Resampling.BOX)) for image in grey]
-    ).astype(np.float32)
+    thumbnails = [
+        Image.fromarray(np.ascontiguousarray(image, dtype=np.float32)).resize((side, side), Image.Resampling.BOX)
+        for image in grey
+    ]
+    return np.stack([np.asarray(thumbnail) for thumbnail in thumbnails]).astype(np.float32)
 
 
 def near_duplicate_pairs(prints: np.ndarray, threshold: float) -> pd.DataFrame:
