@@ -19,8 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 logger = logging.getLogger(__name__)
@@ -66,10 +68,27 @@ def configure_precision(mode: str) -> str:
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed Python, NumPy and TensorFlow (``keras.utils.set_random_seed``); optionally make ops deterministic."""
+    """Seed Python, NumPy and TensorFlow (``keras.utils.set_random_seed``); optionally make ops deterministic.
+
+    Call it once per process: ``tf.random.set_seed`` clears TensorFlow's kernel cache, so the
+    next step of every traced model is instantiated again (about 2 s on CPU). Between runs
+    use :func:`seed_weights`.
+    """
     keras.utils.set_random_seed(int(seed))
     if deterministic:
         tf.config.experimental.enable_op_determinism()
+
+
+def seed_weights(seed: int) -> None:
+    """Seed what initial weights are drawn from (Python's ``random`` and NumPy), nothing else.
+
+    Keras initializers and dropout layers take their seeds from Python's ``random`` when they
+    are built; drnb's batches and augmentation are stateless ops keyed by their own seeds
+    (:func:`drnb.pipeline.shuffled_positions`), so a run needs no TensorFlow global seed and
+    its numbers do not depend on the runs before it.
+    """
+    random.seed(int(seed))
+    np.random.seed(int(seed))
 
 
 def describe_devices() -> str:

@@ -36,11 +36,11 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from drnb.distribute import configure_precision, scaled_batch_and_rate, seed_everything, select_strategy
+from drnb.distribute import configure_precision, scaled_batch_and_rate, seed_everything, seed_weights, select_strategy
 from drnb.duplicates import find_duplicates, split_groups
 from drnb.metrics import evaluate_predictions, quadratic_weighted_kappa
 from drnb.models import build_encoder, build_head, imagenet_weights_available
-from drnb.pipeline import labelled_batches
+from drnb.pipeline import labelled_batches, shuffled_positions
 from drnb.pretext import load_encoder, save_atomically
 from drnb.profiles import Profile
 from drnb.runs import write_json
@@ -142,6 +142,7 @@ class FinetuneSession:
             )
         self.patient_ids = split_groups(patient_ids, self.table["image_id"].to_numpy(), self.duplicate_pairs)
         self.strategy = strategy or select_strategy()
+        seed_everything(profile.seed, profile.deterministic)  # once: runs reseed only their weights
         configure_precision(profile.mixed_precision)
         self.batch_size, learning_rate = scaled_batch_and_rate(
             profile.finetune_batch_size, profile.finetune_learning_rate, self.strategy
@@ -204,7 +205,7 @@ class FinetuneSession:
         The head is built first after seeding, so every method of a repetition starts from
         the same head; only ``scratch`` and ``imagenet`` need a fresh encoder.
         """
-        seed_everything(seed, self.profile.deterministic)
+        seed_weights(seed)
         head_weights = self._build_head(self.trainer.encoder.output_shape[-1]).get_weights()
         if method == "rotation":
             if self._pretrained is None:
@@ -326,9 +327,27 @@ class FinetuneSession:
 
 
 def feature_batches(features: np.ndarray, targets: np.ndarray, batch_size: int, seed: int) -> tf.data.Dataset:
-    """Shuffled, endlessly repeated batches of (features, targets) for a warm-up on features."""
-    dataset = tf.data.Dataset.from_tensor_slices((features, np.asarray(targets, np.float32)))
-    return dataset.shuffle(len(features), seed=seed).repeat().batch(batch_size, drop_remainder=True).prefetch(2)
+    """Shuffled, endlessly repeated batches of (features, targets) for a warm-up on features.
+
+    Parameters
+    ----------
+    features : numpy.ndarray
+        float32 (M, F): the frozen encoder's pooled features of the training images.
+    targets : numpy.ndarray
+        float32 (M, T).
+    batch_size : int
+    seed : int
+        The order depends on it alone (:func:`drnb.pipeline.shuffled_positions`).
+
+    Returns
+    -------
+    tf.data.Dataset
+        of (float32 (B, F), float32 (B, T)).
+    """
+    features = tf.constant(features)
+    targets = tf.constant(np.asarray(targets, np.float32))
+    batches = shuffled_positions(len(features), seed).batch(batch_size, drop_remainder=True)
+    return batches.map(lambda positions: (tf.gather(features, positions), tf.gather(targets, positions))).prefetch(2)
 
 
 def write_run(out_dir, metrics, history, test_rows, true_grades, predicted, probabilities) -> None:

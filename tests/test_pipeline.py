@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from drnb.pipeline import augment, labelled_batches, rotate_all4, rotate_random1, rotation_batches
+from drnb.pipeline import augment, labelled_batches, rotate_all4, rotate_random1, rotation_batches, shuffled_positions
 from drnb.preprocessing import rotation_invariant_mask
 
 
@@ -127,3 +127,42 @@ def test_augmentation_gives_the_same_float_images_from_uint8_and_float32(asymmet
     from_float = augment(tf.constant(images.astype(np.float32)), seed, rot90=True).numpy()
     assert from_uint8.dtype == np.float32
     np.testing.assert_allclose(from_uint8, from_float, atol=1e-3)
+
+
+def test_shuffled_positions_gives_a_new_permutation_every_pass():
+    stream = shuffled_positions(7, seed=3).take(21)
+    passes = np.array([int(position) for position in stream]).reshape(3, 7)
+    for one_pass in passes:
+        assert sorted(one_pass.tolist()) == list(range(7))  # each item once per pass
+    assert len({tuple(one_pass) for one_pass in passes}) == 3
+
+
+def test_shuffled_positions_rejects_an_empty_set():
+    with pytest.raises(ValueError, match="count=0"):
+        shuffled_positions(0, seed=1)
+
+
+def _training_order(seed):
+    images = tf.constant(np.arange(12, dtype=np.uint8).reshape(12, 1, 1, 1).repeat(3, axis=3))
+    targets = np.arange(12, dtype=np.float32)[:, None]
+    batches = labelled_batches(images, np.arange(12), targets, 4, seed=seed, training=True)
+    return np.concatenate([target.numpy()[:, 0] for _, target in batches.take(6)])
+
+
+def test_training_order_depends_on_the_run_seed_and_not_on_tensorflows_global_seed():
+    tf.random.set_seed(1)
+    first = _training_order(seed=5)
+    tf.random.set_seed(99)  # another global seed, as any earlier code may have set
+    assert np.array_equal(_training_order(seed=5), first)
+    assert not np.array_equal(_training_order(seed=6), first)
+
+
+def test_rotation_batches_order_does_not_depend_on_tensorflows_global_seed(asymmetric_images):
+    def first_batches():
+        dataset = rotation_batches(tf.constant(asymmetric_images), np.arange(len(asymmetric_images)), 8, seed=4)
+        return np.concatenate([images.numpy() for images, _ in dataset.take(3)])
+
+    tf.random.set_seed(2)
+    first = first_batches()
+    tf.random.set_seed(77)
+    assert np.array_equal(first_batches(), first)
