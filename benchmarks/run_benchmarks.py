@@ -148,7 +148,8 @@ def planned_work(profile, session, n_images: int) -> dict:
     and the held-out rotations it scores after each epoch. Fine-tuning: for every method,
     fraction and repetition, the run's real labelled subset (from ``session``'s splits) through
     :func:`drnb.finetune.plan_steps`; the images encoded for a warm-up on features; the
-    validation images scored after each full epoch; the test fold.
+    validation images scored after each full epoch; the images the cut points are fitted on;
+    the test fold.
 
     Returns
     -------
@@ -185,6 +186,8 @@ def planned_work(profile, session, n_images: int) -> dict:
                 "finetune_full": profile.finetune_epochs * finetune_steps * batch,
                 "finetune_predict": len(split.test) + profile.finetune_epochs * len(split.validation_for(fraction)),
             }
+            if profile.cut_points == "prior":
+                per_run["finetune_predict"] += len(session.calibration_rows(split, profile.seed + repetition))
             warmup_images = profile.warmup_epochs * warmup_steps * batch
             if profile.warmup_on_features and profile.warmup_epochs:
                 per_run["finetune_features"] = warmup_images

@@ -12,8 +12,12 @@ A run, given a repetition's split (:mod:`drnb.splits`):
    (no augmentation), which makes a warm-up step nearly free on a CPU;
 3. after each epoch scores quadratic weighted kappa on the validation split (carved from
    the training pool, never the test fold) and keeps the best weights;
-4. predicts the test fold with them and writes ``predictions.csv``, ``history.csv`` and,
-   last, ``metrics.json``: a run whose ``metrics.json`` exists is finished.
+4. predicts the test fold with them and decodes grades: with the fixed rule, or
+   (``cut_points="prior"``) with cut points fitted on ``calibration_images`` images of the
+   training pool so that grades come out as often as in the labelled subset
+   (:func:`drnb.targets.prior_cut_points`); ``metrics.json`` keeps both kappas;
+5. writes ``predictions.csv``, ``history.csv`` and, last, ``metrics.json``: a run whose
+   ``metrics.json`` exists is finished.
 
 An epoch is one pass over the labelled subset. A run makes at least ``min_steps`` optimizer
 steps, so 5 % of the data is not judged after a few dozen updates: the shortfall is added to
@@ -45,7 +49,7 @@ from drnb.pretext import load_encoder, save_atomically
 from drnb.profiles import Profile
 from drnb.runs import write_json
 from drnb.splits import RepetitionSplit, make_repetition_split, validate_fraction
-from drnb.targets import decode, encode, ordinal_decode
+from drnb.targets import decode, decode_with_cut_points, encode, expected_grade, ordinal_decode, prior_cut_points
 
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.keras"
@@ -297,11 +301,21 @@ class FinetuneSession:
         train_seconds = time.perf_counter() - start
 
         probabilities = self._predict(split.test)
-        predicted = self._decode(probabilities)
+        fixed_grades = self._decode(probabilities)
+        cut_points = None
+        if profile.cut_points == "prior":
+            calibration_scores = expected_grade(self._predict(self.calibration_rows(split, seed)), profile.target)
+            cut_points = prior_cut_points(calibration_scores, self.grades[train_indices])
+            predicted = decode_with_cut_points(expected_grade(probabilities, profile.target), cut_points)
+        else:
+            predicted = fixed_grades
         true_grades = self.grades[split.test]
         metrics = evaluate_predictions(
             true_grades, predicted, n_resamples=profile.bootstrap_resamples, seed=seed
         )
+        # Both decodings of the same outputs, so what the cut points change stays visible.
+        metrics["qw_kappa_fixed_cuts"] = quadratic_weighted_kappa(true_grades, fixed_grades)
+        metrics["cut_points"] = None if cut_points is None else [float(cut) for cut in cut_points]
         if profile.target == "ordinal":
             # How often the reference decoding, (p > .5).sum() - 1, would have produced grade -1.
             metrics["reference_decoding_minus_one"] = int((ordinal_decode(probabilities, rule="reference") < 0).sum())
@@ -324,6 +338,22 @@ class FinetuneSession:
 
     def _decode(self, probabilities: np.ndarray) -> np.ndarray:
         return decode(probabilities, self.profile.target)
+
+    def calibration_rows(self, split: RepetitionSplit, seed: int) -> np.ndarray:
+        """Rows the prior-matched cut points are fitted on (``cut_points="prior"``).
+
+        ``calibration_images`` rows drawn with ``seed`` from the repetition's training pool
+        (every row outside its test fold, labelled at this fraction or not), so both methods
+        of a repetition are calibrated on the same images and no test image is used.
+
+        Returns
+        -------
+        numpy.ndarray
+            int64 (min(calibration_images, pool size),), sorted.
+        """
+        pool = np.setdiff1d(np.arange(len(self.grades)), split.test)
+        count = min(self.profile.calibration_images, len(pool))
+        return np.sort(np.random.default_rng(seed).choice(pool, count, replace=False)).astype(np.int64)
 
 
 def feature_batches(features: np.ndarray, targets: np.ndarray, batch_size: int, seed: int) -> tf.data.Dataset:

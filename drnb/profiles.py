@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from drnb.datasets import DATASETS
 from drnb.splits import MODES as SPLIT_MODES
-from drnb.targets import TARGETS
+from drnb.targets import CUT_POINTS, TARGETS
 
 # Choices live here, not in the modules that use them, so that checking a profile (and every
 # command-line error) happens before TensorFlow is imported.
@@ -77,6 +77,8 @@ class Profile:
     duplicate_threshold: float = 0.97  # images whose fingerprints correlate this much share a fold (drnb.duplicates); 0: off
     validation_fraction: float = 0.1  # of the training pool, for model selection only
     target: str = "ordinal"  # "ordinal" (cumulative sigmoid code) or "softmax"
+    cut_points: str = "fixed"  # outputs -> grades: "fixed" (0.5 per ordinal output; argmax) or "prior" (drnb.targets)
+    calibration_images: int = 256  # cut_points="prior": training-pool images (never test) the cuts are fitted on
     finetune_hidden: tuple[int, ...] = (1024,)  # "simple multiclass" head widths
     finetune_dropout: float = 0.5  # dropout after each hidden fine-tuning layer
     finetune_batch_size: int = 32  # images per batch
@@ -101,6 +103,7 @@ class Profile:
         _check_choice("mixed_precision", self.mixed_precision, ("auto", "on", "off"))
         _check_choice("rotation_mode", self.rotation_mode, ROTATION_MODES)
         _check_choice("target", self.target, TARGETS)
+        _check_choice("cut_points", self.cut_points, CUT_POINTS)
         _check_choice("split_mode", self.split_mode, SPLIT_MODES)
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         for method in self.methods:
@@ -112,7 +115,7 @@ class Profile:
                 raise ValueError(f"fractions: {fraction!r} is not a labelled fraction in (0, 1]")
         positive = (
             "image_size synthetic_images pretext_batch_size pretext_epochs repetitions folds "
-            "finetune_batch_size finetune_epochs"
+            "finetune_batch_size finetune_epochs calibration_images"
         ).split()
         for name in positive:
             if getattr(self, name) < 1:
@@ -174,6 +177,8 @@ PROFILES: dict[str, Profile] = {
         finetune_learning_rate=1e-3,
         warmup_epochs=1,
         finetune_epochs=1,
+        cut_points="prior",
+        calibration_images=64,
         bootstrap_resamples=50,
     ),
     "quick": Profile(
@@ -198,6 +203,7 @@ PROFILES: dict[str, Profile] = {
         finetune_min_steps=48,
         finetune_max_steps=112,
         lr_schedule="cosine",
+        cut_points="prior",
     ),
     "paper": Profile(
         name="paper",
@@ -277,7 +283,7 @@ def parse_assignments(assignments: list[str]) -> dict[str, str]:
 
 # Settings added after run folders were first written, with the value that reproduces what
 # those runs did: a resumed run must not change its splits halfway through.
-SETTINGS_BEFORE_THEY_EXISTED = {"duplicate_threshold": 0.0}
+SETTINGS_BEFORE_THEY_EXISTED = {"duplicate_threshold": 0.0, "cut_points": "fixed"}
 
 
 def load_profile(path) -> Profile:

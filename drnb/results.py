@@ -73,6 +73,41 @@ def summary_table(results: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def cut_point_effect(results: pd.DataFrame) -> pd.DataFrame:
+    """What prior-matched cut points changed: per method and fraction, both decodings' average kappa.
+
+    Parameters
+    ----------
+    results : pandas.DataFrame
+        From :func:`collect_results`; needs ``qw_kappa_fixed_cuts`` (runs written since drnb
+        recorded it).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``method, train_split (%), qwk_avg`` (the profile's decoding),
+        ``qwk_avg_fixed_cuts`` (the fixed rule on the same outputs), ``difference`` and
+        ``runs_higher`` (runs where the profile's decoding scored higher) of ``runs``.
+    """
+    if "qw_kappa_fixed_cuts" not in results:
+        raise ValueError("results have no qw_kappa_fixed_cuts column: these runs predate it; rerun them to compare")
+    higher = results["qw_kappa"] > results["qw_kappa_fixed_cuts"]
+    table = (
+        results.assign(higher=higher)
+        .groupby(["method", "fraction"])
+        .agg(
+            qwk_avg=("qw_kappa", "mean"),
+            qwk_avg_fixed_cuts=("qw_kappa_fixed_cuts", "mean"),
+            runs_higher=("higher", "sum"),
+            runs=("qw_kappa", "size"),
+        )
+        .reset_index()
+    )
+    table.insert(2, "difference", table["qwk_avg"] - table["qwk_avg_fixed_cuts"])
+    table.insert(1, "train_split", (table.pop("fraction") * 100).round(2))
+    return table[["method", "train_split", "qwk_avg", "qwk_avg_fixed_cuts", "difference", "runs_higher", "runs"]]
+
+
 def markdown_table(table: pd.DataFrame) -> str:
     """The summary table as GitHub Markdown, three decimals (no ``tabulate`` needed)."""
     header = "| " + " | ".join(table.columns) + " |"

@@ -20,6 +20,18 @@ those images from the confusion matrix without a word, so the reported kappa is 
 fewer test images than claimed. drnb therefore decodes with the ``"count"`` rule by default:
 the grade is the number of outputs 1..4 above 0.5, which is always in 0..4 and ignores output 0.
 The reference rule is kept, as ``rule="reference"``, only to reproduce the reference numbers.
+
+Cut points matched to the grade prior
+-------------------------------------
+A fixed threshold of 0.5 per output suits a network that has learnt the grades well. One
+that has only started to (a CPU budget, few labels) ranks images better than it places them:
+its outputs hover near the grade prior, so the count rule answers "grade 0" or "grade 1" for
+almost every image and kappa sees little of the ranking. :func:`expected_grade` turns the
+outputs into one score, and :func:`prior_cut_points` places four cut points on the scores of
+images the run may see (its training pool, never the test fold) so that the grades they
+receive occur as often as in the labelled subset; :func:`decode_with_cut_points` applies them
+to each test image on its own. Kaggle's DR solutions tuned such thresholds on validation
+labels; matching the prior needs no labels beyond the subset's grade counts.
 """
 
 from __future__ import annotations
@@ -30,18 +42,23 @@ import pandas as pd
 N_GRADES = 5
 TARGETS = ("ordinal", "softmax")
 DECODE_RULES = ("count", "reference")
+CUT_POINTS = ("fixed", "prior")  # a profile's choice: the fixed rule (count or argmax), or prior_cut_points
 THRESHOLD = 0.5
 
 __all__ = [
+    "CUT_POINTS",
     "DECODE_RULES",
     "N_GRADES",
     "TARGETS",
     "THRESHOLD",
     "decode",
+    "decode_with_cut_points",
     "encode",
+    "expected_grade",
     "onehot_encode",
     "ordinal_decode",
     "ordinal_encode",
+    "prior_cut_points",
     "softmax_decode",
     "validate_grades",
 ]
@@ -285,3 +302,69 @@ def decode(probabilities, target: str, rule: str = "count") -> np.ndarray:
             f"rule={rule!r} applies only to target='ordinal'; a softmax head is decoded by argmax"
         )
     return softmax_decode(probabilities)
+
+
+def expected_grade(probabilities, target: str) -> np.ndarray:
+    """One score per image from the head's outputs: the grade it expects.
+
+    Parameters
+    ----------
+    probabilities : array-like, shape (N, 5)
+        Ordinal sigmoid outputs ("grade >= j", in [0, 1]) or softmax probabilities.
+    target : {"ordinal", "softmax"}
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 (N,) in [0, 4]: ordinal, the sum of outputs 1-4; softmax, ``sum_k k * p_k``.
+    """
+    _check_target(target)
+    p = _validate_outputs(probabilities)
+    if target == "ordinal":
+        return p[:, 1:].sum(axis=1)
+    return p @ np.arange(N_GRADES, dtype=np.float64)
+
+
+def prior_cut_points(scores, labelled_grades) -> np.ndarray:
+    """Four cut points that give ``scores`` the grade proportions of ``labelled_grades``.
+
+    Parameters
+    ----------
+    scores : array-like, shape (M,)
+        Scores (:func:`expected_grade`) of the images the cut points are fitted on.
+    labelled_grades : array-like, shape (L,)
+        Grades 0-4 of the labelled training subset: only their proportions are used.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 (4,), non-decreasing: cut ``j`` is the score quantile at the proportion of
+        labelled grades below ``j + 1``.
+    """
+    scores = np.asarray(scores, np.float64)
+    if scores.ndim != 1 or not len(scores) or not np.isfinite(scores).all():
+        raise ValueError(f"scores must be a non-empty 1-D array of finite numbers; got shape {scores.shape}")
+    grades = validate_grades(labelled_grades, "labelled_grades")
+    if not len(grades):
+        raise ValueError("labelled_grades is empty: the cut points need the labelled subset's grade proportions")
+    below = np.cumsum(np.bincount(grades, minlength=N_GRADES))[:-1] / len(grades)
+    return np.quantile(scores, below)
+
+
+def decode_with_cut_points(scores, cut_points) -> np.ndarray:
+    """Grade = how many cut points a score exceeds (ties go to the lower grade).
+
+    Parameters
+    ----------
+    scores : array-like, shape (N,)
+    cut_points : array-like, shape (4,), non-decreasing
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 (N,) in 0..4.
+    """
+    cuts = np.asarray(cut_points, np.float64)
+    if cuts.shape != (N_GRADES - 1,) or np.any(np.diff(cuts) < 0):
+        raise ValueError(f"cut_points must be {N_GRADES - 1} non-decreasing numbers; got {cuts.tolist()}")
+    return (np.asarray(scores, np.float64)[:, None] > cuts[None, :]).sum(axis=1).astype(np.int64)

@@ -9,10 +9,12 @@ import pandas as pd
 import pytest
 
 from drnb.finetune import FinetuneSession, learning_rate_at, plan_steps, run_directory, run_fraction
+from drnb.metrics import quadratic_weighted_kappa
 from drnb.preprocessing import PreprocessConfig, preprocess_image
 from drnb.pretext import train_pretext
 from drnb.profiles import resolve_profile
 from drnb.synthetic import make_fundus_images
+from drnb.targets import decode, decode_with_cut_points, expected_grade
 
 pytestmark = pytest.mark.slow
 
@@ -149,3 +151,27 @@ def test_deterministic_flag_gives_the_same_run_whatever_ran_before(tmp_path):
     first, second = json.loads(output.strip().splitlines()[-1])
     assert first == second
     assert (tmp_path / "a" / "predictions.csv").read_text() == (tmp_path / "b" / "predictions.csv").read_text()
+
+
+@pytest.fixture(scope="module")
+def small_session():
+    images, grades = make_fundus_images(80, size=32, seed=1)
+    table = pd.DataFrame({"image_id": [str(i) for i in range(80)], "path": "", "grade": grades, "patient_id": None, "split": None})
+    profile = resolve_profile("smoke", {"methods": "scratch", "bootstrap_resamples": "0", "calibration_images": "40"})
+    return FinetuneSession(images, table, profile, log=lambda line: None)
+
+
+def test_prior_cut_points_are_fitted_on_the_training_pool_and_decode_the_test_fold(small_session, tmp_path):
+    split = small_session.split(0, 1.0)
+    rows = small_session.calibration_rows(split, seed=0)
+    assert len(rows) == 40 and not np.intersect1d(rows, split.test).size
+    np.testing.assert_array_equal(small_session.calibration_rows(split, seed=0), rows)  # same for every method
+
+    metrics = small_session.run("scratch", 1.0, 0, tmp_path)
+    cuts = np.array(metrics["cut_points"])
+    assert cuts.shape == (4,) and np.all(np.diff(cuts) >= 0)
+    predictions = pd.read_csv(tmp_path / "predictions.csv")
+    scores = expected_grade(predictions[[f"p{k}" for k in range(5)]].to_numpy(), "ordinal")
+    np.testing.assert_array_equal(predictions["predicted"], decode_with_cut_points(scores, cuts))
+    fixed = decode(predictions[[f"p{k}" for k in range(5)]].to_numpy(), "ordinal")
+    assert metrics["qw_kappa_fixed_cuts"] == pytest.approx(quadratic_weighted_kappa(predictions["grade"], fixed))

@@ -40,6 +40,8 @@ def test_overrides_are_parsed_to_the_field_types():
         ({"repetitions": "6"}, "repetitions"),
         ({"ben_graham": "perhaps"}, "ben_graham"),
         ({"lr_schedule": "linear"}, "lr_schedule"),
+        ({"cut_points": "optimised"}, "cut_points"),
+        ({"calibration_images": 0}, "calibration_images"),
         ({"finetune_min_steps": "-1"}, "finetune_min_steps"),
         ({"finetune_min_steps": "50", "finetune_max_steps": "40"}, "finetune_max_steps"),
     ],
@@ -97,8 +99,11 @@ def test_a_run_folder_written_before_a_setting_existed_keeps_its_old_behaviour(t
     # A profile.json from before near duplicates were grouped resumes without grouping them,
     # so its remaining runs use the same folds as its finished ones.
     values = json.loads(PROFILES["quick"].to_json())
-    del values["duplicate_threshold"]
+    # Likewise one from before prior-matched cut points keeps decoding with the fixed rule.
+    del values["duplicate_threshold"], values["cut_points"]
     path = tmp_path / "profile.json"
     path.write_text(json.dumps(values))
     assert load_profile(path).duplicate_threshold == 0
+    assert load_profile(path).cut_points == "fixed"
     assert PROFILES["quick"].duplicate_threshold == 0.97
+    assert PROFILES["quick"].cut_points == "prior"

@@ -6,7 +6,7 @@ import pytest
 
 from drnb.finetune import run_directory, write_run
 from drnb.metrics import evaluate_predictions
-from drnb.results import PAPER_KAPPA, collect_results, compare_methods, markdown_table, summary_table
+from drnb.results import PAPER_KAPPA, collect_results, compare_methods, cut_point_effect, markdown_table, summary_table
 
 
 def fake_sweep(root, accuracy_by_method, fractions=(0.1, 1.0), repetitions=3, n=200, seed=0):
@@ -58,3 +58,21 @@ def test_a_much_better_method_is_called_better_and_equal_ones_are_not(tmp_path):
 def test_no_runs_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="notebook 03"):
         collect_results(tmp_path)
+
+
+def test_cut_point_effect_compares_both_decodings_per_fraction():
+    results = pd.DataFrame(
+        {
+            "method": ["rotation"] * 3,
+            "fraction": [0.05, 0.05, 1.0],
+            "qw_kappa": [0.30, 0.10, 0.50],
+            "qw_kappa_fixed_cuts": [0.20, 0.10, 0.40],
+        }
+    )
+    effect = cut_point_effect(results).set_index("train_split")
+    assert effect.loc[5.0, "qwk_avg"] == pytest.approx(0.20)
+    assert effect.loc[5.0, "difference"] == pytest.approx(0.05)
+    assert effect.loc[5.0, "runs_higher"] == 1 and effect.loc[5.0, "runs"] == 2
+    assert effect.loc[100.0, "difference"] == pytest.approx(0.10)
+    with pytest.raises(ValueError, match="qw_kappa_fixed_cuts"):
+        cut_point_effect(results.drop(columns="qw_kappa_fixed_cuts"))

@@ -3,13 +3,17 @@
 import numpy as np
 import pytest
 
+from drnb.metrics import quadratic_weighted_kappa
 from drnb.targets import (
     N_GRADES,
     decode,
+    decode_with_cut_points,
     encode,
+    expected_grade,
     onehot_encode,
     ordinal_decode,
     ordinal_encode,
+    prior_cut_points,
     softmax_decode,
     validate_grades,
 )
@@ -109,3 +113,49 @@ def test_bad_inputs_raise():
 def test_validate_grades_accepts_whole_floats():
     np.testing.assert_array_equal(validate_grades([0.0, 4.0, 2.0]), [0, 4, 2])
     assert validate_grades(np.array([1, 2], dtype=np.uint8)).dtype == np.int64
+
+
+def test_expected_grade_of_ordinal_and_softmax_outputs():
+    ordinal = np.array([[1.0, 0.9, 0.5, 0.1, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(expected_grade(ordinal, "ordinal"), [1.5, 0.0])
+    softmax = np.array([[0.0, 0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    np.testing.assert_allclose(expected_grade(softmax, "softmax"), [1.5, 4.0])
+
+
+def test_prior_cut_points_reproduce_the_labelled_grade_proportions():
+    rng = np.random.default_rng(0)
+    labelled = np.repeat(np.arange(5), [500, 130, 290, 50, 30])
+    scores = rng.normal(size=20_000) * 0.2 + 0.4  # a network that hovers near the prior
+    cuts = prior_cut_points(scores, labelled)
+    decoded = decode_with_cut_points(rng.normal(size=20_000) * 0.2 + 0.4, cuts)
+    np.testing.assert_allclose(np.bincount(decoded, minlength=5) / 20_000, np.bincount(labelled) / len(labelled), atol=0.01)
+    # the fixed count rule would call nearly all of them grade 0: scores below 0.5 per output
+    assert np.all(np.diff(cuts) >= 0)
+
+
+def test_cut_points_keep_a_ranking_that_the_fixed_rule_hides():
+    grades = np.repeat(np.arange(5), 40)
+    scores = 0.3 + 0.02 * grades + np.random.default_rng(1).normal(0, 0.005, len(grades))  # ranks right, all < .5
+    ordinal = np.column_stack([np.ones(len(grades)), np.tile(scores[:, None] / 4, 4)])
+    assert quadratic_weighted_kappa(grades, decode(ordinal, "ordinal")) == 0  # every image "grade 0"
+    matched = decode_with_cut_points(expected_grade(ordinal, "ordinal"), prior_cut_points(expected_grade(ordinal, "ordinal"), grades))
+    assert quadratic_weighted_kappa(grades, matched) > 0.95
+
+
+def test_ties_go_to_the_lower_grade_and_constant_scores_give_grade_0():
+    cuts = prior_cut_points(np.full(10, 0.7), [0, 1, 2, 3, 4])
+    assert decode_with_cut_points(np.full(3, 0.7), cuts).tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "scores, grades, message",
+    [([], [0, 1], "non-empty"), ([0.1, np.nan], [0, 1], "finite"), ([0.1, 0.2], [], "empty"), ([0.1], [5], "row 0")],
+)
+def test_prior_cut_points_reject_bad_input(scores, grades, message):
+    with pytest.raises(ValueError, match=message):
+        prior_cut_points(scores, grades)
+
+
+def test_decode_with_cut_points_rejects_decreasing_cuts():
+    with pytest.raises(ValueError, match="non-decreasing"):
+        decode_with_cut_points([0.5], [0.1, 0.3, 0.2, 0.4])
