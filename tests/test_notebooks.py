@@ -18,6 +18,7 @@ NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS.values()))
 def test_notebook_is_thin_narrated_parameterised_and_stripped(name):
     notebook = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+    nbformat.validate(notebook)  # papermill logs an invalid notebook as an ERROR on every run
     first = notebook.cells[0]
     assert first.cell_type == "markdown" and "papermill" in first.source and "Writes" in first.source
     tagged = [cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", [])]
