@@ -376,7 +376,7 @@ def feature_batches(features: np.ndarray, targets: np.ndarray, batch_size: int, 
     """
     features = tf.constant(features)
     targets = tf.constant(np.asarray(targets, np.float32))
-    batches = shuffled_positions(len(features), seed).batch(batch_size, drop_remainder=True)
+    batches = shuffled_positions(len(features), seed, batch_size)
     return batches.map(lambda positions: (tf.gather(features, positions), tf.gather(targets, positions))).prefetch(2)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from drnb.models import stack
+from drnb.pipeline import without_autotune
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +161,12 @@ class Trainer:
 
         Keep it across :meth:`train` calls: a new iterator restarts the dataset's seeded
         shuffle and augmentation from the beginning.
+
+        The dataset's autotuning is switched off (:func:`drnb.pipeline.without_autotune`):
+        deleting an endless iterator whose autotuner is running stalled for 10-20 s at
+        random, once every two or three fine-tuning runs.
         """
-        return iter(self.strategy.experimental_distribute_dataset(dataset))
+        return iter(self.strategy.experimental_distribute_dataset(without_autotune(dataset)))
 
     def train(self, batches, steps: int, *, phase: str = "full", log_every: int = 0) -> StepLog:
         """Run ``steps`` optimizer steps on batches from the iterator ``batches`` (see :meth:`batches`).

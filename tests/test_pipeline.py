@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from drnb.pipeline import augment, labelled_batches, rotate_all4, rotate_random1, rotation_batches, shuffled_positions
+from drnb.pipeline import augment, labelled_batches, rotate_all4, rotate_random1, rotation_batches, shuffled_positions, without_autotune
 from drnb.preprocessing import rotation_invariant_mask
 
 
@@ -130,16 +130,27 @@ def test_augmentation_gives_the_same_float_images_from_uint8_and_float32(asymmet
 
 
 def test_shuffled_positions_gives_a_new_permutation_every_pass():
-    stream = shuffled_positions(7, seed=3).take(21)
-    passes = np.array([int(position) for position in stream]).reshape(3, 7)
+    stream = shuffled_positions(7, seed=3, batch_size=3).take(7)  # 21 items: three passes, batches straddling them
+    passes = np.concatenate([batch.numpy() for batch in stream]).reshape(3, 7)
     for one_pass in passes:
         assert sorted(one_pass.tolist()) == list(range(7))  # each item once per pass
     assert len({tuple(one_pass) for one_pass in passes}) == 3
 
 
-def test_shuffled_positions_rejects_an_empty_set():
-    with pytest.raises(ValueError, match="count=0"):
-        shuffled_positions(0, seed=1)
+@pytest.mark.parametrize("count, batch_size", [(7, 3), (3, 8), (5, 5)])
+def test_shuffled_positions_are_the_per_pass_permutations_keyed_by_seed_and_pass(count, batch_size):
+    expected = np.concatenate(
+        [tf.argsort(tf.random.stateless_uniform([count], tf.constant([4, e], tf.int64)), stable=True).numpy() for e in range(20)]
+    )
+    batches = [batch.numpy() for batch in shuffled_positions(count, seed=4, batch_size=batch_size).take(5)]
+    assert all(batch.shape == (batch_size,) for batch in batches)
+    np.testing.assert_array_equal(np.concatenate(batches), expected[: 5 * batch_size])
+
+
+@pytest.mark.parametrize("count, batch_size, message", [(0, 4, "count=0"), (4, 0, "batch_size=0")])
+def test_shuffled_positions_rejects_empty_sets_and_batches(count, batch_size, message):
+    with pytest.raises(ValueError, match=message):
+        shuffled_positions(count, seed=1, batch_size=batch_size)
 
 
 def _training_order(seed):
@@ -166,3 +177,9 @@ def test_rotation_batches_order_does_not_depend_on_tensorflows_global_seed(asymm
     first = first_batches()
     tf.random.set_seed(77)
     assert np.array_equal(first_batches(), first)
+
+
+def test_trainer_iterators_run_without_autotuning():
+    dataset = shuffled_positions(5, seed=0, batch_size=2)
+    assert dataset.options().autotune.enabled is not False
+    assert without_autotune(dataset).options().autotune.enabled is False
