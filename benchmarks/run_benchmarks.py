@@ -149,7 +149,8 @@ def planned_work(profile, session, n_images: int) -> dict:
     fraction and repetition, the run's real labelled subset (from ``session``'s splits) through
     :func:`drnb.finetune.plan_steps`; the images encoded for a warm-up on features; the
     validation images scored after each full epoch; the images the cut points are fitted on;
-    the test fold.
+    the test fold. Warm-up features are encoded per run, or, for methods that start every run
+    from the same encoder, once per row and notebook.
 
     Returns
     -------
@@ -162,7 +163,7 @@ def planned_work(profile, session, n_images: int) -> dict:
     import math
 
     from drnb.distribute import scaled_batch_and_rate
-    from drnb.finetune import plan_steps, runnable_methods
+    from drnb.finetune import SHARED_START_METHODS, plan_steps, runnable_methods
     from drnb.pretext import split_holdout
 
     pretext_train, holdout = split_holdout(n_images, profile.pretext_holdout_fraction, profile.seed)
@@ -176,7 +177,9 @@ def planned_work(profile, session, n_images: int) -> dict:
         "finetune_full": 0, "finetune_head": 0, "finetune_features": 0, "finetune_predict": 0,
     }
     methods = runnable_methods(profile)
+    features_shared = profile.warmup_on_features and profile.warmup_epochs
     for fraction in profile.fractions:
+        encoded_once = set()  # rows whose features a notebook's session keeps (SHARED_START_METHODS)
         for repetition in range(profile.repetitions):
             split = session.split(repetition, fraction)
             n_train = len(split.train[fraction])
@@ -189,13 +192,17 @@ def planned_work(profile, session, n_images: int) -> dict:
             if profile.cut_points == "prior":
                 per_run["finetune_predict"] += len(session.calibration_rows(split, profile.seed + repetition))
             warmup_images = profile.warmup_epochs * warmup_steps * batch
-            if profile.warmup_on_features and profile.warmup_epochs:
+            if features_shared:
                 per_run["finetune_features"] = warmup_images
-                per_run["finetune_predict"] += n_train  # the features are encoded once per run
+                encoded_once.update(split.train[fraction].tolist())
             else:
                 per_run["finetune_head"] = warmup_images
             for key, value in per_run.items():
                 work[key] += len(methods) * value
+            if features_shared:  # methods with their own start encode their subset every run
+                work["finetune_predict"] += n_train * sum(method not in SHARED_START_METHODS for method in methods)
+        if features_shared:  # and those sharing one encode each row once per notebook
+            work["finetune_predict"] += len(encoded_once) * sum(method in SHARED_START_METHODS for method in methods)
     work["runs"] = len(methods) * len(profile.fractions) * profile.repetitions
     work["fresh_encoders"] = sum(method != "rotation" for method in methods) * len(profile.fractions) * profile.repetitions
     work["notebooks"] = 3 + len(profile.fractions)

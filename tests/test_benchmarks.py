@@ -85,28 +85,40 @@ def count_trainer_work(trainer) -> dict:
 
 def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path):
     from drnb.finetune import FinetuneSession
+    from drnb.models import build_encoder
+    from drnb.pretext import save_atomically
     from drnb.profiles import resolve_profile
     from drnb.synthetic import make_fundus_images
 
     benchmarks = load_benchmark_module()
     images, grades = make_fundus_images(80, size=32, seed=1)
     table = pd.DataFrame({"image_id": [str(i) for i in range(80)], "path": "", "grade": grades, "patient_id": None, "split": None})
+    smoke = resolve_profile("smoke", {})
+    encoder_path = tmp_path / "encoder.keras"  # an untrained encoder stands in for the pretext's
+    save_atomically(build_encoder(smoke.encoder, smoke.image_size, pooling=smoke.pooling), encoder_path)
     for overrides in ({}, {"warmup_on_features": "true", "min_steps": "30"}):
+        # Two fractions, so the rotation features kept by one notebook's session are not
+        # counted again, and two notebooks (one session each) encode their rows anew.
         profile = resolve_profile(
-            "smoke", {"fractions": "0.5", "methods": "scratch", "bootstrap_resamples": "0", **overrides}
+            "smoke", {"fractions": "0.5,1.0", "methods": "rotation,scratch", "bootstrap_resamples": "0", **overrides}
         )
-        session = FinetuneSession(images, table, profile, log=lambda line: None)
-        work = benchmarks.planned_work(profile, session, len(images))
-        counts = count_trainer_work(session.trainer)
-        for repetition in range(profile.repetitions):
-            session.run("scratch", 0.5, repetition, tmp_path / f"{len(overrides)}-{repetition}")
+        sessions = [FinetuneSession(images, table, profile, encoder_path=encoder_path, log=lambda line: None) for _ in profile.fractions]
+        work = benchmarks.planned_work(profile, sessions[0], len(images))
+        counts = {"head": 0, "full": 0, "features": 0, "predict": 0}
+        for fraction, session in zip(profile.fractions, sessions):
+            session_counts = count_trainer_work(session.trainer)
+            for repetition in range(profile.repetitions):
+                for method in profile.methods:
+                    session.run(method, fraction, repetition, tmp_path / f"{len(overrides)}-{fraction}-{method}-{repetition}")
+            counts = {key: counts[key] + session_counts[key] for key in counts}
         assert counts["full"] == work["finetune_full"] > 0
         assert counts["head"] == work["finetune_head"]
         assert counts["features"] == work["finetune_features"]
         assert (work["finetune_features"] > 0) == profile.warmup_on_features
         assert counts["predict"] == work["finetune_predict"] > 0
-        assert work["runs"] == work["fresh_encoders"] == profile.repetitions
-        assert work["notebooks"] == 4 and work["images"] == 80
+        runs = len(profile.fractions) * profile.repetitions
+        assert work["runs"] == 2 * runs and work["fresh_encoders"] == runs
+        assert work["notebooks"] == 5 and work["images"] == 80
 
 
 def test_predicted_sweep_adds_each_stage_at_its_rate():

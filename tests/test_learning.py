@@ -127,6 +127,36 @@ def test_sweep_skips_finished_runs(synthetic, profile, pretext, tmp_path):
     pd.testing.assert_frame_equal(again.sort_index(axis=1), first.sort_index(axis=1), check_dtype=False)
 
 
+def test_rotation_runs_share_warmup_features_and_scratch_runs_do_not(synthetic, profile, pretext):
+    from drnb.pipeline import labelled_batches
+
+    images, table = synthetic
+    session = FinetuneSession(images, table, profile, encoder_path=pretext.encoder_path, log=lambda line: None)
+    encoded = []
+    encode = session.trainer.encode
+    session.trainer.encode = lambda dataset: encoded.append(len(out := encode(dataset))) or out
+    first, second = np.arange(0, 120), np.arange(60, 200)[::-1]  # overlapping, second out of order
+
+    def direct(rows):
+        return encode(labelled_batches(session.images, rows, session.targets[rows], 32, seed=0, training=False))
+
+    weights = session._initial_weights("rotation", seed=0)
+    session.trainer.reset(encoder_weights=weights[0], head_weights=weights[1], learning_rate=1e-3, seed=0)
+    session.warmup_features("rotation", first)
+    features = session.warmup_features("rotation", second)
+    assert encoded == [120, 80]  # the second call encodes only rows 120-199
+    np.testing.assert_allclose(features, direct(second), rtol=1e-4, atol=1e-5)
+
+    weights = session._initial_weights("scratch", seed=1)
+    session.trainer.reset(encoder_weights=weights[0], head_weights=weights[1], learning_rate=1e-3, seed=1)
+    encoded.clear()
+    session.warmup_features("scratch", first)
+    scratch = session.warmup_features("scratch", second)
+    assert encoded == [120, 140]  # a fresh encoder per run: nothing kept
+    np.testing.assert_allclose(scratch, direct(second), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(scratch, features)
+
+
 DETERMINISM_SCRIPT = """
 import numpy as np, pandas as pd, tensorflow as tf
 from drnb.finetune import FinetuneSession
