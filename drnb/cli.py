@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--image-dir", help="csv layout: image folder inside the data folder")
     inspect.add_argument("--id-column", help="csv layout: column holding the image id")
     inspect.add_argument("--grade-column", help="csv layout: column holding the grade 0-4")
+    inspect.add_argument("--patient-column", help="column holding the patient id (eyes of one patient kept together)")
     inspect.add_argument("--suffix", help="csv layout: image file suffix, e.g. .png")
     inspect.add_argument("--no-decode", action="store_true", help="skip opening every image (faster)")
 
@@ -75,7 +76,8 @@ def _inspect(args) -> int:
     try:
         table = load_dataset(
             args.dataset, args.data_dir, drop_missing=True, label_file=args.label_file, image_dir=args.image_dir,
-            id_column=args.id_column, grade_column=args.grade_column, suffix=args.suffix,
+            id_column=args.id_column, grade_column=args.grade_column,
+            patient_column=args.patient_column, suffix=args.suffix,
         )
     finally:
         logging.getLogger("drnb").removeHandler(handler)

@@ -58,6 +58,7 @@ class DatasetInfo:
     image_dir: str = ""
     id_column: str = ""
     grade_column: str = ""
+    patient_column: str = ""  # csv layout: column of patient ids; "" = from ids named <patient>_<left|right>
     suffix: str = ""
     download_url: str = ""
     md5: str = ""
@@ -197,6 +198,7 @@ def load_dataset(
     image_dir: str | None = None,
     id_column: str | None = None,
     grade_column: str | None = None,
+    patient_column: str | None = None,
     suffix: str | None = None,
     synthetic_images: int = 600,
     synthetic_size: int = 256,
@@ -217,6 +219,11 @@ def load_dataset(
     label_file, image_dir, id_column, grade_column, suffix : str, optional
         Override the registry's layout; needed for ``csv`` when your files differ from
         ``labels.csv`` / ``images/`` / ``id`` / ``grade`` / ``.png``.
+    patient_column : str, optional
+        For the label-file layouts (``csv``, ``aptos2019``, ``eyepacs2015``): the column
+        naming each image's patient, so that both eyes of a patient stay on one side of every
+        split. Empty cells mean "no patient known" (the image is its own group). Without it,
+        ids named ``<patient>_<left|right>`` (EyePACS) give the patient.
     synthetic_images, synthetic_size, seed : int
         For ``synthetic`` only: how many images, their size in pixels, and the seed.
 
@@ -231,9 +238,15 @@ def load_dataset(
         "image_dir": image_dir,
         "id_column": id_column,
         "grade_column": grade_column,
+        "patient_column": patient_column,
         "suffix": suffix,
     }
     info = DatasetInfo(**{**info.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+    if info.patient_column and info.kind not in ("csv", "synthetic"):
+        raise ValueError(
+            f"patient_column={info.patient_column!r}: dataset {name!r} has no label file to read patients from; "
+            "patient_column applies to the label-file layouts (aptos2019, eyepacs2015, csv)"
+        )
     if data_dir is None:
         data_dir = default_data_dir(name)
         if info.kind == "synthetic":
@@ -325,16 +338,22 @@ def _patient_ids(image_ids: pd.Series) -> pd.Series:
 
 def _load_csv_layout(info: DatasetInfo, data_dir: Path) -> pd.DataFrame:
     label_path = data_dir / info.label_file
-    labels = _read_label_csv(label_path, [info.id_column, info.grade_column])
+    columns = [info.id_column, info.grade_column] + ([info.patient_column] if info.patient_column else [])
+    labels = _read_label_csv(label_path, columns)
     ids = labels[info.id_column].str.strip()
     _check_unique(ids, label_path, info.id_column)
     image_root = data_dir / info.image_dir
+    if info.patient_column:
+        patients = labels[info.patient_column].str.strip()
+        patients = patients.where(patients != "", None)
+    else:
+        patients = _patient_ids(ids)
     return pd.DataFrame(
         {
             "image_id": ids,
             "path": [str(image_root / f"{image_id}{info.suffix}") for image_id in ids],
             "grade": parse_grades(labels[info.grade_column], label_path, info.grade_column),
-            "patient_id": _patient_ids(ids),
+            "patient_id": patients,
             "split": None,
         }
     )

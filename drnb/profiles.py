@@ -50,6 +50,7 @@ class Profile:
     image_dir: str = ""  # layout override: image folder in data_dir; "" = registry's
     id_column: str = ""  # layout override: column of image ids; "" = registry's
     grade_column: str = ""  # layout override: column of grades 0-4; "" = registry's
+    patient_column: str = ""  # label-file layouts: column of patient ids (eyes kept together); "" = none, or EyePACS-style ids
     suffix: str = ""  # layout override: image file suffix such as .jpg; "" = registry's
     image_size: int = 128  # side of the square preprocessed images, pixels
     ben_graham: bool = False  # Ben Graham's local colour normalisation in preprocessing

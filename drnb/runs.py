@@ -146,6 +146,7 @@ def load_table(profile: Profile):
         image_dir=profile.image_dir or None,
         id_column=profile.id_column or None,
         grade_column=profile.grade_column or None,
+        patient_column=profile.patient_column or None,
         suffix=profile.suffix or None,
     )
 

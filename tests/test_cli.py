@@ -119,6 +119,13 @@ def test_inspect_csv_layout_flags(tmp_path, write_fundus, capsys):
     assert "patients: 1 (2 images with a patient id)" in out
 
 
+def test_inspect_patient_column(tmp_path, write_fundus, capsys):
+    root = write_aptos(tmp_path / "aptos", write_fundus, [("a", 0), ("b", 2), ("c", 2)])
+    (root / "train.csv").write_text("id_code,diagnosis,patient\na,0,x\nb,2,x\nc,2,\n")
+    assert main(["inspect", "--dataset", "aptos2019", "--data-dir", str(root), "--patient-column", "patient"]) == 0
+    assert "patients: 1 (2 images with a patient id)" in capsys.readouterr().out
+
+
 def test_inspect_missing_data_dir(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     assert main(["inspect", "--dataset", "eyepacs2015", "--data-dir", str(missing)]) == 2

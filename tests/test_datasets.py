@@ -211,6 +211,43 @@ def test_csv_layout_with_overrides(tmp_path, write_fundus):
     assert table["path"][1] == str(root.resolve() / "pictures" / "scan-2.jpg")
 
 
+def test_patient_column_keeps_a_patients_eyes_together(tmp_path, write_fundus):
+    from drnb.profiles import resolve_profile
+    from drnb.runs import load_table
+    from drnb.splits import make_repetition_split
+
+    root = tmp_path / "mine"
+    root.mkdir()
+    people = ["p1", "p1", "", "p2", "p2", "p3", "p3", " p4 ", "p4", "p5"]
+    rows = [f"img{i},{i % 5},{person}" for i, person in enumerate(people)]
+    (root / "labels.csv").write_text("id,grade,person\n" + "\n".join(rows) + "\n")
+    for i in range(len(people)):
+        write_fundus(root / "images" / f"img{i}.png")
+    table = load_table(resolve_profile("quick", {"dataset": "csv", "data_dir": str(root), "patient_column": "person"}))
+    assert_common_table(table)
+    assert table["patient_id"].fillna("-").tolist() == ["p1", "p1", "-", "p2", "p2", "p3", "p3", "p4", "p4", "p5"]
+    assert load_dataset("csv", root)["patient_id"].isna().all()  # without the column, no patients
+    groups = table["patient_id"].fillna(table["image_id"]).to_numpy()
+    for repetition in range(5):
+        test = make_repetition_split(
+            table["grade"].to_numpy(), repetition, (1.0,), patient_ids=groups, seed=0, validation_fraction=0
+        ).test
+        for patient in ("p1", "p2", "p3", "p4"):
+            in_test = np.isin(np.flatnonzero(groups == patient), test)
+            assert in_test.all() or not in_test.any(), f"patient {patient} split across folds"
+
+
+def test_missing_patient_column_names_file_and_column(tmp_path, write_fundus):
+    root = write_aptos(tmp_path / "aptos", write_fundus, [("a", "0"), ("b", "2")])
+    with pytest.raises(ValueError, match=r"train\.csv lacks column\(s\) \['patient'\]"):
+        load_dataset("aptos2019", root, patient_column="patient")
+
+
+def test_patient_column_on_a_layout_without_label_file_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="patient_column='person'.*'retinamnist'"):
+        load_dataset("retinamnist", tmp_path, patient_column="person")
+
+
 def test_csv_layout_defaults_need_the_overrides(tmp_path, write_fundus):
     root = tmp_path / "mine"
     root.mkdir()
