@@ -243,11 +243,12 @@ class FinetuneSession:
             )
         return pretrained.get_weights()
 
+    def _inference_batches(self, rows: np.ndarray) -> tf.data.Dataset:
+        """``rows``' images in order, unaugmented, in batches (with their targets)."""
+        return labelled_batches(self.images, rows, self.targets[rows], self.batch_size, seed=0, training=False)
+
     def _predict(self, indices: np.ndarray) -> np.ndarray:
-        dataset = labelled_batches(
-            self.images, indices, self.targets[indices], self.batch_size, seed=0, training=False
-        )
-        return self.trainer.predict(dataset)
+        return self.trainer.predict(self._inference_batches(indices))
 
     def run(self, method: str, fraction: float, repetition: int, out_dir: str | os.PathLike, *, save_model: bool = False) -> dict:
         """Fine-tune and evaluate one run; write its files into ``out_dir``; return its metrics.
@@ -361,21 +362,15 @@ class FinetuneSession:
             float32 (M, F), in the order of ``rows``.
         """
         rows = np.asarray(rows, dtype=np.int64)
-
-        def encode_rows(selected):
-            return self.trainer.encode(
-                labelled_batches(self.images, selected, self.targets[selected], self.batch_size, seed=0, training=False)
-            )
-
         if method not in SHARED_START_METHODS:
-            return encode_rows(rows)
+            return self.trainer.encode(self._inference_batches(rows))
         if method not in self._feature_cache:
             count, width = len(self.grades), self.trainer.encoder.output_shape[-1]
             self._feature_cache[method] = (np.zeros((count, width), np.float32), np.zeros(count, bool))
         features, encoded = self._feature_cache[method]
         missing = np.unique(rows[~encoded[rows]])
         if len(missing):
-            features[missing] = encode_rows(missing)
+            features[missing] = self.trainer.encode(self._inference_batches(missing))
             encoded[missing] = True
         return features[rows]
 
