@@ -177,9 +177,10 @@ def planned_work(profile, session, n_images: int) -> dict:
         "finetune_full": 0, "finetune_head": 0, "finetune_features": 0, "finetune_predict": 0,
     }
     methods = runnable_methods(profile)
-    features_shared = profile.warmup_on_features and profile.warmup_epochs
+    on_features = profile.warmup_on_features and profile.warmup_epochs
+    sharing = sum(method in SHARED_START_METHODS for method in methods)  # encode each row once per notebook
     for fraction in profile.fractions:
-        encoded_once = set()  # rows whose features a notebook's session keeps (SHARED_START_METHODS)
+        encoded_once = set()  # rows whose features a notebook's session keeps for the sharing methods
         for repetition in range(profile.repetitions):
             split = session.split(repetition, fraction)
             n_train = len(split.train[fraction])
@@ -192,17 +193,15 @@ def planned_work(profile, session, n_images: int) -> dict:
             if profile.cut_points == "prior":
                 per_run["finetune_predict"] += len(session.calibration_rows(split, profile.seed + repetition))
             warmup_images = profile.warmup_epochs * warmup_steps * batch
-            if features_shared:
+            if on_features:
                 per_run["finetune_features"] = warmup_images
+                work["finetune_predict"] += (len(methods) - sharing) * n_train  # the others encode every run
                 encoded_once.update(split.train[fraction].tolist())
             else:
                 per_run["finetune_head"] = warmup_images
             for key, value in per_run.items():
                 work[key] += len(methods) * value
-            if features_shared:  # methods with their own start encode their subset every run
-                work["finetune_predict"] += n_train * sum(method not in SHARED_START_METHODS for method in methods)
-        if features_shared:  # and those sharing one encode each row once per notebook
-            work["finetune_predict"] += len(encoded_once) * sum(method in SHARED_START_METHODS for method in methods)
+        work["finetune_predict"] += sharing * len(encoded_once)  # empty without a warm-up on features
     work["runs"] = len(methods) * len(profile.fractions) * profile.repetitions
     work["fresh_encoders"] = sum(method != "rotation" for method in methods) * len(profile.fractions) * profile.repetitions
     work["notebooks"] = 3 + len(profile.fractions)

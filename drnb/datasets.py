@@ -38,6 +38,8 @@ import pandas as pd
 logger = logging.getLogger(__name__)
 
 TABLE_COLUMNS = ("image_id", "path", "grade", "patient_id", "split")
+# Loader kinds read by _load_csv_layout: one label file, one image folder (synthetic is written as one).
+LABEL_FILE_KINDS = ("csv", "synthetic")
 GRADE_NAMES = ("no DR", "mild", "moderate", "severe", "proliferative")
 NPZ_SEPARATOR = "::"
 _SHOWN = 5  # how many offending files or rows an error message names
@@ -242,10 +244,11 @@ def load_dataset(
         "suffix": suffix,
     }
     info = DatasetInfo(**{**info.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
-    if info.patient_column and info.kind not in ("csv", "synthetic"):
+    if info.patient_column and info.kind not in LABEL_FILE_KINDS:
+        with_label_file = [other.name for other in DATASETS.values() if other.kind == "csv"]
         raise ValueError(
             f"patient_column={info.patient_column!r}: dataset {name!r} has no label file to read patients from; "
-            "patient_column applies to the label-file layouts (aptos2019, eyepacs2015, csv)"
+            f"patient_column applies to the label-file layouts ({', '.join(with_label_file)})"
         )
     if data_dir is None:
         data_dir = default_data_dir(name)
@@ -263,7 +266,7 @@ def load_dataset(
             + (f" (download from {info.source})" if info.source.startswith("http") else "")
         )
 
-    if info.kind in ("csv", "synthetic"):
+    if info.kind in LABEL_FILE_KINDS:
         table = _load_csv_layout(info, data_dir)
     elif info.kind == "idrid":
         table = pd.concat(
