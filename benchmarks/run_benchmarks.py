@@ -164,9 +164,10 @@ def planned_work(profile, session, n_images: int) -> dict:
 
     from drnb.distribute import scaled_batch_and_rate
     from drnb.finetune import SHARED_START_METHODS, plan_steps, runnable_methods
-    from drnb.pretext import split_holdout
+    from drnb.splits import split_holdout
 
-    pretext_train, holdout = split_holdout(n_images, profile.pretext_holdout_fraction, profile.seed)
+    # The session's groups are the pretext's (patients and near duplicates) in the stratified split mode.
+    pretext_train, holdout = split_holdout(n_images, profile.pretext_holdout_fraction, profile.seed, session.patient_ids)
     views = 4 if profile.rotation_mode == "all4" else 1
     # Batches are per replica; the global batch grows with the replicas, as in the runs.
     pretext_batch, _ = scaled_batch_and_rate(profile.pretext_batch_size, profile.pretext_learning_rate, session.strategy)

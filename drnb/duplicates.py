@@ -50,6 +50,7 @@ __all__ = [
     "find_duplicates",
     "fingerprints",
     "near_duplicate_pairs",
+    "photograph_groups",
     "split_groups",
 ]
 
@@ -229,6 +230,33 @@ def split_groups(patient_ids, image_ids, pairs: pd.DataFrame) -> np.ndarray | No
     codes, uniques = pd.factorize(pd.Series(labels), sort=False)
     first_label = _components(len(uniques), codes[pairs["first"].to_numpy()], codes[pairs["second"].to_numpy()])
     return np.asarray(uniques, dtype=object)[first_label[codes]]
+
+
+def photograph_groups(images: np.ndarray, table: pd.DataFrame, threshold: float) -> tuple[np.ndarray | None, pd.DataFrame]:
+    """The groups no split may cut: a dataset's patients, joined by near-duplicate photographs.
+
+    Parameters
+    ----------
+    images : numpy.ndarray
+        uint8 (N, S, S, 3), preprocessed, row-aligned with ``table``.
+    table : pandas.DataFrame
+        The dataset table: ``image_id`` and ``patient_id`` (missing where unknown).
+    threshold : float
+        A cosine similarity in (0, 1] for :func:`find_duplicates`, or 0 to search nothing.
+
+    Returns
+    -------
+    groups : numpy.ndarray or None
+        :func:`split_groups` of the table's patients and the pairs found.
+    pairs : pandas.DataFrame
+        The near-duplicate pairs (:func:`find_duplicates`).
+    """
+    if len(images) != len(table):
+        raise ValueError(f"{len(images)} images but {len(table)} table rows; expected one row per image")
+    patients = table["patient_id"]
+    patient_ids = None if patients.isna().all() else patients.fillna(table["image_id"]).to_numpy()
+    pairs = find_duplicates(images, threshold)
+    return split_groups(patient_ids, table["image_id"].to_numpy(), pairs), pairs
 
 
 def duplicate_table(table: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:

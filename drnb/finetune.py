@@ -43,7 +43,7 @@ import pandas as pd
 import tensorflow as tf
 
 from drnb.distribute import configure_precision, scaled_batch_and_rate, seed_everything, seed_weights, select_strategy
-from drnb.duplicates import find_duplicates, split_groups
+from drnb.duplicates import photograph_groups
 from drnb.metrics import evaluate_predictions, quadratic_weighted_kappa
 from drnb.models import build_encoder, build_head, imagenet_weights_available
 from drnb.pipeline import labelled_batches, shuffled_positions
@@ -139,17 +139,14 @@ class FinetuneSession:
         self.profile, self.log = profile, log
         self.table = table.reset_index(drop=True)
         self.grades = self.table["grade"].to_numpy(np.int64)
-        patients = self.table["patient_id"]
-        patient_ids = None if patients.isna().all() else patients.fillna(self.table["image_id"]).to_numpy()
         # The reference split ignores groups (as the study's code did), so it is not searched.
         threshold = profile.duplicate_threshold if profile.split_mode == "stratified" else 0
-        self.duplicate_pairs = find_duplicates(images, threshold)
+        self.patient_ids, self.duplicate_pairs = photograph_groups(images, self.table, threshold)
         if len(self.duplicate_pairs):
             log(
                 f"{len(self.duplicate_pairs)} near-duplicate pair(s) of photographs "
                 f"(fingerprint similarity >= {profile.duplicate_threshold}): each kept within one fold"
             )
-        self.patient_ids = split_groups(patient_ids, self.table["image_id"].to_numpy(), self.duplicate_pairs)
         self.strategy = strategy or select_strategy()
         seed_everything(profile.seed, profile.deterministic)  # once: runs reseed only their weights
         configure_precision(profile.mixed_precision)

@@ -2,7 +2,8 @@
 
 The pretext sees images only, never grades, so it uses every image of the dataset (test
 folds included), as self-supervised pre-training on the unlabelled pool does; a held-out
-share measures rotation accuracy on images the encoder never trained on.
+share (whole patients and near-duplicate groups, given the dataset table) measures rotation
+accuracy on images the encoder never trained on.
 
 Writes into ``out_dir``: ``encoder.keras`` (the encoder alone, for fine-tuning),
 ``history.csv`` (loss and held-out rotation accuracy per epoch), ``metrics.json`` and
@@ -23,10 +24,12 @@ import pandas as pd
 import tensorflow as tf
 
 from drnb.distribute import configure_precision, scaled_batch_and_rate, seed_everything, select_strategy
+from drnb.duplicates import photograph_groups
 from drnb.models import build_encoder, build_head
 from drnb.pipeline import rotation_batches
 from drnb.profiles import Profile
 from drnb.runs import write_json
+from drnb.splits import split_holdout
 from drnb.training import Trainer
 
 ENCODER_FILE = "encoder.keras"
@@ -40,15 +43,9 @@ class PretextResult:
     history: pd.DataFrame
     heldout_accuracy: float
     confusion: np.ndarray  # int (4, 4): true rotation x predicted rotation
+    heldout_indices: np.ndarray  # int64: rows of ``images`` held out (the accuracy's images)
     seconds: float
     images_per_second: float
-
-
-def split_holdout(n_images: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split of ``range(n_images)`` into (train, held-out) index arrays, int64."""
-    order = np.random.default_rng(seed).permutation(n_images)
-    n_holdout = int(round(fraction * n_images))
-    return np.sort(order[n_holdout:]), np.sort(order[:n_holdout])
 
 
 def rotation_accuracy(trainer: Trainer, images: tf.Tensor, indices: np.ndarray, batch_size: int) -> tuple[float, np.ndarray]:
@@ -80,6 +77,7 @@ def train_pretext(
     profile: Profile,
     out_dir: str | os.PathLike,
     *,
+    table=None,
     strategy=None,
     log=print,
 ) -> PretextResult:
@@ -90,9 +88,16 @@ def train_pretext(
     images : numpy.ndarray
         uint8 (N, S, S, 3), preprocessed, ``S == profile.image_size``.
     profile : Profile
-        Uses the ``encoder``, ``pooling``, ``rotation_mode`` and ``pretext_*`` settings.
+        Uses the ``encoder``, ``pooling``, ``rotation_mode``, ``duplicate_threshold`` and
+        ``pretext_*`` settings.
     out_dir : path
         Created if needed; see the module docstring for what is written.
+    table : pandas.DataFrame, optional
+        The dataset table, row-aligned with ``images`` (``image_id``, ``patient_id``). With
+        it, a patient's eyes and near-duplicate photographs are held out together
+        (:func:`drnb.duplicates.photograph_groups`), so the held-out accuracy is not helped
+        by a twin in training (a left eye flipped looks much like the right one). Without
+        it, images are held out one by one.
     log : callable
         Receives one progress line per epoch.
 
@@ -110,7 +115,8 @@ def train_pretext(
     seed_everything(profile.seed, profile.deterministic)
     trainer = build_pretext_trainer(profile, strategy)
     batch_size, _ = scaled_batch_and_rate(profile.pretext_batch_size, profile.pretext_learning_rate, trainer.strategy)
-    train_indices, holdout_indices = split_holdout(len(images), profile.pretext_holdout_fraction, profile.seed)
+    groups = None if table is None else photograph_groups(images, table, profile.duplicate_threshold)[0]
+    train_indices, holdout_indices = split_holdout(len(images), profile.pretext_holdout_fraction, profile.seed, groups)
     if len(holdout_indices) == 0:
         holdout_indices = train_indices[: min(len(train_indices), 64)]
         log("pretext: no images held out (pretext_holdout_fraction=0); rotation accuracy is on training images")
@@ -153,6 +159,7 @@ def train_pretext(
         history=history,
         heldout_accuracy=accuracy,
         confusion=confusion,
+        heldout_indices=holdout_indices,
         seconds=time.perf_counter() - start,
         images_per_second=images_trained / max(train_seconds, 1e-9),
     )
@@ -166,6 +173,7 @@ def train_pretext(
         {
             "heldout_rotation_accuracy": accuracy,
             "heldout_images": int(len(holdout_indices)),
+            "heldout_grouped": groups is not None,
             "train_images": int(len(train_indices)),
             "epochs": profile.pretext_epochs,
             "rotation_mode": profile.rotation_mode,

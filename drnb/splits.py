@@ -51,6 +51,9 @@ Two modes build it.
     ``seed``. The study's configuration (``configs/finetune/rotation_2d.json``) used
     ``val_split=0.05``, see :data:`REFERENCE_VALIDATION_FRACTION`.
 
+The rotation pretext holds out a share of the images, grades unseen, to measure rotation
+accuracy: :func:`split_holdout`, grouped the same way (patients and near duplicates).
+
 Grades with fewer rows than the number of parts
 -----------------------------------------------
 Stratifying needs every grade in every part. When a grade present in the data has fewer
@@ -87,6 +90,7 @@ __all__ = [
     "assign_folds",
     "make_repetition_split",
     "make_splits",
+    "split_holdout",
     "validate_fraction",
 ]
 
@@ -547,3 +551,39 @@ def make_splits(
         return [_reference_split(len(g), n_folds, r, fr, vf) for r in range(repetitions)]
     folds = _split_parts(g, ids, n_folds, seed, what="n_folds")
     return [_stratified_split(g, ids, folds, r, fr, seed, vf) for r in range(repetitions)]
+
+
+def split_holdout(n_images: int, fraction: float, seed: int, groups=None) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of ``range(n_images)`` into (train, held-out) index arrays, int64.
+
+    Parameters
+    ----------
+    n_images : int
+    fraction : float
+        Share of the images to hold out, in [0, 0.5).
+    seed : int
+    groups : array-like of shape (n_images,), optional
+        Images of one group (a patient's eyes, near-duplicate photographs) land on the same
+        side: whole groups are held out, in seeded order, until at least ``fraction`` of the
+        images are. Without groups, image by image.
+    """
+    rng = np.random.default_rng(seed)
+    n_holdout = int(round(fraction * n_images))
+    if groups is None:
+        order = rng.permutation(n_images)
+        return np.sort(order[n_holdout:]), np.sort(order[:n_holdout])
+    codes, uniques = pd.factorize(pd.Series(np.asarray(groups, dtype=object)), sort=False)
+    if len(codes) != n_images:
+        raise ValueError(f"{len(codes)} group ids for {n_images} images: expected one per image")
+    if n_holdout == 0:
+        return np.arange(n_images, dtype=np.int64), np.zeros(0, np.int64)
+    group_order = rng.permutation(len(uniques))
+    covered = np.cumsum(np.bincount(codes, minlength=len(uniques))[group_order])
+    n_groups = int(np.searchsorted(covered, n_holdout)) + 1
+    held = np.isin(codes, group_order[:n_groups])
+    if 2 * held.sum() >= n_images:
+        raise ValueError(
+            f"holding out {fraction:.0%} of {n_images} images by whole groups ({len(uniques)} of them) takes "
+            f"{held.sum()}: expected fewer than half; lower pretext_holdout_fraction or give the images smaller groups"
+        )
+    return np.flatnonzero(~held).astype(np.int64), np.flatnonzero(held).astype(np.int64)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pandas as pd
@@ -15,11 +16,12 @@ from drnb.duplicates import (
     find_duplicates,
     fingerprints,
     near_duplicate_pairs,
+    photograph_groups,
     split_groups,
 )
 from drnb.preprocessing import PreprocessConfig, preprocess_image
 from drnb.profiles import resolve_profile
-from drnb.splits import assign_folds
+from drnb.splits import assign_folds, split_holdout
 from drnb.synthetic import make_fundus_images
 
 THRESHOLD = resolve_profile("quick").duplicate_threshold
@@ -166,3 +168,27 @@ def test_finetune_session_keeps_each_duplicate_pair_in_one_fold():
     # The reference split deals rows into folds as the study's code did: no groups, no search.
     reference = FinetuneSession(images, table, resolve_profile("smoke", {"split_mode": "reference"}), log=lines.append)
     assert reference.patient_ids is None and reference.duplicate_pairs.empty
+
+
+def test_pretext_holds_out_a_patients_eyes_and_twin_photographs_together(tmp_path):
+    from drnb.pretext import train_pretext
+
+    images, grades = make_fundus_images(60, size=32, seed=2)
+    images = np.concatenate([images, images[[3, 4, 7]]])  # three photographs filed twice
+    patients = [f"patient{i // 2}" for i in range(60)] + [None] * 3  # two eyes each; the copies unknown
+    table = pd.DataFrame({"image_id": [f"img{i}" for i in range(63)], "grade": np.concatenate([grades, grades[[3, 4, 7]]]), "patient_id": patients})
+    groups, pairs = photograph_groups(images, table, THRESHOLD)
+    assert pairs[["first", "second"]].values.tolist() == [[3, 60], [4, 61], [7, 62]]
+    assert groups[60] == groups[3] == groups[2] == "patient1" and groups[62] == groups[6] == "patient3"
+    with pytest.raises(ValueError, match="63 images but 62 table rows"):
+        photograph_groups(images, table.iloc[:62], THRESHOLD)
+
+    profile = resolve_profile("smoke", {"pretext_holdout_fraction": "0.3", "pretext_epochs": "1"})
+    together = [(2 * k, 2 * k + 1) for k in range(30)] + [(3, 60), (4, 61), (7, 62)]
+    _, image_by_image = split_holdout(63, 0.3, profile.seed)
+    assert any((a in image_by_image) != (b in image_by_image) for a, b in together)  # the test has teeth
+    result = train_pretext(images, profile, tmp_path, table=table, log=lambda line: None)
+    held = set(result.heldout_indices.tolist())
+    assert len(held) >= round(0.3 * 63)
+    assert all((a in held) == (b in held) for a, b in together)
+    assert json.loads((tmp_path / "metrics.json").read_text())["heldout_grouped"] is True

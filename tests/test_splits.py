@@ -12,6 +12,7 @@ from drnb.splits import (
     assign_folds,
     make_repetition_split,
     make_splits,
+    split_holdout,
     validate_fraction,
 )
 
@@ -269,3 +270,36 @@ def test_fewer_rows_than_folds_raises():
         make_splits([0, 1, 2, 3], (1.0,))
     with pytest.raises(ValueError, match="n_folds"):
         assign_folds([0, 1, 2, 3], n_folds=5)
+
+
+
+def test_pretext_holdout_keeps_every_group_on_one_side():
+    rng = np.random.default_rng(1)
+    sizes = rng.integers(1, 4, 400)  # patients with one to three photographs
+    groups = np.repeat([f"patient{k}" for k in range(len(sizes))], sizes)[rng.permutation(sizes.sum())]
+    n_images = len(groups)
+    train, held = split_holdout(n_images, 0.1, seed=3, groups=groups)
+    assert np.array_equal(np.sort(np.concatenate([train, held])), np.arange(n_images))
+    assert not set(groups[train]) & set(groups[held])
+    target = round(0.1 * n_images)
+    assert target <= len(held) < target + 3  # whole groups until the share is reached
+    again, held_again = split_holdout(n_images, 0.1, seed=3, groups=groups)
+    assert np.array_equal(held, held_again) and np.array_equal(train, again)
+    assert not np.array_equal(held, split_holdout(n_images, 0.1, seed=4, groups=groups)[1])
+
+
+def test_pretext_holdout_without_groups_is_image_by_image():
+    train, held = split_holdout(101, 0.1, seed=0)
+    assert len(held) == 10 and len(train) == 91
+    assert not set(train) & set(held)
+    one_group_each = np.arange(101).astype(str)
+    assert len(split_holdout(101, 0.1, seed=0, groups=one_group_each)[1]) == 10
+    assert len(split_holdout(101, 0.0, seed=0, groups=one_group_each)[1]) == 0
+
+
+def test_pretext_holdout_refuses_bad_groups():
+    with pytest.raises(ValueError, match="3 group ids for 4 images"):
+        split_holdout(4, 0.25, seed=0, groups=["a", "a", "b"])
+    for seed in range(4):  # whichever group comes first, one holds 9 of the 10 images
+        with pytest.raises(ValueError, match="takes (9|10): expected fewer than half"):
+            split_holdout(10, 0.4, seed=seed, groups=["a"] * 9 + ["b"])
