@@ -240,21 +240,28 @@ def photograph_groups(images: np.ndarray, table: pd.DataFrame, threshold: float)
     images : numpy.ndarray
         uint8 (N, S, S, 3), preprocessed, row-aligned with ``table``.
     table : pandas.DataFrame
-        The dataset table: ``image_id`` and ``patient_id`` (missing where unknown).
+        The dataset table: ``image_id`` and ``patient_id`` (missing where unknown; any type).
     threshold : float
         A cosine similarity in (0, 1] for :func:`find_duplicates`, or 0 to search nothing.
 
     Returns
     -------
     groups : numpy.ndarray or None
-        :func:`split_groups` of the table's patients and the pairs found.
+        object (N,) of str: :func:`split_groups` of ``"patient <id>"`` (``"image <id>"``
+        where the patient is unknown) and the pairs found; None when the table names no
+        patient and no pair is found.
     pairs : pandas.DataFrame
         The near-duplicate pairs (:func:`find_duplicates`).
     """
     if len(images) != len(table):
         raise ValueError(f"{len(images)} images but {len(table)} table rows; expected one row per image")
     patients = table["patient_id"]
-    patient_ids = None if patients.isna().all() else patients.fillna(table["image_id"]).to_numpy()
+    patient_ids = None
+    if patients.notna().any():
+        # An image without a patient is its own group. Prefixes keep the two kinds of id apart
+        # (patient 7 is not image 7) and make every id a string, whatever the table held.
+        named = "patient " + patients.astype(str)
+        patient_ids = named.where(patients.notna(), "image " + table["image_id"].astype(str)).to_numpy(dtype=object)
     pairs = find_duplicates(images, threshold)
     return split_groups(patient_ids, table["image_id"].to_numpy(), pairs), pairs
 

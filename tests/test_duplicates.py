@@ -179,7 +179,7 @@ def test_pretext_holds_out_a_patients_eyes_and_twin_photographs_together(tmp_pat
     table = pd.DataFrame({"image_id": [f"img{i}" for i in range(63)], "grade": np.concatenate([grades, grades[[3, 4, 7]]]), "patient_id": patients})
     groups, pairs = photograph_groups(images, table, THRESHOLD)
     assert pairs[["first", "second"]].values.tolist() == [[3, 60], [4, 61], [7, 62]]
-    assert groups[60] == groups[3] == groups[2] == "patient1" and groups[62] == groups[6] == "patient3"
+    assert groups[60] == groups[3] == groups[2] == "patient patient1" and groups[62] == groups[6] == "patient patient3"
     with pytest.raises(ValueError, match="63 images but 62 table rows"):
         photograph_groups(images, table.iloc[:62], THRESHOLD)
 
@@ -192,3 +192,16 @@ def test_pretext_holds_out_a_patients_eyes_and_twin_photographs_together(tmp_pat
     assert len(held) >= round(0.3 * 63)
     assert all((a in held) == (b in held) for a, b in together)
     assert json.loads((tmp_path / "metrics.json").read_text())["heldout_grouped"] is True
+
+
+def test_photograph_groups_keep_numeric_patients_apart_from_image_ids():
+    images, _ = make_fundus_images(5, size=32, seed=4)
+    # Patient 1 owns images 0 and 1; image "1" has no patient; patient ids are numbers.
+    table = pd.DataFrame({"image_id": ["0", "2", "1", "3", "4"], "patient_id": [1, 1, None, 3, 3]})
+    groups, pairs = photograph_groups(images, table, THRESHOLD)
+    assert pairs.empty
+    assert all(isinstance(group, str) for group in groups)
+    assert groups[0] == groups[1] != groups[2] == "image 1" and groups[3] == groups[4] != groups[0]
+    folds = assign_folds(np.zeros(5, np.int64), patient_ids=groups, n_folds=2, seed=0)  # sortable: no TypeError
+    assert folds[0] == folds[1] and folds[3] == folds[4]
+    assert photograph_groups(images, table.assign(patient_id=None), THRESHOLD)[0] is None
