@@ -13,7 +13,8 @@ and bottom (APTOS 2019), a camera notch at the rim (IDRiD). So every image is
    half-side is the smallest visible half-extent of the fundus. For a full circle the square
    does nothing; for a circle cut flat at top and bottom it cuts the left and right sides by
    the same amount, so the flat edges carry no clue of the orientation;
-5. optionally normalised for local colour (Ben Graham's method, Kaggle 2015).
+5. optionally normalised for local colour (Ben Graham's method, Kaggle 2015), the local
+   mean taken over the fundus alone so that no halo marks its edges (before the mask).
 
 :func:`preprocess_table` does this for a whole dataset on all cores and caches the result as
 one uint8 ``.npy`` file per (files, parameters) pair.
@@ -38,7 +39,7 @@ from drnb.datasets import NPZ_SEPARATOR, read_image
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # bump when the preprocessing algorithm changes, so old caches are not reused
+CACHE_VERSION = 4  # bump when the preprocessing algorithm changes, so old caches are not reused
 # find_fundus searches a thumbnail no larger than this many pixels a side.
 FIND_SIDE = 512
 
@@ -151,25 +152,39 @@ def rotation_invariant_mask(size: int, radius_fraction: float, square_fraction: 
     return disc & square
 
 
-def ben_graham(image: np.ndarray, sigma: float) -> np.ndarray:
-    """Ben Graham's local colour normalisation: ``4 * image - 4 * blur(image) + 128``.
+def ben_graham(image: np.ndarray, sigma: float, fundus: np.ndarray | None = None) -> np.ndarray:
+    """Ben Graham's local colour normalisation: ``4 * image - 4 * local_mean(image) + 128``.
 
     Parameters
     ----------
     image : numpy.ndarray
         uint8 (H, W, 3).
     sigma : float
-        Gaussian blur radius in pixels (Graham used about a thirtieth of the disc diameter).
+        Gaussian radius of the local mean, in pixels (Graham used about a thirtieth of the
+        disc diameter).
+    fundus : numpy.ndarray, optional
+        bool (H, W): the pixels the local mean is taken over (the photograph's fundus). The
+        mean is a normalised convolution, ``blur(image * fundus) / blur(fundus)``, so the
+        black background does not darken it near the rim. Graham blurred the background in,
+        which leaves a bright halo along the fundus's edge; where a photograph is cut flat
+        (top and bottom) and drnb's mask then cuts all four sides, that halo would mark two
+        sides only and give the rotation away. Default: every pixel.
 
     Returns
     -------
     numpy.ndarray
         uint8 (H, W, 3), mid-grey where the image is locally flat.
     """
-    from PIL import Image, ImageFilter
+    from scipy import ndimage
 
-    blurred = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(sigma)), dtype=np.float32)
-    return np.clip(4.0 * image.astype(np.float32) - 4.0 * blurred + 128.0, 0, 255).astype(np.uint8)
+    weights = np.ones(image.shape[:2], np.float32) if fundus is None else fundus.astype(np.float32)
+    if weights.shape != image.shape[:2]:
+        raise ValueError(f"fundus has shape {weights.shape}; expected the image's {image.shape[:2]}")
+    pixels = image.astype(np.float32)
+    total = ndimage.gaussian_filter(pixels * weights[..., None], sigma=(sigma, sigma, 0), mode="constant")
+    coverage = ndimage.gaussian_filter(weights, sigma=sigma, mode="constant")[..., None]
+    local_mean = np.where(coverage > 1e-3, total / np.maximum(coverage, 1e-3), pixels)
+    return np.clip(4.0 * pixels - 4.0 * local_mean + 128.0, 0, 255).astype(np.uint8)
 
 
 def preprocess_image(image: np.ndarray, config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
@@ -204,7 +219,7 @@ def preprocess_image(image: np.ndarray, config: PreprocessConfig = PreprocessCon
         Image.fromarray(square).resize((config.size, config.size), Image.Resampling.BILINEAR, reducing_gap=2.0)
     )
     if config.ben_graham:
-        resized = ben_graham(resized, sigma=config.size / 30)
+        resized = ben_graham(resized, sigma=config.size / 30, fundus=resized.max(axis=2) > config.threshold)
     mask = rotation_invariant_mask(
         config.size,
         radius_fraction=1 - config.margin,

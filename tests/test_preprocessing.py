@@ -226,6 +226,25 @@ def test_ben_graham_changes_the_inside_and_keeps_the_outside_black(draw_fundus):
     assert (np.abs(flat.astype(int) - 128) <= 1).all()
 
 
+def test_ben_graham_leaves_no_halo_along_a_flat_cut_that_would_give_the_rotation_away(draw_fundus):
+    # A resized photograph cut flat at top and bottom, as preprocess_image holds it before masking.
+    size, sigma = 64, 64 / 30
+    square = draw_fundus(size, size, center=(32, 32), radius=32, clip=22)
+    mask = rotation_invariant_mask(size, 0.97, 22 / 32 * 0.97)
+
+    def rotation_cue(image):  # how much the masked image differs from itself turned a quarter
+        masked = np.where(mask[..., None], image, 0).astype(int)
+        return np.abs(masked - np.rot90(masked))[mask].mean()  # grey levels per pixel inside the mask
+
+    over_fundus = ben_graham(square, sigma, fundus=square.max(axis=2) > 20)
+    over_everything = ben_graham(square, sigma)  # Graham's own: the black rows blurred in
+    assert rotation_cue(over_everything) > 8  # a saturated band along the cut edges only
+    assert rotation_cue(over_fundus) < 1.5
+    assert np.abs(over_fundus[mask].astype(int) - 128).mean() < 4  # the smooth shading is flattened
+    with pytest.raises(ValueError, match="fundus has shape"):
+        ben_graham(square, sigma, fundus=np.ones((3, 3), bool))
+
+
 @pytest.mark.parametrize(
     "image",
     [np.zeros((60, 80, 3), np.uint8), np.full((60, 80, 3), 15, np.uint8)],
