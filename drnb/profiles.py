@@ -187,6 +187,7 @@ PROFILES: dict[str, Profile] = {
         dataset="synthetic",
         synthetic_images=400,
         image_size=128,
+        ben_graham=True,
         rotation_mode="all4",
         pretext_hidden=(256,),
         pretext_batch_size=128,

@@ -65,10 +65,12 @@ COPIES = {
 }
 
 
-@pytest.mark.parametrize("size", [128, 224])  # quick's and paper's image sizes
-def test_resaved_copies_are_near_duplicates_and_other_eyes_are_not(photographs, size):
+@pytest.mark.parametrize(
+    "size, graham", [(128, True), (128, False), (224, False)], ids=["quick", "128px-plain", "paper"]
+)  # quick's preprocessing, and paper's
+def test_resaved_copies_are_near_duplicates_and_other_eyes_are_not(photographs, size, graham):
     photos, _ = photographs
-    config = PreprocessConfig(size=size)
+    config = PreprocessConfig(size=size, ben_graham=graham)
     originals = fingerprints(np.stack([preprocess_image(photo, config) for photo in photos]))
     for name, copy in COPIES.items():
         copied = fingerprints(np.stack([preprocess_image(copy(photo), config) for photo in photos[:6]]))

@@ -107,3 +107,10 @@ def test_a_run_folder_written_before_a_setting_existed_keeps_its_old_behaviour(t
     assert load_profile(path).cut_points == "fixed"
     assert PROFILES["quick"].duplicate_threshold == 0.97
     assert PROFILES["quick"].cut_points == "prior"
+
+
+def test_quick_normalises_local_colour_and_paper_keeps_the_studys_images():
+    # Measured on IDRiD's raw photographs (README): Ben Graham's normalisation is worth about
+    # .2 QWK to quick; the study's code fed the photographs as they were.
+    assert PROFILES["quick"].ben_graham and not PROFILES["paper"].ben_graham
+    assert resolve_profile("quick", {"ben_graham": "false"}).ben_graham is False
