@@ -142,13 +142,17 @@ def test_fundus_is_found_beside_border_speckle(eyepacs, image_id):
     assert geometry.center_col == pytest.approx(center_col, abs=3)
 
 
+# The duplicate search runs on the images as quick preprocesses them.
+QUICK_PREPROCESSING = PreprocessConfig(size=resolve_profile("quick").image_size, ben_graham=resolve_profile("quick").ben_graham)
+
+
 @pytest.fixture(scope="module")
 def duplicate_search_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("preprocessed")
 
 
 def test_idrids_identical_photographs_are_found_and_grouped(idrid, duplicate_search_cache):
-    images, table = preprocess_table(idrid, PreprocessConfig(size=128), cache_dir=duplicate_search_cache, progress=False)
+    images, table = preprocess_table(idrid, QUICK_PREPROCESSING, cache_dir=duplicate_search_cache, progress=False)
     threshold = resolve_profile("quick").duplicate_threshold
     pairs = duplicate_table(table, find_duplicates(images, threshold))
     # Six pairs of identical photographs (checked by eye), one of them across IDRiD's own
@@ -165,7 +169,7 @@ def test_idrids_identical_photographs_are_found_and_grouped(idrid, duplicate_sea
 
 
 def test_no_two_eyepacs_photographs_pass_for_duplicates(eyepacs, duplicate_search_cache):
-    images, _ = preprocess_table(eyepacs, PreprocessConfig(size=128), cache_dir=duplicate_search_cache, progress=False)
+    images, _ = preprocess_table(eyepacs, QUICK_PREPROCESSING, cache_dir=duplicate_search_cache, progress=False)
     prints = fingerprints(images)
     assert near_duplicate_pairs(prints, resolve_profile("quick").duplicate_threshold).empty
     # ... while unrelated photographs do come within reach of it: the threshold is not slack.
