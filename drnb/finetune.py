@@ -256,6 +256,13 @@ class FinetuneSession:
         split = self.split(repetition, validate_fraction(fraction))
         train_indices = split.train[fraction]
         validation_indices = split.validation_for(fraction)
+        if len(validation_indices) > len(train_indices):
+            self.log(
+                f"note: {method}, fraction {fraction:g}, repetition {repetition}: {len(train_indices)} training images, "
+                f"and {len(validation_indices)} more labelled images choose the epoch "
+                f"(validation_fraction={profile.validation_fraction:g} of the pool): this run sees more labels "
+                "than its fraction; set validation_fraction=0 (with lr_schedule=cosine) to stay within it"
+            )
         seed = profile.seed + repetition
         encoder_weights, head_weights = self._initial_weights(method, seed)
         self.trainer.reset(

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from drnb.datasets import DATASETS
 from drnb.splits import MODES as SPLIT_MODES
+from drnb.splits import REFERENCE_VALIDATION_FRACTION
 from drnb.targets import CUT_POINTS, TARGETS
 
 # Choices live here, not in the modules that use them, so that checking a profile (and every
@@ -225,6 +226,7 @@ PROFILES: dict[str, Profile] = {
         finetune_learning_rate=5e-5,
         warmup_epochs=3,
         finetune_epochs=17,
+        validation_fraction=REFERENCE_VALIDATION_FRACTION,  # the study's val_split, the same at every fraction
         min_steps=0,
     ),
 }

@@ -205,3 +205,18 @@ def test_prior_cut_points_are_fitted_on_the_training_pool_and_decode_the_test_fo
     np.testing.assert_array_equal(predictions["predicted"], decode_with_cut_points(scores, cuts))
     fixed = decode(predictions[[f"p{k}" for k in range(5)]].to_numpy(), "ordinal")
     assert metrics["qw_kappa_fixed_cuts"] == pytest.approx(quadratic_weighted_kappa(predictions["grade"], fixed))
+
+
+def test_a_validation_split_larger_than_the_training_subset_is_reported(tmp_path):
+    images, grades = make_fundus_images(80, size=32, seed=1)
+    table = pd.DataFrame({"image_id": [str(i) for i in range(80)], "path": "", "grade": grades, "patient_id": None, "split": None})
+    settings = {"methods": "scratch", "bootstrap_resamples": "0", "calibration_images": "40", "fractions": "0.1,1.0"}
+    messages = []
+    session = FinetuneSession(images, table, resolve_profile("smoke", {**settings, "validation_fraction": "0.2"}), log=messages.append)
+    split = session.split(0)
+    assert len(split.validation_for(0.1)) > len(split.train[0.1])
+    session.run("scratch", 0.1, 0, tmp_path / "small")
+    assert any("more labelled images choose the epoch" in message and "validation_fraction=0.2" in message for message in messages)
+    messages.clear()
+    session.run("scratch", 1.0, 0, tmp_path / "full")  # 100 %: the split is smaller than the subset
+    assert not any("more labelled images" in message for message in messages)

@@ -17,6 +17,7 @@ def test_paper_profile_is_the_study_configuration():
     assert (paper.warmup_epochs, paper.finetune_epochs, paper.repetitions) == (3, 17, 5)
     assert paper.fractions == (0.05, 0.1, 0.25, 0.5, 1.0)
     assert (paper.target, paper.finetune_hidden) == ("ordinal", (1024,))
+    assert paper.validation_fraction == 0.05  # configs/finetune/rotation_2d.json: "val_split": 0.05
 
 
 def test_overrides_are_parsed_to_the_field_types():
