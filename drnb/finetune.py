@@ -52,6 +52,7 @@ from drnb.profiles import Profile
 from drnb.runs import write_json
 from drnb.splits import RepetitionSplit, make_repetition_split, validate_fraction
 from drnb.targets import decode, decode_with_cut_points, encode, expected_grade, ordinal_decode, prior_cut_points
+from drnb.training import Trainer, cosine_rate
 
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.keras"
@@ -111,7 +112,7 @@ def learning_rate_at(epoch: int, profile: Profile, base_rate: float) -> float:
         raise ValueError(f"epoch={epoch}: expected a fine-tuning epoch in [0, {profile.finetune_epochs})")
     if profile.lr_schedule == "constant":
         return base_rate
-    return base_rate * 0.5 * (1 + math.cos(math.pi * epoch / profile.finetune_epochs))
+    return cosine_rate(epoch, profile.finetune_epochs, base_rate)
 
 
 class FinetuneSession:
@@ -132,8 +133,6 @@ class FinetuneSession:
     """
 
     def __init__(self, images, table, profile: Profile, *, encoder_path=None, strategy=None, log=print):
-        from drnb.training import Trainer
-
         if len(images) != len(table):
             raise ValueError(f"{len(images)} images but {len(table)} table rows; expected one row per image")
         self.profile, self.log = profile, log

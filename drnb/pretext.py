@@ -30,7 +30,7 @@ from drnb.pipeline import rotation_batches
 from drnb.profiles import Profile
 from drnb.runs import write_json
 from drnb.splits import split_holdout
-from drnb.training import Trainer
+from drnb.training import Trainer, cosine_rate
 
 ENCODER_FILE = "encoder.keras"
 
@@ -135,8 +135,14 @@ def train_pretext(
     start = time.perf_counter()
     train_seconds, images_trained = 0.0, 0
     batches = trainer.batches(dataset)  # one iterator for all epochs: shuffling continues across epochs
+    base_rate = float(trainer.optimizers["full"].learning_rate.numpy())  # scaled for the strategy
+    total_steps = steps_per_epoch * profile.pretext_epochs
     for epoch in range(1, profile.pretext_epochs + 1):
-        step_log = trainer.train(batches, steps_per_epoch, phase="full")
+        rate_at = None
+        if profile.pretext_lr_schedule == "cosine":
+            done = (epoch - 1) * steps_per_epoch
+            rate_at = lambda index, done=done: cosine_rate(done + index, total_steps, base_rate)  # noqa: E731
+        step_log = trainer.train(batches, steps_per_epoch, phase="full", rate_at=rate_at)
         train_seconds += step_log.seconds
         images_trained += step_log.steps * batch_size
         accuracy, confusion = rotation_accuracy(trainer, image_tensor, holdout_indices, batch_size)
@@ -145,6 +151,7 @@ def train_pretext(
                 "epoch": epoch,
                 "loss": step_log.losses[-1],
                 "heldout_rotation_accuracy": accuracy,
+                "learning_rate": float(trainer.optimizers["full"].learning_rate.numpy()),  # at the epoch's last step
                 "images_per_second": step_log.images_per_second,
                 "elapsed_seconds": time.perf_counter() - start,
             }

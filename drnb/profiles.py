@@ -68,6 +68,7 @@ class Profile:
     pretext_batch_size: int = 64  # rotated images per batch
     pretext_learning_rate: float = 1e-3  # Adam
     pretext_epochs: int = 10  # passes over the pretext images (all4: each pass shows every rotation)
+    pretext_lr_schedule: str = "constant"  # "constant", or "cosine" decay from the rate towards 0, step by step over all epochs
     pretext_holdout_fraction: float = 0.1  # images held out to measure rotation accuracy
     pretext_zoom: float = 0.1  # centred zoom range 1 +- zoom, before rotating
     # --- fine-tuning ---
@@ -108,6 +109,7 @@ class Profile:
         _check_choice("cut_points", self.cut_points, CUT_POINTS)
         _check_choice("split_mode", self.split_mode, SPLIT_MODES)
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("pretext_lr_schedule", self.pretext_lr_schedule, LR_SCHEDULES)
         for method in self.methods:
             _check_choice("methods", method, METHODS)
         if not self.methods:

@@ -20,6 +20,7 @@ retraced. It runs under any ``tf.distribute`` strategy (see :mod:`drnb.distribut
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -34,6 +35,23 @@ logger = logging.getLogger(__name__)
 
 LOSSES = ("sparse_categorical", "categorical", "binary")
 PHASES = ("head", "full", "features")
+
+
+def cosine_rate(position: float, length: float, base_rate: float) -> float:
+    """``base_rate * (1 + cos(pi * position / length)) / 2``: ``base_rate`` at 0, towards 0 at ``length``.
+
+    Parameters
+    ----------
+    position : float
+        Steps or epochs done, in ``[0, length)``.
+    length : float
+        Steps or epochs of the whole schedule, > 0.
+    base_rate : float
+        The rate at the start.
+    """
+    if not 0 <= position < length:
+        raise ValueError(f"position={position!r}: expected a value in [0, {length!r})")
+    return base_rate * 0.5 * (1 + math.cos(math.pi * position / length))
 
 
 @dataclass
@@ -168,7 +186,7 @@ class Trainer:
         """
         return iter(self.strategy.experimental_distribute_dataset(without_autotune(dataset)))
 
-    def train(self, batches, steps: int, *, phase: str = "full", log_every: int = 0) -> StepLog:
+    def train(self, batches, steps: int, *, phase: str = "full", log_every: int = 0, rate_at=None) -> StepLog:
         """Run ``steps`` optimizer steps on batches from the iterator ``batches`` (see :meth:`batches`).
 
         Parameters
@@ -178,13 +196,19 @@ class Trainer:
             features from :meth:`encode`.
         log_every : int
             Record the mean loss every this many steps (0: once, at the end).
+        rate_at : callable, optional
+            ``rate_at(i)`` is the learning rate of this call's step ``i`` (0-based), set
+            before the step (a variable assignment: nothing is retraced). Without it the
+            rate stays as it is.
         """
         step = self._step(phase)  # raises ValueError for an unknown phase
         log = StepLog()
         interval = log_every or steps
         running, count, images_seen = 0.0, 0, 0
         start = time.perf_counter()
-        for _ in range(steps):
+        for index in range(steps):
+            if rate_at is not None:
+                self.set_learning_rate(rate_at(index), phase=phase)
             images, targets = next(batches)
             running += float(step(images, targets))
             count += 1

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from drnb.distribute import scaled_batch_and_rate, select_strategy
 from drnb.models import build_encoder, build_head
-from drnb.training import Trainer
+from drnb.training import Trainer, cosine_rate
 
 
 def make_trainer(strategy=None, learning_rate=3e-3):
@@ -77,6 +77,31 @@ def test_learning_rate_changes_per_phase_without_retracing():
     assert trainer._steps == traced
     with pytest.raises(ValueError, match="learning_rate"):
         trainer.set_learning_rate(0.0)
+
+
+def test_a_rate_per_step_is_set_before_each_step_without_retracing():
+    trainer = make_trainer()
+    batches = trainer.batches(constant_batches())
+    trainer.train(batches, 1)
+    traced = dict(trainer._steps)
+    seen = []
+
+    def rate_at(index):
+        seen.append(index)
+        return 1e-3 / (index + 1)
+
+    trainer.train(batches, 4, rate_at=rate_at)
+    assert seen == [0, 1, 2, 3]
+    assert float(trainer.optimizers["full"].learning_rate.numpy()) == pytest.approx(1e-3 / 4)
+    assert trainer._steps == traced
+
+
+def test_cosine_rate_falls_from_the_base_rate_towards_zero():
+    rates = [cosine_rate(step, 4, 2e-3) for step in range(4)]
+    assert rates == pytest.approx([2e-3, 2e-3 * (1 + np.cos(np.pi / 4)) / 2, 1e-3, 2e-3 * (1 + np.cos(3 * np.pi / 4)) / 2])
+    assert cosine_rate(999, 1000, 1.0) < 1e-5
+    with pytest.raises(ValueError, match="position"):
+        cosine_rate(4, 4, 1e-3)
 
 
 def test_bad_phase_and_loss_are_rejected():
