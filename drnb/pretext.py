@@ -6,7 +6,7 @@ share (whole patients and near-duplicate groups, given the dataset table) measur
 accuracy on images the encoder never trained on.
 
 Writes into ``out_dir``: ``encoder.keras`` (the encoder alone, for fine-tuning),
-``history.csv`` (loss and held-out rotation accuracy per epoch), ``metrics.json`` and
+``history.csv`` (loss, held-out rotation accuracy and learning rate per epoch), ``metrics.json`` and
 ``confusion.csv`` (held-out true rotation x predicted rotation).
 """
 
