@@ -206,7 +206,7 @@ PROFILES: dict[str, Profile] = {
         finetune_epochs=8,
         min_steps=200,
         finetune_min_steps=48,
-        finetune_max_steps=112,
+        finetune_max_steps=96,
         lr_schedule="cosine",
         cut_points="prior",
     ),
