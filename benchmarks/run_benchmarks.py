@@ -327,10 +327,10 @@ def main() -> None:
     from drnb.finetune import FinetuneSession, feature_batches
     from drnb.models import build_encoder, build_head
     from drnb.pipeline import labelled_batches, rotation_batches
-    from drnb.preprocessing import PreprocessConfig, preprocess_table
+    from drnb.preprocessing import preprocess_table
     from drnb.pretext import build_pretext_trainer
     from drnb.profiles import resolve_profile
-    from drnb.runs import load_table
+    from drnb.runs import load_table, preprocess_config
 
     overrides = {k: v for k, v in {"dataset": args.dataset, "data_dir": args.data_dir}.items() if v}
     profile = resolve_profile(args.profile, overrides)
@@ -338,7 +338,7 @@ def main() -> None:
 
     figures["numpy_matmul_gflops"] = matmul_peak()
     table = load_table(profile)
-    config = PreprocessConfig(size=profile.image_size, ben_graham=profile.ben_graham)
+    config = preprocess_config(profile)
     with tempfile.TemporaryDirectory() as empty_cache:
         start = time.perf_counter()
         preprocess_table(table, config, cache_dir=empty_cache, progress=False)

@@ -151,6 +151,13 @@ def load_table(profile: Profile):
     )
 
 
+def preprocess_config(profile: Profile):
+    """The :class:`drnb.preprocessing.PreprocessConfig` that ``profile`` asks for."""
+    from drnb.preprocessing import PreprocessConfig
+
+    return PreprocessConfig(size=profile.image_size, ben_graham=profile.ben_graham)
+
+
 def load_images(profile: Profile, *, log=print):
     """Load the profile's dataset and preprocess it (from the cache when it can).
 
@@ -161,13 +168,9 @@ def load_images(profile: Profile, *, log=print):
     table : pandas.DataFrame
         The dataset table, row-aligned with ``images``.
     """
-    from drnb.preprocessing import PreprocessConfig, preprocess_table
+    from drnb.preprocessing import preprocess_table
 
-    images, table = preprocess_table(
-        load_table(profile),
-        PreprocessConfig(size=profile.image_size, ben_graham=profile.ben_graham),
-        drop_unreadable=profile.drop_unreadable,
-    )
+    images, table = preprocess_table(load_table(profile), preprocess_config(profile), drop_unreadable=profile.drop_unreadable)
     log(f"{profile.dataset}: {len(table)} images, preprocessed to {profile.image_size} px")
     return images, table
 

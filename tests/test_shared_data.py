@@ -17,6 +17,7 @@ from drnb.datasets import TABLE_COLUMNS, grade_counts, load_dataset, read_image
 from drnb.duplicates import duplicate_table, find_duplicates, fingerprints, near_duplicate_pairs
 from drnb.preprocessing import PreprocessConfig, find_fundus, preprocess_image, preprocess_table
 from drnb.profiles import resolve_profile
+from drnb.runs import preprocess_config
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -143,7 +144,7 @@ def test_fundus_is_found_beside_border_speckle(eyepacs, image_id):
 
 
 # The duplicate search runs on the images as quick preprocesses them.
-QUICK_PREPROCESSING = PreprocessConfig(size=resolve_profile("quick").image_size, ben_graham=resolve_profile("quick").ben_graham)
+QUICK_PREPROCESSING = preprocess_config(resolve_profile("quick"))
 
 
 @pytest.fixture(scope="module")
