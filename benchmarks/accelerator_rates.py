@@ -119,6 +119,31 @@ def step_rates(step, batches, steps: int, rounds: int = 5) -> dict:
     return {"tracing_seconds": first, "bare_images_per_second": float(np.median(rates))}
 
 
+def fit_rate(model, images: np.ndarray, targets: np.ndarray, batch_size: int) -> float:
+    """Images/s of one epoch of Keras's own ``fit`` over arrays in memory.
+
+    ``train_on_batch`` hands the weights back to the host after every step; ``fit`` keeps
+    them on the device for the epoch, as drnb's traced loop does. A short first epoch
+    compiles (or reuses the compiled step) before the timed one. Whole batches only: a
+    smaller last batch would compile the step again.
+    """
+    whole = len(images) // batch_size * batch_size
+    images, targets = images[:whole], targets[:whole]
+    model.fit(images[: 2 * batch_size], targets[: 2 * batch_size], batch_size=batch_size, epochs=1, verbose=0, shuffle=False)
+    start = time.perf_counter()
+    model.fit(images, targets, batch_size=batch_size, epochs=1, verbose=0, shuffle=False)
+    return len(images) / (time.perf_counter() - start)
+
+
+def predict_rate(model, images: np.ndarray, batch_size: int) -> float:
+    """Images/s of Keras's own ``predict`` over arrays in memory (whole batches), after a compiled first call."""
+    images = images[: len(images) // batch_size * batch_size]
+    model.predict(images[: 2 * batch_size], batch_size=batch_size, verbose=0)
+    start = time.perf_counter()
+    model.predict(images, batch_size=batch_size, verbose=0)
+    return len(images) / (time.perf_counter() - start)
+
+
 def rotated_batches(images: np.ndarray, batch_size: int, count: int, seed: int = 0) -> list:
     """``count`` batches of photographs, each turned by a random multiple of 90 degrees (float32, label 0-3)."""
     rng = np.random.default_rng(seed)
@@ -187,7 +212,7 @@ def main() -> None:
 
     record(
         profile=profile.name, dataset=profile.dataset, backend=keras.backend.backend(), keras_version=keras.__version__,
-        devices=f"{accelerator or 'CPU'} ({os.cpu_count()} CPU cores)", precision_policy=policy,
+        devices=f"{accelerator or 'CPU'} ({os.cpu_count()} CPU cores)", cpu_cores=os.cpu_count(), precision_policy=policy,
     )
     record(**preprocessed)
     matmul_dtype = "float16" if policy == "mixed_float16" else "float32"
@@ -203,6 +228,10 @@ def main() -> None:
     pretext.compile(optimizer=keras.optimizers.Adam(profile.pretext_learning_rate), loss="sparse_categorical_crossentropy")
     batches = rotated_batches(images, profile.pretext_batch_size, count=8, seed=profile.seed)
     rates = step_rates(pretext.train_on_batch, batches, args.steps)
+    turns = np.random.default_rng(profile.seed).integers(0, 4, size=len(images))
+    rotated = np.stack([np.rot90(image, turn) for image, turn in zip(images, turns)]).astype(np.float32)
+    rates["fit_images_per_second"] = fit_rate(pretext, rotated, turns.astype(np.int32), profile.pretext_batch_size)
+    del rotated
     flops = 3 * forward_flops(pretext)
     record(
         **{f"pretext_{key}": value for key, value in rates.items()},
@@ -227,10 +256,12 @@ def main() -> None:
     for _ in range(8):
         rows = rng.choice(len(images), size=batch, replace=len(images) < batch)
         batches.append((images[rows].astype(np.float32), targets[rows]))
+    pictures = images.astype(np.float32)
     for phase, encoder_trains in (("head", False), ("full", True)):
         encoder.trainable = encoder_trains
         classifier.compile(optimizer=keras.optimizers.Adam(profile.finetune_learning_rate), loss=loss)
         rates = step_rates(classifier.train_on_batch, batches, args.steps)
+        rates["fit_images_per_second"] = fit_rate(classifier, pictures, targets, batch)
         record(**{f"finetune_{phase}_{key}": value for key, value in rates.items()})
     flops = 3 * forward_flops(classifier)
     record(
@@ -238,7 +269,10 @@ def main() -> None:
         finetune_flops_to_matmul_peak=flops * figures["finetune_full_bare_images_per_second"] / (figures["matmul_tflops"] * 1e12),
     )
     rates = step_rates(lambda images, _: classifier.predict_on_batch(images), batches, args.steps)
-    record(predict_tracing_seconds=rates["tracing_seconds"], predict_images_per_second=rates["bare_images_per_second"])
+    record(
+        predict_tracing_seconds=rates["tracing_seconds"], predict_images_per_second=rates["bare_images_per_second"],
+        predict_fit_images_per_second=predict_rate(classifier, pictures, batch),
+    )
 
     # A notebook's kernel imports drnb on this backend; the TensorFlow path's import is measured by run_benchmarks.py.
     start = time.perf_counter()

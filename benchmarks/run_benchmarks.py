@@ -250,24 +250,46 @@ def predicted_sweep_seconds(work: dict, rates: dict, fixed: dict) -> dict:
     return stages
 
 
-def predicted_figures(figures: dict, profile, session, n_images: int) -> dict:
-    """The sweep's predicted minutes per stage from this run's measured rates and fixed costs,
-    and the total if the photographs were APTOS-sized PNGs (decoded on every core)."""
-    import os
+def sweep_rates(figures: dict, warmup_on_features: bool = False) -> dict:
+    """The images/s :func:`predicted_sweep_seconds` needs, from a benchmark's figures.
 
-    rates = {
-        "preprocess": figures["preprocess_uncached_images_per_second"],
-        "pretext_train": figures["pretext_drnb_images_per_second"],
-        "finetune_full": figures["finetune_full_drnb_images_per_second"],
-        "finetune_head": figures["finetune_head_drnb_images_per_second"],
-        "finetune_features": figures["finetune_features_images_per_second"],
-        "predict": figures["predict_images_per_second"],
-    }
+    Each training rate is the one measured through drnb's pipeline when the figures have it
+    (this script), else that of Keras's own ``fit`` over arrays in memory, else that of one
+    batch at a time (``accelerator_rates.py``, on a machine without TensorFlow).
+
+    Raises
+    ------
+    ValueError
+        Naming the figure missing, e.g. of a measurement cut short.
+    """
+    def first_of(*names):
+        for name in names:
+            if name in figures:
+                return figures[name]
+        raise ValueError(f"the figures have none of {list(names)}: was the measurement cut short?")
+
+    rates = {"preprocess": first_of("preprocess_uncached_images_per_second"), "predict": first_of("predict_images_per_second")}
+    for phase, key in (("pretext", "pretext_train"), ("finetune_full", "finetune_full"), ("finetune_head", "finetune_head")):
+        rates[key] = first_of(*(f"{phase}_{kind}_images_per_second" for kind in ("drnb", "fit", "bare")))
+    # Only a warm-up on features has a rate of its own; without one, no image is counted at it.
+    rates["finetune_features"] = first_of("finetune_features_images_per_second") if warmup_on_features else float("inf")
+    return rates
+
+
+def predicted_figures(figures: dict, profile, session, n_images: int) -> dict:
+    """The sweep's predicted minutes per stage from measured rates and fixed costs, and the
+    total if the photographs were APTOS-sized PNGs (decoded on every core of the machine
+    measured)."""
+    import os
+    import re
+
+    rates = sweep_rates(figures, profile.warmup_on_features)
     warmup_tracing = figures[
         "finetune_features_tracing_seconds" if profile.warmup_on_features else "finetune_head_tracing_seconds"
     ]
     fixed = {
-        "kernel": figures["kernel_start_and_import_seconds"],
+        # accelerator_rates.py times an interpreter's imports, not a Jupyter kernel's start.
+        "kernel": figures.get("kernel_start_and_import_seconds", figures["python_import_seconds"]),
         "load": n_images / figures["preprocess_cached_images_per_second"],
         "pretext_tracing": figures["pretext_tracing_seconds"],
         "finetune_tracing": figures["finetune_full_tracing_seconds"] + warmup_tracing + figures["predict_tracing_seconds"],
@@ -276,7 +298,10 @@ def predicted_figures(figures: dict, profile, session, n_images: int) -> dict:
     stages = predicted_sweep_seconds(planned_work(profile, session, n_images), rates, fixed)
     predicted = {f"predicted_{stage}_minutes": seconds / 60 for stage, seconds in stages.items()}
     decoding = n_images / rates["preprocess"]
-    aptos_decoding = n_images * figures["preprocess_aptos_sized_photograph_seconds"] / (os.cpu_count() or 1)
+    # Figures from another machine name its cores ("cpu_cores", or "(16 CPU cores)" in "devices").
+    named = re.search(r"\((\d+) CPU cores\)", figures.get("devices", ""))
+    cores = figures.get("cpu_cores") or (int(named.group(1)) if named else os.cpu_count() or 1)
+    aptos_decoding = n_images * figures["preprocess_aptos_sized_photograph_seconds"] / cores
     predicted["predicted_total_minutes_if_aptos_sized"] = (stages["total"] - decoding + aptos_decoding) / 60
     return predicted
 
@@ -311,6 +336,39 @@ def end_to_end_seconds(profile: str, dataset: str | None, data_dir: str | None) 
         return _timed(lambda: subprocess.run(command, check=True))
 
 
+def predict_from_rates(args) -> None:
+    """``--rates FILE``: the profile's sweep on this dataset at rates measured on another machine.
+
+    The work is counted here, from the dataset's real splits (see :func:`planned_work`); the
+    rates and fixed costs are the file's.
+    """
+    from drnb.finetune import FinetuneSession
+    from drnb.profiles import resolve_profile
+    from drnb.runs import load_images
+
+    overrides = {k: v for k, v in {"dataset": args.dataset, "data_dir": args.data_dir}.items() if v}
+    profile = resolve_profile(args.profile, overrides)
+    figures = json.loads(Path(args.rates).read_text())
+    if figures.get("profile") != profile.name:
+        raise ValueError(f"{args.rates}: measured for profile {figures.get('profile')!r}, not --profile {profile.name!r}")
+    images, table = load_images(profile, log=lambda line: None)
+    session = FinetuneSession(images, table, profile, log=lambda line: None)
+    predicted = {"rates_from": str(args.rates), "measured_on": figures.get("devices", "?"), "dataset": profile.dataset,
+                 "images": len(images), **predicted_figures(figures, profile, session, len(images))}
+    _report(predicted, args.json or Path(__file__).parent / "results" / f"{profile.name}-{profile.dataset}-predicted.json")
+
+
+def _report(figures: dict, path) -> None:
+    """Print the figures as a table and write them as JSON to ``path``."""
+    width = max(map(len, figures))
+    for key, value in figures.items():
+        print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(figures, indent=2))
+    print(f"written {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="quick", help="profile whose settings are measured")
@@ -318,8 +376,14 @@ def main() -> None:
     parser.add_argument("--data-dir", help="the dataset's folder")
     parser.add_argument("--steps", type=int, default=50, help="optimizer steps per training measurement, split into 5 rounds")
     parser.add_argument("--end-to-end", default="", help="comma-separated profiles to time with `drnb reproduce`")
+    parser.add_argument(
+        "--rates", help="predict the sweep from the figures in this JSON (from accelerator_rates.py) instead of measuring here"
+    )
     parser.add_argument("--json", help="output file (default benchmarks/results/<profile>-<dataset>.json)")
     args = parser.parse_args()
+    if args.rates:
+        predict_from_rates(args)
+        return
 
     import tensorflow as tf
 
@@ -405,13 +469,7 @@ def main() -> None:
     for name in filter(None, args.end_to_end.split(",")):
         figures[f"end_to_end_{name}_seconds"] = end_to_end_seconds(name, args.dataset, args.data_dir)
 
-    width = max(map(len, figures))
-    for key, value in figures.items():
-        print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
-    out = Path(args.json or Path(__file__).parent / "results" / f"{profile.name}-{profile.dataset}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(figures, indent=2))
-    print(f"written {out}")
+    _report(figures, args.json or Path(__file__).parent / "results" / f"{profile.name}-{profile.dataset}.json")
 
 
 if __name__ == "__main__":

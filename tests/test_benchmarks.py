@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run_benchmarks.py"
+ACCELERATOR_SCRIPT = SCRIPT.with_name("accelerator_rates.py")
 
 
 @pytest.mark.slow
@@ -135,3 +136,57 @@ def test_predicted_sweep_adds_each_stage_at_its_rate():
     assert stages["finetune"] == 2 * (10 + 1 + 3) + 4 * 0.5 + 30 + 2 + 25
     assert stages["analysis"] == 10
     assert stages["total"] == pytest.approx(12 + 29 + 87 + 10)
+
+
+def test_sweep_rates_prefer_drnb_then_fit_then_one_batch_at_a_time():
+    benchmarks = load_benchmark_module()
+    figures = {
+        "preprocess_uncached_images_per_second": 50, "predict_images_per_second": 20,
+        "pretext_drnb_images_per_second": 1, "pretext_fit_images_per_second": 2, "pretext_bare_images_per_second": 3,
+        "finetune_full_fit_images_per_second": 4, "finetune_full_bare_images_per_second": 5,
+        "finetune_head_bare_images_per_second": 6, "finetune_features_images_per_second": 7,
+    }
+    rates = benchmarks.sweep_rates(figures)
+    assert (rates["pretext_train"], rates["finetune_full"], rates["finetune_head"]) == (1, 4, 6)
+    assert rates["finetune_features"] == float("inf")  # no warm-up on features: no image counted at it
+    assert benchmarks.sweep_rates(figures, warmup_on_features=True)["finetune_features"] == 7
+    del figures["finetune_full_fit_images_per_second"], figures["finetune_full_bare_images_per_second"]
+    with pytest.raises(ValueError, match="finetune_full_bare_images_per_second"):
+        benchmarks.sweep_rates(figures)
+
+
+@pytest.mark.slow
+def test_accelerator_rates_feed_the_sweep_prediction(tmp_path):
+    """The backend-agnostic timing runs here on TensorFlow (mixed precision forced on, as on a
+    GPU), and ``run_benchmarks.py --rates`` predicts the sweep from its figures alone."""
+    rates = tmp_path / "rates.json"
+    result = subprocess.run(
+        [sys.executable, str(ACCELERATOR_SCRIPT), "--profile", "smoke", "--set", "mixed_precision=on",
+         "--steps", "2", "--matmul-size", "128", "--json", str(rates)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(rates.read_text())
+    assert figures["precision_policy"] == "mixed_float16" and figures["matmul_dtype"] == "float16"
+    assert figures["images"] == 120 and figures["cpu_cores"] >= 1
+    for phase in ("pretext", "finetune_head", "finetune_full"):
+        assert figures[f"{phase}_bare_images_per_second"] > 0 and figures[f"{phase}_fit_images_per_second"] > 0
+        assert figures[f"{phase}_tracing_seconds"] > 0
+    assert figures["predict_images_per_second"] > 0 and figures["matmul_tflops"] > 0
+
+    predicted = tmp_path / "predicted.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--profile", "smoke", "--rates", str(rates), "--json", str(predicted)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    minutes = json.loads(predicted.read_text())
+    stages = ("data", "pretext", "finetune", "analysis")
+    assert minutes["predicted_total_minutes"] == pytest.approx(sum(minutes[f"predicted_{s}_minutes"] for s in stages))
+    assert minutes["predicted_finetune_minutes"] > 0 and minutes["measured_on"] == figures["devices"]
+
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--profile", "quick", "--rates", str(rates), "--json", str(predicted)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode != 0 and "measured for profile 'smoke', not --profile 'quick'" in result.stderr
