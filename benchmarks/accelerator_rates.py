@@ -4,12 +4,13 @@ drnb trains with TensorFlow (``tf.data`` and a traced step). A lent GPU machine 
 PyTorch but no TensorFlow, and no package registry to install it from. This script builds the
 profile's own models with :mod:`drnb.models` (encoder, pooling, head widths, dropout, the
 profile's learning rates and mixed-precision policy) and times Keras's own compiled step on
-photographs held in memory, which is the "bare" rate of ``run_benchmarks.py``, on whatever
-backend ``KERAS_BACKEND`` names. It measures:
+photographs held in memory, on whatever backend ``KERAS_BACKEND`` names. It measures:
 
 - training images/s of the pretext (4-way softmax on rotated photographs), of fine-tuning
   with the encoder frozen (warm-up) and with everything training (ordinal sigmoid head, binary
-  cross-entropy), and inference images/s, each at the profile's batch size;
+  cross-entropy), and inference images/s, each at the profile's batch size: one batch at a
+  time (``train_on_batch``, ``predict_on_batch``: the "bare" rate of ``run_benchmarks.py``)
+  and over one epoch of ``fit`` (``predict``);
 - the seconds of each one's first step (compilation), and of building a fresh encoder and head;
 - drnb's preprocessing of the photographs from files on every core, from the cache, and of one
   APTOS-sized photograph;
@@ -122,8 +123,8 @@ def step_rates(step, batches, steps: int, rounds: int = 5) -> dict:
 def fit_rate(model, images: np.ndarray, targets: np.ndarray, batch_size: int) -> float:
     """Images/s of one epoch of Keras's own ``fit`` over arrays in memory.
 
-    ``train_on_batch`` hands the weights back to the host after every step; ``fit`` keeps
-    them on the device for the epoch, as drnb's traced loop does. A short first epoch
+    On JAX, ``train_on_batch`` writes the weights back into Keras's variables after every
+    step; ``fit`` does so once per epoch, closer to drnb's traced loop. A short first epoch
     compiles (or reuses the compiled step) before the timed one. Whole batches only: a
     smaller last batch would compile the step again.
     """
@@ -148,7 +149,7 @@ def rotated_batches(images: np.ndarray, batch_size: int, count: int, seed: int =
     """``count`` batches of photographs, each turned by a random multiple of 90 degrees (float32, label 0-3)."""
     rng = np.random.default_rng(seed)
     batches = []
-    for index in range(count):
+    for _ in range(count):
         rows = rng.choice(len(images), size=batch_size, replace=len(images) < batch_size)
         turns = rng.integers(0, 4, size=batch_size)
         rotated = np.stack([np.rot90(images[row], turn) for row, turn in zip(rows, turns)]).astype(np.float32)
