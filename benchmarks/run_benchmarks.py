@@ -145,7 +145,7 @@ def planned_work(profile, session, n_images: int) -> dict:
     """What a ``drnb reproduce`` sweep of ``profile`` trains and predicts, counted, not guessed.
 
     Pretext: its epochs x steps per epoch, as :func:`drnb.pretext.train_pretext` plans them,
-    and the held-out rotations it scores after each epoch. Fine-tuning: for every method,
+    and the held-out rotations it scores (every ``pretext_eval_every`` epochs and after the last). Fine-tuning: for every method,
     fraction and repetition, the run's real labelled subset (from ``session``'s splits) through
     :func:`drnb.finetune.plan_steps`; the images encoded for a warm-up on features; the
     validation images scored after each full epoch; the images the cut points are fitted on;
@@ -172,9 +172,11 @@ def planned_work(profile, session, n_images: int) -> dict:
     # Batches are per replica; the global batch grows with the replicas, as in the runs.
     pretext_batch, _ = scaled_batch_and_rate(profile.pretext_batch_size, profile.pretext_learning_rate, session.strategy)
     pretext_steps = max(1, math.ceil(len(pretext_train) * views / pretext_batch))
+    # Held-out rotations are scored every pretext_eval_every epochs and after the last.
+    scored_epochs = math.ceil(profile.pretext_epochs / profile.pretext_eval_every)
     work = {
         "pretext_train": profile.pretext_epochs * pretext_steps * pretext_batch,
-        "pretext_predict": profile.pretext_epochs * 4 * (len(holdout) or min(len(pretext_train), 64)),
+        "pretext_predict": scored_epochs * 4 * (len(holdout) or min(len(pretext_train), 64)),
         "finetune_full": 0, "finetune_head": 0, "finetune_features": 0, "finetune_predict": 0,
     }
     methods = runnable_methods(profile)

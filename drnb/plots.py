@@ -83,12 +83,14 @@ def duplicate_grid(images: np.ndarray, table: pd.DataFrame, pairs: pd.DataFrame,
 
 
 def plot_learning_curves(history: pd.DataFrame, metric: str = "heldout_rotation_accuracy"):
-    """Loss and ``metric`` per epoch from a ``history.csv``; returns the Figure."""
+    """Loss per epoch and ``metric`` at the epochs it was measured (``pretext_eval_every``) from a
+    ``history.csv``; returns the Figure."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
     left.plot(history["epoch"], history["loss"], marker="o")
     left.set(xlabel="epoch", ylabel="training loss", title="loss")
     if metric in history:
-        right.plot(history["epoch"], history[metric], marker="o", color="tab:green")
+        scored = history.dropna(subset=[metric])
+        right.plot(scored["epoch"], scored[metric], marker="o", color="tab:green")
         right.set(xlabel="epoch", ylabel=metric.replace("_", " "), title=metric.replace("_", " "), ylim=(0, 1.02))
     fig.tight_layout()
     return fig

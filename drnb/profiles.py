@@ -70,6 +70,7 @@ class Profile:
     pretext_epochs: int = 10  # passes over the pretext images (all4: each pass shows every rotation)
     pretext_lr_schedule: str = "constant"  # "constant", or "cosine" decay from the rate towards 0, step by step over all epochs
     pretext_holdout_fraction: float = 0.1  # images held out to measure rotation accuracy
+    pretext_eval_every: int = 1  # score the held-out rotations after every this many epochs, and after the last
     pretext_zoom: float = 0.1  # centred zoom range 1 +- zoom, before rotating
     # --- fine-tuning ---
     methods: tuple[str, ...] = ("rotation", "scratch")  # encoders compared: rotation, scratch, imagenet
@@ -118,7 +119,7 @@ class Profile:
             if not 0 < fraction <= 1:
                 raise ValueError(f"fractions: {fraction!r} is not a labelled fraction in (0, 1]")
         positive = (
-            "image_size synthetic_images pretext_batch_size pretext_epochs repetitions folds "
+            "image_size synthetic_images pretext_batch_size pretext_epochs pretext_eval_every repetitions folds "
             "finetune_batch_size finetune_epochs calibration_images"
         ).split()
         for name in positive:
@@ -222,6 +223,7 @@ PROFILES: dict[str, Profile] = {
         pretext_batch_size=32,
         pretext_learning_rate=1e-5,
         pretext_epochs=200,
+        pretext_eval_every=10,  # scoring after each of 200 epochs would be a fifth of the pretext on a GPU
         finetune_hidden=(1024,),
         finetune_dropout=0.5,
         finetune_batch_size=32,

@@ -1,8 +1,10 @@
 """Learning happens: the pretext and fine-tuning on synthetic fundus images, on a small CPU budget."""
 
+import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -65,6 +67,33 @@ def test_pretext_loss_falls_and_heldout_rotation_accuracy_passes_0_9(pretext):
     assert pretext.confusion.sum() == 4 * round(0.1 * N_IMAGES)  # every held-out image in four rotations
     assert pretext.encoder_path.exists()
     assert json.loads((pretext.encoder_path.parent / "metrics.json").read_text())["heldout_rotation_accuracy"] == pytest.approx(pretext.heldout_accuracy)
+
+
+def test_heldout_rotations_are_scored_every_few_epochs_and_after_the_last(synthetic, tmp_path, monkeypatch):
+    import drnb.pretext
+
+    images = synthetic[0][:60, ::2, ::2]  # 32 px: only the scoring schedule is under test
+    profile = resolve_profile("smoke", {"image_size": 32, "pretext_epochs": 5, "pretext_eval_every": 2, "pretext_batch_size": 32})
+    scored_images = []
+    score = drnb.pretext.rotation_accuracy
+
+    def counting_score(trainer, image_tensor, indices, batch_size):
+        scored_images.append(4 * len(indices))
+        return score(trainer, image_tensor, indices, batch_size)
+
+    monkeypatch.setattr(drnb.pretext, "rotation_accuracy", counting_score)
+    result = train_pretext(images, profile, tmp_path / "pretext", log=lambda line: None)
+    accuracy = result.history["heldout_rotation_accuracy"]
+    assert accuracy.notna().tolist() == [False, True, False, True, True]  # epochs 2, 4 and the last
+    assert result.heldout_accuracy == accuracy.iloc[-1]
+    assert pd.read_csv(tmp_path / "pretext" / "history.csv")["heldout_rotation_accuracy"].isna().sum() == 2
+    # The benchmark's prediction counts the same held-out predictions.
+    table = synthetic[1].iloc[:60]
+    session = FinetuneSession(images, table, profile, log=lambda line: None)
+    spec = importlib.util.spec_from_file_location("run_benchmarks", Path(__file__).parents[1] / "benchmarks" / "run_benchmarks.py")
+    benchmarks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmarks)
+    assert benchmarks.planned_work(profile, session, len(images))["pretext_predict"] == sum(scored_images) == 3 * 4 * 6
 
 
 def test_cosine_pretext_schedule_decays_the_rate_step_by_step(synthetic, pretext, tmp_path):
