@@ -379,6 +379,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="optimizer steps per training measurement, split into 5 rounds")
     parser.add_argument("--end-to-end", default="", help="comma-separated profiles to time with `drnb reproduce`")
     parser.add_argument(
+        "--input-only", action="store_true",
+        help="measure preprocessing and the augmenting input pipelines only (no training): e.g. the paper profile's, on a CPU",
+    )
+    parser.add_argument(
         "--rates", help="predict the sweep from the figures in this JSON (from accelerator_rates.py) instead of measuring here"
     )
     parser.add_argument("--json", help="output file (default benchmarks/results/<profile>-<dataset>.json)")
@@ -397,6 +401,7 @@ def main() -> None:
     from drnb.pretext import build_pretext_trainer
     from drnb.profiles import resolve_profile
     from drnb.runs import load_table, preprocess_config
+    from drnb.targets import encode
 
     overrides = {k: v for k, v in {"dataset": args.dataset, "data_dir": args.data_dir}.items() if v}
     profile = resolve_profile(args.profile, overrides)
@@ -419,6 +424,15 @@ def main() -> None:
     pretext_data = rotation_batches(image_tensor, indices, profile.pretext_batch_size, mode=profile.rotation_mode,
                                     augment_options={"zoom": profile.pretext_zoom})
     figures["pretext_input_images_per_second"] = pipeline_rate(pretext_data, 20)
+    targets = encode(table["grade"].to_numpy(np.int64), profile.target)  # as the fine-tuning session encodes them
+    finetune_data = labelled_batches(
+        image_tensor, indices, targets, profile.finetune_batch_size, seed=0, training=True,
+        augment_options={"zoom": profile.finetune_zoom, "vertical_flip": True, "rot90": True},
+    )
+    figures["finetune_input_images_per_second"] = pipeline_rate(finetune_data, 20)
+    if args.input_only:
+        _report(figures, args.json or Path(__file__).parent / "results" / f"{profile.name}-{profile.dataset}-input.json")
+        return
     start = time.perf_counter()
     pretext = build_pretext_trainer(profile)
     figures["pretext_build_seconds"] = time.perf_counter() - start
@@ -429,16 +443,11 @@ def main() -> None:
     figures["pretext_achieved_gflops"] = flops * pretext_rates["drnb_images_per_second"] / 1e9
 
     session = FinetuneSession(images, table, profile, log=lambda line: None)
-    finetune_data = labelled_batches(
-        image_tensor, indices, session.targets, profile.finetune_batch_size, seed=0, training=True,
-        augment_options={"zoom": profile.finetune_zoom, "vertical_flip": True, "rot90": True},
-    )
-    figures["finetune_input_images_per_second"] = pipeline_rate(finetune_data, 20)
     for phase in ("head", "full"):
         rates = training_rates(session.trainer, finetune_data, profile.finetune_batch_size, args.steps, phase)
         figures.update({f"finetune_{phase}_{k}": v for k, v in rates.items()})
     batch = profile.finetune_batch_size
-    predict_data = labelled_batches(image_tensor, indices[: 20 * batch], session.targets[: 20 * batch], batch, seed=0, training=False)
+    predict_data = labelled_batches(image_tensor, indices[: 20 * batch], targets[: 20 * batch], batch, seed=0, training=False)
     start = time.perf_counter()
     features = session.trainer.encode(predict_data)
     session.trainer.predict(predict_data)
@@ -446,7 +455,7 @@ def main() -> None:
     start = time.perf_counter()
     session.trainer.predict(predict_data)
     figures["predict_images_per_second"] = len(features) / (time.perf_counter() - start)
-    feature_data = session.trainer.batches(feature_batches(features, session.targets[: len(features)], batch, seed=0))
+    feature_data = session.trainer.batches(feature_batches(features, targets[: len(features)], batch, seed=0))
     start = time.perf_counter()
     session.trainer.train(feature_data, 1, phase="features")  # traces the step
     figures["finetune_features_tracing_seconds"] = time.perf_counter() - start

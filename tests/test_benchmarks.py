@@ -39,6 +39,20 @@ def test_benchmark_script_writes_its_figures(tmp_path):
     assert 0 < figures["preprocess_aptos_sized_photograph_seconds"] < 60
 
 
+@pytest.mark.slow
+def test_input_only_measures_the_pipelines_and_trains_nothing(tmp_path):
+    out = tmp_path / "input.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--profile", "smoke", "--input-only", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert figures["pretext_input_images_per_second"] > 0 and figures["finetune_input_images_per_second"] > 0
+    assert figures["preprocess_uncached_images_per_second"] > 0
+    assert not any("tracing" in key or "drnb_images" in key or "predicted" in key for key in figures)
+
+
 def load_benchmark_module():
     spec = importlib.util.spec_from_file_location("run_benchmarks", SCRIPT)
     module = importlib.util.module_from_spec(spec)
