@@ -6,6 +6,8 @@ Run it on an otherwise idle machine: the two cores are shared by everything.
     python benchmarks/run_benchmarks.py --profile quick
     python benchmarks/run_benchmarks.py --profile quick --dataset eyepacs2015 --data-dir ../shared/data/eyepacs
     python benchmarks/run_benchmarks.py --profile smoke --end-to-end smoke,quick
+    python benchmarks/run_benchmarks.py --profile paper --input-only     # no training: fits a CPU
+    python benchmarks/run_benchmarks.py --profile paper --rates gpu.json  # rates from accelerator_rates.py
 
 Measured:
 - input pipeline: images/s preprocessing from files (empty cache), loading the cache, seconds
