@@ -87,8 +87,8 @@ class Trainer:
         with self.strategy.scope():
             self.model = stack(encoder, head)
             self.optimizers = {
-                "head": keras.optimizers.Adam(learning_rate),
-                "full": keras.optimizers.Adam(learning_rate),
+                "head": adam_for(self.model, learning_rate),
+                "full": adam_for(self.model, learning_rate),
             }
             self.optimizers["head"].build(head.trainable_variables)
             self.optimizers["full"].build(self.model.trainable_variables)
@@ -236,15 +236,32 @@ class Trainer:
         return np.concatenate([self._predict(images).numpy() for images, _ in dataset], axis=0)
 
 
+def adam_for(model, learning_rate: float):
+    """Adam for ``model``, wrapped in dynamic loss scaling when any of its layers computes in float16.
+
+    Under the ``mixed_float16`` policy (drnb's default on a GPU) small gradients underflow in
+    float16. ``Model.compile`` adds the loss scaling itself; a custom loop such as
+    :class:`Trainer` must: :class:`keras.optimizers.LossScaleOptimizer` multiplies the loss
+    before the gradients (``scale_loss``), divides them again, and skips a step whose gradients
+    overflowed, halving the scale.
+    """
+    optimizer = keras.optimizers.Adam(learning_rate)
+    if any(getattr(layer, "compute_dtype", None) == "float16" for layer in _leaf_layers(model)):
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def _leaf_layers(model) -> list:
+    """Every layer of ``model`` that is not itself a model, nested models searched."""
+    leaves = []
+    for layer in model.layers:
+        leaves.extend(_leaf_layers(layer) if getattr(layer, "layers", None) else [layer])
+    return leaves
+
+
 def _seed_generators(model) -> list:
     """The random-stream generators of ``model``'s layers (dropout), nested models included."""
-    generators = []
-    for layer in model.layers:
-        if getattr(layer, "layers", None):
-            generators.extend(_seed_generators(layer))
-        elif getattr(layer, "seed_generator", None) is not None:
-            generators.append(layer.seed_generator)
-    return generators
+    return [layer.seed_generator for layer in _leaf_layers(model) if getattr(layer, "seed_generator", None) is not None]
 
 
 def _batch_size(images) -> int:

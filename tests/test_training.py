@@ -1,5 +1,6 @@
 """The shared training engine: learning happens, freezing freezes, resets do not retrace."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -48,6 +49,37 @@ def test_warmup_freezes_the_encoder_and_unfreezing_trains_it():
     assert any(not np.array_equal(b, a) for b, a in zip(head_before, trainer.head.get_weights()))
     trainer.train(batches, 5, phase="full")
     assert any(not np.array_equal(b, a) for b, a in zip(encoder_before, trainer.encoder.get_weights()))
+
+
+@pytest.fixture
+def mixed_float16():
+    """Keras's global policy set to mixed float16 (drnb's default on a GPU) for one test."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_global_policy(previous)
+
+
+def test_mixed_float16_trains_with_dynamic_loss_scaling(mixed_float16):
+    trainer = make_trainer()
+    assert all(isinstance(optimizer, keras.optimizers.LossScaleOptimizer) for optimizer in trainer.optimizers.values())
+    batches = trainer.batches(constant_batches())
+    first = trainer.train(batches, 3).losses[-1]
+    trainer.train(batches, 20, rate_at=lambda index: 3e-3)
+    last = trainer.train(batches, 3).losses[-1]
+    assert np.isfinite(last) and last < 0.5 * first, (first, last)
+    full = trainer.optimizers["full"]
+    assert int(full.iterations.numpy()) > 0  # steps whose scaled gradients overflowed are skipped, not all
+    # The loss scale is optimizer state: a reset restores it with the rest.
+    full.dynamic_scale.assign(4.0)
+    trainer.reset(learning_rate=1e-3)
+    assert float(full.dynamic_scale.numpy()) == full.initial_scale
+    assert int(full.iterations.numpy()) == 0 and float(full.learning_rate.numpy()) == pytest.approx(1e-3)
+
+
+def test_float32_trains_with_plain_adam():
+    trainer = make_trainer()
+    assert all(type(optimizer) is keras.optimizers.Adam for optimizer in trainer.optimizers.values())
 
 
 def test_reset_restores_weights_and_optimizer_without_retracing():
