@@ -64,13 +64,6 @@ def accelerator_name() -> str | None:
     return None
 
 
-def precision_policy(mode: str, accelerator: str | None) -> str:
-    """The dtype policy drnb's ``configure_precision`` sets: mixed float16 on an accelerator under "auto"."""
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"mixed_precision={mode!r}: expected 'auto', 'on' or 'off'")
-    return "mixed_float16" if mode == "on" or (mode == "auto" and accelerator) else "float32"
-
-
 def matmul_tflops(size: int, dtype: str, repeats: int = 10) -> float:
     """Best rate of a (size x size) @ (size x size) product on the backend's device, TFLOP/s."""
     import keras
@@ -172,7 +165,7 @@ def main() -> None:
 
     import keras
 
-    from drnb.models import build_encoder, build_head, stack
+    from drnb.models import build_encoder, build_head, precision_policy, stack
     from drnb.preprocessing import preprocess_table
     from drnb.profiles import parse_assignments, resolve_profile
     from drnb.runs import load_table, preprocess_config
@@ -199,7 +192,7 @@ def main() -> None:
     )
 
     accelerator = accelerator_name()
-    policy = precision_policy(profile.mixed_precision, accelerator)
+    policy = precision_policy(profile.mixed_precision, accelerator=accelerator is not None)
     figures: dict = {}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -57,8 +57,10 @@ def forward_flops(model) -> float:
     """FLOPs of one image through ``model`` (convolutions and dense layers, 2 per multiply-add)."""
     import keras
 
+    from drnb.models import leaf_layers
+
     total = 0.0
-    for layer in _leaf_layers(model):
+    for layer in leaf_layers(model):
         if isinstance(layer, keras.layers.Conv2D):
             kernel = np.prod(layer.kernel.shape)
             out_h, out_w = layer.output.shape[1:3]
@@ -66,14 +68,6 @@ def forward_flops(model) -> float:
         elif isinstance(layer, keras.layers.Dense):
             total += 2.0 * np.prod(layer.kernel.shape)
     return total
-
-
-def _leaf_layers(model):
-    for layer in model.layers:
-        if hasattr(layer, "layers") and layer.layers:
-            yield from _leaf_layers(layer)
-        else:
-            yield layer
 
 
 def training_rates(trainer, dataset, batch_size: int, steps: int, phase: str = "full", rounds: int = 5) -> dict:

@@ -25,6 +25,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from drnb.models import precision_policy
+
 logger = logging.getLogger(__name__)
 
 
@@ -59,10 +61,7 @@ def configure_precision(mode: str) -> str:
     Returns the policy name set (``"mixed_float16"`` or ``"float32"``). Output layers stay in
     float32 (see :func:`drnb.models.build_head`).
     """
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"mixed_precision={mode!r}: expected 'auto', 'on' or 'off'")
-    use_mixed = mode == "on" or (mode == "auto" and bool(tf.config.list_physical_devices("GPU")))
-    policy = "mixed_float16" if use_mixed else "float32"
+    policy = precision_policy(mode, accelerator=bool(tf.config.list_physical_devices("GPU")))
     keras.mixed_precision.set_global_policy(policy)
     return policy
 

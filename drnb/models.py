@@ -184,6 +184,22 @@ def build_head(
     return keras.Model(inputs, outputs_, name=name)
 
 
+def leaf_layers(model: keras.Model) -> list:
+    """Every layer of ``model`` that is not itself a model, nested models searched, in order."""
+    leaves = []
+    for layer in model.layers:
+        leaves.extend(leaf_layers(layer) if getattr(layer, "layers", None) else [layer])
+    return leaves
+
+
+def precision_policy(mode: str, *, accelerator: bool) -> str:
+    """Keras's dtype policy for a profile's ``mixed_precision``: ``"mixed_float16"`` for
+    ``"on"``, and for ``"auto"`` when an accelerator is present; ``"float32"`` otherwise."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"mixed_precision={mode!r}: expected 'auto', 'on' or 'off'")
+    return "mixed_float16" if mode == "on" or (mode == "auto" and accelerator) else "float32"
+
+
 def stack(encoder: keras.Model, head: keras.Model, name: str = "classifier") -> keras.Model:
     """Encoder followed by head, as one model that saves and loads as a whole."""
     inputs = keras.Input(encoder.input_shape[1:], name="image")

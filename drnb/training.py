@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from drnb.models import stack
+from drnb.models import leaf_layers, stack
 from drnb.pipeline import without_autotune
 
 logger = logging.getLogger(__name__)
@@ -246,22 +246,14 @@ def adam_for(model, learning_rate: float):
     overflowed, halving the scale.
     """
     optimizer = keras.optimizers.Adam(learning_rate)
-    if any(getattr(layer, "compute_dtype", None) == "float16" for layer in _leaf_layers(model)):
+    if any(getattr(layer, "compute_dtype", None) == "float16" for layer in leaf_layers(model)):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
 
 
-def _leaf_layers(model) -> list:
-    """Every layer of ``model`` that is not itself a model, nested models searched."""
-    leaves = []
-    for layer in model.layers:
-        leaves.extend(_leaf_layers(layer) if getattr(layer, "layers", None) else [layer])
-    return leaves
-
-
 def _seed_generators(model) -> list:
     """The random-stream generators of ``model``'s layers (dropout), nested models included."""
-    return [layer.seed_generator for layer in _leaf_layers(model) if getattr(layer, "seed_generator", None) is not None]
+    return [layer.seed_generator for layer in leaf_layers(model) if getattr(layer, "seed_generator", None) is not None]
 
 
 def _batch_size(images) -> int:

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from drnb.models import build_encoder, build_head, stack
+from drnb.models import build_encoder, build_head, leaf_layers, precision_policy, stack
 from drnb.pretext import load_encoder, save_atomically
 
 
@@ -64,3 +64,21 @@ def test_stacked_classifier_outputs_probabilities():
     model = stack(encoder, build_head(encoder.output_shape[-1], 5, hidden=(8,), activation="sigmoid"))
     outputs = model.predict(np.zeros((2, 32, 32, 3), np.float32), verbose=0)
     assert outputs.shape == (2, 5) and (outputs >= 0).all() and (outputs <= 1).all()
+
+
+def test_precision_policy_is_mixed_float16_when_asked_or_on_an_accelerator():
+    assert precision_policy("on", accelerator=False) == "mixed_float16"
+    assert precision_policy("auto", accelerator=True) == "mixed_float16"
+    assert precision_policy("auto", accelerator=False) == "float32"
+    assert precision_policy("off", accelerator=True) == "float32"
+    with pytest.raises(ValueError, match="mixed_precision='fp16'"):
+        precision_policy("fp16", accelerator=True)
+
+
+def test_leaf_layers_open_nested_models():
+    encoder = build_encoder("compact", 32)
+    head = build_head(encoder.output_shape[-1], 5, hidden=(8,))
+    leaves = leaf_layers(stack(encoder, head))
+    assert not any(isinstance(layer, keras.Model) for layer in leaves)
+    assert len(leaves) == len(leaf_layers(encoder)) + len(leaf_layers(head)) + 1  # the classifier's own input
+    assert sum(isinstance(layer, keras.layers.Dropout) for layer in leaves) == 1
