@@ -141,8 +141,9 @@ def planned_work(profile, session, n_images: int) -> dict:
     """What a ``drnb reproduce`` sweep of ``profile`` trains and predicts, counted, not guessed.
 
     Pretext: its epochs x steps per epoch, as :func:`drnb.pretext.train_pretext` plans them,
-    and the held-out rotations it scores (every ``pretext_eval_every`` epochs and after the last). Fine-tuning: for every method,
-    fraction and repetition, the run's real labelled subset (from ``session``'s splits) through
+    and the held-out rotations it scores (every ``pretext_eval_every`` epochs and after the
+    last). Fine-tuning: for every method, fraction and repetition, the run's real labelled
+    subset (from ``session``'s splits) through
     :func:`drnb.finetune.plan_steps`; the images encoded for a warm-up on features; the
     validation images scored after each full epoch; the images the cut points are fitted on;
     the test fold. Warm-up features are encoded per run, or, for methods that start every run
@@ -334,6 +335,14 @@ def end_to_end_seconds(profile: str, dataset: str | None, data_dir: str | None) 
         return _timed(lambda: subprocess.run(command, check=True))
 
 
+def profile_from(args):
+    """The ``--profile`` named on the command line, with ``--dataset`` and ``--data-dir`` applied."""
+    from drnb.profiles import resolve_profile
+
+    overrides = {key: value for key, value in {"dataset": args.dataset, "data_dir": args.data_dir}.items() if value}
+    return resolve_profile(args.profile, overrides)
+
+
 def predict_from_rates(args) -> None:
     """``--rates FILE``: the profile's sweep on this dataset at rates measured on another machine.
 
@@ -341,11 +350,9 @@ def predict_from_rates(args) -> None:
     rates and fixed costs are the file's.
     """
     from drnb.finetune import FinetuneSession
-    from drnb.profiles import resolve_profile
     from drnb.runs import load_images
 
-    overrides = {k: v for k, v in {"dataset": args.dataset, "data_dir": args.data_dir}.items() if v}
-    profile = resolve_profile(args.profile, overrides)
+    profile = profile_from(args)
     figures = json.loads(Path(args.rates).read_text())
     if figures.get("profile") != profile.name:
         raise ValueError(f"{args.rates}: measured for profile {figures.get('profile')!r}, not --profile {profile.name!r}")
@@ -395,12 +402,10 @@ def main() -> None:
     from drnb.pipeline import labelled_batches, rotation_batches
     from drnb.preprocessing import preprocess_table
     from drnb.pretext import build_pretext_trainer
-    from drnb.profiles import resolve_profile
     from drnb.runs import load_table, preprocess_config
     from drnb.targets import encode
 
-    overrides = {k: v for k, v in {"dataset": args.dataset, "data_dir": args.data_dir}.items() if v}
-    profile = resolve_profile(args.profile, overrides)
+    profile = profile_from(args)
     figures: dict = {"profile": profile.name, "dataset": profile.dataset, "devices": describe_devices()}
 
     figures["numpy_matmul_gflops"] = matmul_peak()
