@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from run_benchmarks import forward_flops, large_photograph_seconds
+from run_benchmarks import forward_flops, large_photograph_seconds, profile_from
 
 
 def accelerator_name() -> str | None:
@@ -167,13 +167,10 @@ def main() -> None:
 
     from drnb.models import build_encoder, build_head, precision_policy, stack
     from drnb.preprocessing import preprocess_table
-    from drnb.profiles import parse_assignments, resolve_profile
     from drnb.runs import load_table, preprocess_config
     from drnb.targets import encode
 
-    overrides = {key: value for key, value in {"dataset": args.dataset, "data_dir": args.data_dir}.items() if value}
-    overrides.update(parse_assignments(args.set))
-    profile = resolve_profile(args.profile, overrides)
+    profile = profile_from(args, args.set)
     # Preprocessing forks worker processes: before the backend starts its device threads.
     table = load_table(profile)
     config = preprocess_config(profile)
@@ -210,7 +207,7 @@ def main() -> None:
     )
     record(**preprocessed)
     matmul_dtype = "float16" if policy == "mixed_float16" else "float32"
-    record(**{"matmul_dtype": matmul_dtype, "matmul_tflops": matmul_tflops(args.matmul_size, matmul_dtype)})
+    record(matmul_dtype=matmul_dtype, matmul_tflops=matmul_tflops(args.matmul_size, matmul_dtype))
 
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(profile.seed)

@@ -335,12 +335,13 @@ def end_to_end_seconds(profile: str, dataset: str | None, data_dir: str | None) 
         return _timed(lambda: subprocess.run(command, check=True))
 
 
-def profile_from(args):
-    """The ``--profile`` named on the command line, with ``--dataset`` and ``--data-dir`` applied."""
-    from drnb.profiles import resolve_profile
+def profile_from(args, assignments=()):
+    """The ``--profile`` named on the command line, with ``--dataset``, ``--data-dir`` and
+    ``KEY=VALUE`` ``assignments`` (``--set``) applied."""
+    from drnb.profiles import parse_assignments, resolve_profile
 
     overrides = {key: value for key, value in {"dataset": args.dataset, "data_dir": args.data_dir}.items() if value}
-    return resolve_profile(args.profile, overrides)
+    return resolve_profile(args.profile, {**overrides, **parse_assignments(list(assignments))})
 
 
 def predict_from_rates(args) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +99,12 @@ def isolated_drnb_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("DRNB_DATA", str(data_root))
     monkeypatch.setenv("DRNB_CACHE", str(cache_root))
     return data_root, cache_root
+
+
+@pytest.fixture(scope="session")
+def benchmark_module():
+    """``benchmarks/run_benchmarks.py`` loaded as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("run_benchmarks", Path(__file__).resolve().parents[1] / "benchmarks" / "run_benchmarks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

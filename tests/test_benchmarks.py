@@ -1,7 +1,6 @@
 """The benchmark script runs end to end on the smoke profile, writes every figure it prints, and
 predicts a sweep's wall time from work counted the way the runs do it."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -53,13 +52,6 @@ def test_input_only_measures_the_pipelines_and_trains_nothing(tmp_path):
     assert not any("tracing" in key or "drnb_images" in key or "predicted" in key for key in figures)
 
 
-def load_benchmark_module():
-    spec = importlib.util.spec_from_file_location("run_benchmarks", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class CountingBatches:
     """An iterator over (images, targets) batches that counts the images it hands out."""
 
@@ -98,14 +90,13 @@ def count_trainer_work(trainer) -> dict:
     return counts
 
 
-def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path):
+def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark_module):
     from drnb.finetune import FinetuneSession
     from drnb.models import build_encoder
     from drnb.pretext import save_atomically
     from drnb.profiles import resolve_profile
     from drnb.synthetic import make_fundus_images
 
-    benchmarks = load_benchmark_module()
     images, grades = make_fundus_images(80, size=32, seed=1)
     table = pd.DataFrame({"image_id": [str(i) for i in range(80)], "path": "", "grade": grades, "patient_id": None, "split": None})
     smoke = resolve_profile("smoke", {})
@@ -118,7 +109,7 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path):
             "smoke", {"fractions": "0.5,1.0", "methods": "rotation,scratch", "bootstrap_resamples": "0", **overrides}
         )
         sessions = [FinetuneSession(images, table, profile, encoder_path=encoder_path, log=lambda line: None) for _ in profile.fractions]
-        work = benchmarks.planned_work(profile, sessions[0], len(images))
+        work = benchmark_module.planned_work(profile, sessions[0], len(images))
         counts = {"head": 0, "full": 0, "features": 0, "predict": 0}
         for fraction, session in zip(profile.fractions, sessions):
             session_counts = count_trainer_work(session.trainer)
@@ -136,15 +127,14 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path):
         assert work["notebooks"] == 5 and work["images"] == 80
 
 
-def test_predicted_sweep_adds_each_stage_at_its_rate():
-    benchmarks = load_benchmark_module()
+def test_predicted_sweep_adds_each_stage_at_its_rate(benchmark_module):
     work = {
         "images": 100, "notebooks": 5, "fresh_encoders": 4, "pretext_train": 1200, "pretext_predict": 40,
         "finetune_full": 3000, "finetune_head": 600, "finetune_features": 0, "finetune_predict": 500,
     }
     rates = {"preprocess": 50, "pretext_train": 100, "finetune_full": 100, "finetune_head": 300, "finetune_features": 1000, "predict": 20}
     fixed = {"kernel": 10, "load": 1, "pretext_tracing": 4, "finetune_tracing": 3, "fresh_model": 0.5}
-    stages = benchmarks.predicted_sweep_seconds(work, rates, fixed)
+    stages = benchmark_module.predicted_sweep_seconds(work, rates, fixed)
     assert stages["data"] == 10 + 2
     assert stages["pretext"] == 10 + 1 + 4 + 12 + 2
     assert stages["finetune"] == 2 * (10 + 1 + 3) + 4 * 0.5 + 30 + 2 + 25
@@ -152,21 +142,20 @@ def test_predicted_sweep_adds_each_stage_at_its_rate():
     assert stages["total"] == pytest.approx(12 + 29 + 87 + 10)
 
 
-def test_sweep_rates_prefer_drnb_then_fit_then_one_batch_at_a_time():
-    benchmarks = load_benchmark_module()
+def test_sweep_rates_prefer_drnb_then_fit_then_one_batch_at_a_time(benchmark_module):
     figures = {
         "preprocess_uncached_images_per_second": 50, "predict_images_per_second": 20,
         "pretext_drnb_images_per_second": 1, "pretext_fit_images_per_second": 2, "pretext_bare_images_per_second": 3,
         "finetune_full_fit_images_per_second": 4, "finetune_full_bare_images_per_second": 5,
         "finetune_head_bare_images_per_second": 6, "finetune_features_images_per_second": 7,
     }
-    rates = benchmarks.sweep_rates(figures)
+    rates = benchmark_module.sweep_rates(figures)
     assert (rates["pretext_train"], rates["finetune_full"], rates["finetune_head"]) == (1, 4, 6)
     assert rates["finetune_features"] == float("inf")  # no warm-up on features: no image counted at it
-    assert benchmarks.sweep_rates(figures, warmup_on_features=True)["finetune_features"] == 7
+    assert benchmark_module.sweep_rates(figures, warmup_on_features=True)["finetune_features"] == 7
     del figures["finetune_full_fit_images_per_second"], figures["finetune_full_bare_images_per_second"]
     with pytest.raises(ValueError, match="finetune_full_bare_images_per_second"):
-        benchmarks.sweep_rates(figures)
+        benchmark_module.sweep_rates(figures)
 
 
 @pytest.mark.slow

@@ -1,10 +1,8 @@
 """Learning happens: the pretext and fine-tuning on synthetic fundus images, on a small CPU budget."""
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -69,7 +67,7 @@ def test_pretext_loss_falls_and_heldout_rotation_accuracy_passes_0_9(pretext):
     assert json.loads((pretext.encoder_path.parent / "metrics.json").read_text())["heldout_rotation_accuracy"] == pytest.approx(pretext.heldout_accuracy)
 
 
-def test_heldout_rotations_are_scored_every_few_epochs_and_after_the_last(synthetic, tmp_path, monkeypatch):
+def test_heldout_rotations_are_scored_every_few_epochs_and_after_the_last(synthetic, tmp_path, monkeypatch, benchmark_module):
     import drnb.pretext
 
     images = synthetic[0][:60, ::2, ::2]  # 32 px: only the scoring schedule is under test
@@ -90,10 +88,7 @@ def test_heldout_rotations_are_scored_every_few_epochs_and_after_the_last(synthe
     # The benchmark's prediction counts the same held-out predictions.
     table = synthetic[1].iloc[:60]
     session = FinetuneSession(images, table, profile, log=lambda line: None)
-    spec = importlib.util.spec_from_file_location("run_benchmarks", Path(__file__).parents[1] / "benchmarks" / "run_benchmarks.py")
-    benchmarks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmarks)
-    assert benchmarks.planned_work(profile, session, len(images))["pretext_predict"] == sum(scored_images) == 3 * 4 * 6
+    assert benchmark_module.planned_work(profile, session, len(images))["pretext_predict"] == sum(scored_images) == 3 * 4 * 6
 
 
 def test_cosine_pretext_schedule_decays_the_rate_step_by_step(synthetic, pretext, tmp_path):
