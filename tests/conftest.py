@@ -101,10 +101,21 @@ def isolated_drnb_dirs(tmp_path, monkeypatch):
     return data_root, cache_root
 
 
-@pytest.fixture(scope="session")
-def benchmark_module():
-    """``benchmarks/run_benchmarks.py`` loaded as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("run_benchmarks", Path(__file__).resolve().parents[1] / "benchmarks" / "run_benchmarks.py")
+def _benchmark_script(name: str):
+    """``benchmarks/<name>.py`` loaded as a module (the scripts are not part of the package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def benchmark_module():
+    """``benchmarks/run_benchmarks.py`` as a module."""
+    return _benchmark_script("run_benchmarks")
+
+
+@pytest.fixture(scope="session")
+def study_module():
+    """``benchmarks/accelerator_study.py`` as a module."""
+    return _benchmark_script("accelerator_study")

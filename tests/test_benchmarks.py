@@ -193,3 +193,79 @@ def test_accelerator_rates_feed_the_sweep_prediction(tmp_path):
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode != 0 and "measured for profile 'smoke', not --profile 'quick'" in result.stderr
+
+
+STUDY_SCRIPT = SCRIPT.with_name("accelerator_study.py")
+
+
+def test_square_symmetries_are_the_eight_turns_and_transposes(study_module):
+    image = np.arange(3 * 3 * 2).reshape(1, 3, 3, 2)  # no symmetry of the square maps it to itself
+    images = np.repeat(image, 8, axis=0)
+    turned = study_module.square_symmetries(images, np.arange(8))
+    assert turned.shape == images.shape and turned.dtype == images.dtype
+    assert len({t.tobytes() for t in turned}) == 8
+    for k in range(4):
+        np.testing.assert_array_equal(turned[k], np.rot90(image[0], k))  # the pretext's labels: 90 k degrees anticlockwise
+    np.testing.assert_array_equal(turned[4], image[0].transpose(1, 0, 2))
+    with pytest.raises(ValueError, match="symmetries 0-7"):
+        study_module.square_symmetries(images, np.full(8, 8))
+    with pytest.raises(ValueError, match=r"expected \(N, S, S, C\) and \(N,\)"):
+        study_module.square_symmetries(images, np.arange(7))
+
+
+def test_batch_stream_gives_whole_batches_and_every_row_equally_often(study_module):
+    rows = np.array([3, 5, 7, 11, 13, 17, 19])
+    stream = study_module.BatchStream(rows, batch_size=3, seed=0)
+    assert stream.steps == 3  # ceil(7 / 3)
+    epochs = [stream.epoch() for _ in range(7)]  # 7 epochs of 9 rows: 63 = 9 passes over the 7 rows
+    assert all(len(epoch) == 9 for epoch in epochs)
+    drawn = np.concatenate(epochs)
+    assert set(drawn) == set(rows)
+    assert np.all(np.unique(drawn, return_counts=True)[1] == 9)
+    assert not np.array_equal(epochs[0], epochs[1])
+    with pytest.raises(ValueError, match="no rows"):
+        study_module.BatchStream(np.array([], np.int64), batch_size=3, seed=0)
+
+
+def test_study_script_names_the_setting_it_does_not_implement(study_module):
+    from drnb.profiles import resolve_profile
+
+    study_module.check_supported(resolve_profile("paper"))
+    with pytest.raises(ValueError, match="finetune_min_steps=48: accelerator_study.py implements only finetune_min_steps=0"):
+        study_module.check_supported(resolve_profile("quick"))
+
+
+@pytest.mark.slow
+def test_accelerator_study_fine_tunes_both_methods_around_a_time_boxed_pretext(tmp_path):
+    """The study script runs here on TensorFlow: scratch, the pretext, rotation, on one fold."""
+    out = tmp_path / "study.json"
+    settings = ["dataset=synthetic", "encoder=compact", "image_size=32", "synthetic_images=120", "pretext_epochs=3", "pretext_eval_every=2",
+                "warmup_epochs=1", "finetune_epochs=2"]
+    result = subprocess.run(
+        [sys.executable, str(STUDY_SCRIPT), "--profile", "paper", *[f"--set={s}" for s in settings],
+         "--fractions", "1.0,0.25", "--seconds", "400", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert figures["images"] == 120 and figures["precision_policy"] == "float32"
+    pretext = figures["pretext"]
+    assert pretext["epochs"] == 3 and pretext["stopped_by"] == "epochs"
+    assert [("heldout_rotation_accuracy" in row) for row in pretext["history"]] == [False, True, True]
+    assert 0 <= pretext["heldout_rotation_accuracy"] <= 1
+    assert pretext["train_images"] + pretext["heldout_images"] == 120
+    runs = {(run["method"], run["fraction"]): run for run in figures["runs"]}
+    assert list(runs) == [("scratch", 1.0), ("scratch", 0.25), ("rotation", 1.0), ("rotation", 0.25)]
+    for (method, fraction), run in runs.items():
+        assert -1 <= run["qw_kappa"] <= 1 and 0 <= run["accuracy"] <= 1
+        assert [row["phase"] for row in run["history"]] == ["warmup", "full", "full"]
+        assert "validation_qw_kappa" in run["history"][-1] and 2 <= run["best_epoch"] <= 3
+        assert run["n_test"] == figures["test_images"]
+    # Nested subsets from drnb's split: a quarter of the full subset, the same for both methods.
+    assert runs[("scratch", 0.25)]["n_train"] == runs[("rotation", 0.25)]["n_train"] < runs[("scratch", 1.0)]["n_train"] / 3
+
+    result = subprocess.run(
+        [sys.executable, str(STUDY_SCRIPT), "--profile", "quick", "--json", str(tmp_path / "no.json")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode != 0 and "finetune_min_steps=48" in result.stderr
