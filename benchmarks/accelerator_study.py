@@ -147,6 +147,8 @@ def main() -> None:
     parser.add_argument("--data-dir", help="the dataset's folder")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a profile setting (repeatable)")
     parser.add_argument("--fractions", default="1.0", help="labelled fractions, comma-separated, run in this order")
+    parser.add_argument("--methods", default="scratch,rotation", help="methods fine-tuned: scratch, rotation or both")
+    parser.add_argument("--pretext-seconds", type=float, help="at most this long for the pretext, compilation included")
     parser.add_argument("--repetition", type=int, default=0, help="repetition (its test fold)")
     parser.add_argument("--seconds", type=float, default=480.0, help="time limit for the whole script")
     parser.add_argument("--json", required=True, help="output file, rewritten after every stage")
@@ -174,6 +176,9 @@ def main() -> None:
         fractions = [validate_fraction(float(text)) for text in args.fractions.split(",")]
     except ValueError as error:
         parser.error(f"--fractions {args.fractions!r}: {error}")
+    methods = [method.strip() for method in args.methods.split(",") if method.strip()]
+    if not methods or set(methods) - {"scratch", "rotation"}:
+        parser.error(f"--methods {args.methods!r}: expected scratch, rotation or scratch,rotation")
     figures: dict = {"profile": profile.name, "dataset": profile.dataset, "repetition": args.repetition, "runs": []}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -271,7 +276,8 @@ def main() -> None:
                 f"{run['n_train']} images, best epoch {run['best_epoch']}, {run['seconds']:.0f} s", flush=True,
             )
 
-    run_all("scratch", None)
+    if "scratch" in methods:
+        run_all("scratch", None)
     # Time kept for the rotation runs: the scratch runs' less their compilation, which the rotation runs repeat
     # with the same shapes (from JAX's compilation cache), plus a margin per run.
     reserve = sum(run["seconds"] - run["compile_seconds"] + RESERVE_MARGIN_SECONDS for run in figures["runs"])
@@ -292,9 +298,12 @@ def main() -> None:
     copies = 4 if profile.rotation_mode == "all4" else 1
     stream = BatchStream(train_rows, profile.pretext_batch_size // copies, profile.seed)
     rng = np.random.default_rng(profile.seed)
+    pretext_deadline = deadline - reserve
+    if args.pretext_seconds is not None:
+        pretext_deadline = min(pretext_deadline, pretext_start + args.pretext_seconds)
     pretext_history, epoch_seconds = [], 0.0
     for epoch in range(1, profile.pretext_epochs + 1):
-        if time.perf_counter() + epoch_seconds + reserve > deadline:
+        if time.perf_counter() + epoch_seconds > pretext_deadline:
             break
         rows = np.repeat(stream.epoch(), copies)
         turns = np.tile(np.arange(4), len(rows) // 4) if copies == 4 else rng.integers(0, 4, size=len(rows))
@@ -308,6 +317,7 @@ def main() -> None:
             predicted = predict_whole_batches(pretext, heldout_images, profile.pretext_batch_size).argmax(axis=1)
             row["heldout_rotation_accuracy"] = float((predicted == heldout_turns).mean())
         pretext_history.append(row)
+        record(pretext={"history": pretext_history})  # replaced by the summary below; kept if the run is cut short
         print(f"pretext epoch {epoch}: loss {row['loss']:.4f}, {epoch_seconds:.1f} s", flush=True)
     if pretext_history and "heldout_rotation_accuracy" not in pretext_history[-1]:
         predicted = predict_whole_batches(pretext, heldout_images, profile.pretext_batch_size).argmax(axis=1)
@@ -324,7 +334,7 @@ def main() -> None:
         },
     )
     print(f"pretext: {len(pretext_history)} epochs, held-out rotation accuracy {figures['pretext']['heldout_rotation_accuracy']}", flush=True)
-    if pretext_history:
+    if pretext_history and "rotation" in methods:
         run_all("rotation", encoder.get_weights())
     record(total_seconds=time.perf_counter() - started)
     print(f"written {out}")
