@@ -5,38 +5,48 @@ drnb trains with TensorFlow; a lent GPU machine may have only JAX or PyTorch (se
 configuration through Keras's own ``fit`` on photographs held in memory, on one repetition
 (one test fold), within a time limit, and records what it learnt and how long each stage took:
 
-1. ``scratch``: a fresh encoder fine-tuned at each fraction;
-2. the rotation pretext on every image outside a held-out set, for the profile's epochs or
-   until the time left is what the scratch runs took (``--seconds``);
+1. ``scratch`` (if asked for): a fresh encoder fine-tuned at each fraction;
+2. the rotation pretext (if ``rotation`` is asked for) on every image outside a held-out set,
+   for the profile's epochs, ``--pretext-seconds`` (compilation included), or until the time
+   left is what the rotation runs need: the scratch runs' time less their compilation, plus
+   a margin per run, or ``--reserve-seconds`` when no scratch run measured it;
 3. ``rotation``: the pretext's encoder fine-tuned at each fraction, from the same head.
+
+A run starts only if the scratch run of its fraction, less compilation, says it fits.
 
 What is drnb's: preprocessing, near-duplicate and patient grouping, the repetition's split
 (test fold, validation split, nested labelled subsets), encoder, heads, pooling, precision
-policy, targets, decoding and kappa; and the schedule: ``warmup_epochs`` with the encoder
-frozen, then ``finetune_epochs`` with everything training at the profile's rate, keeping the
-epoch of best validation kappa (or the last epoch without a validation split). What is not:
-the step is Keras's ``fit`` (a fresh Adam per phase, as the reference code's two ``compile``
-calls), augmentation is a random symmetry of the square per image (drnb also zooms and
-jitters colour; the pretext only rotates), every epoch is whole batches drawn from a stream
-of permutations, and ``finetune_min_steps``, ``finetune_max_steps``, ``min_steps``,
-``warmup_on_features``, ``lr_schedule`` and ``cut_points="prior"`` are not supported (a
-``ValueError`` names the setting)::
+policy, targets, decoding, kappa and its bootstrap CI; and the schedule: ``warmup_epochs``
+with the encoder frozen, then ``finetune_epochs`` with everything training at the profile's
+rate, keeping the epoch of best validation kappa (or the last epoch without a validation
+split). What is not: the step is Keras's ``fit`` (a fresh Adam per phase, as the reference
+code's two ``compile`` calls), augmentation is a random symmetry of the square per image (drnb
+also zooms and jitters colour; the pretext only rotates), every epoch is whole batches drawn
+from a stream of permutations, ``deterministic`` is ignored, and the settings in
+:data:`UNSUPPORTED` stop the script with a ``ValueError`` that names them.
+
+On JAX, compiled steps are kept in ``--compilation-cache`` (a temporary folder by default):
+a later run of the same shapes, in this process or in a later one on the same machine,
+skips most of the compilation (152 s for DenseNet121's first fine-tuning run on an H100,
+15-16 s for the next ones)::
 
     KERAS_BACKEND=jax python benchmarks/accelerator_study.py --profile paper \\
-        --dataset eyepacs2015 --data-dir DIR --fractions 1.0,0.1,0.05 --seconds 420 --json study.json
+        --dataset eyepacs2015 --data-dir DIR --fractions 1.0,0.1,0.05 --seconds 520 --json study.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 RESERVE_MARGIN_SECONDS = 15.0  # per rotation run, beyond the scratch run's steady time: model build, cached compile
-UNSUPPORTED = {  # setting -> the value this script implements
+UNSUPPORTED = {  # setting -> the only value this script implements
     "finetune_min_steps": 0,
     "finetune_max_steps": 0,
     "min_steps": 0,
@@ -48,13 +58,22 @@ UNSUPPORTED = {  # setting -> the value this script implements
 
 
 def check_supported(profile) -> None:
-    """ValueError naming the first setting of ``profile`` this script does not implement."""
+    """Raise for a setting of ``profile`` this script does not implement.
+
+    Parameters
+    ----------
+    profile : drnb.profiles.Profile
+
+    Raises
+    ------
+    ValueError
+        Naming the first setting whose value differs from :data:`UNSUPPORTED`'s.
+    """
     for name, value in UNSUPPORTED.items():
         if getattr(profile, name) != value:
             raise ValueError(
                 f"{name}={getattr(profile, name)!r}: accelerator_study.py implements only {name}={value!r} "
-                "(drnb's own loop implements the rest); run it with --set "
-                f"{name}={value}"
+                f"(drnb's own loop implements the rest); run it with --set {name}={value}"
             )
 
 
@@ -90,16 +109,26 @@ def square_symmetries(images: np.ndarray, which: np.ndarray) -> np.ndarray:
 class BatchStream:
     """Rows of one index set in whole batches, from a seeded stream of permutations.
 
-    Each epoch takes the next ``steps * batch_size`` rows of the stream, so every row is seen
-    equally often over epochs and no batch is short (a short batch would compile the step
-    again on some backends).
+    Each epoch takes the next ``steps * batch_size`` rows of the stream, with ``steps =
+    ceil(len(rows) / batch_size)``, so every row is seen equally often over epochs and no
+    batch is short (a short batch would compile the step again on some backends).
+
+    Parameters
+    ----------
+    rows : numpy.ndarray
+        int (R,), R >= 1: the rows drawn from.
+    batch_size : int
+        Rows per batch, >= 1.
+    seed : int
     """
 
     def __init__(self, rows: np.ndarray, batch_size: int, seed: int):
         if len(rows) == 0:
             raise ValueError("BatchStream: no rows to draw batches from")
+        if batch_size < 1:
+            raise ValueError(f"BatchStream: batch_size={batch_size}, expected at least 1")
         self.rows, self.batch_size = np.asarray(rows, np.int64), batch_size
-        self.steps = max(1, -(-len(self.rows) // batch_size))
+        self.steps = math.ceil(len(self.rows) / batch_size)
         self.rng = np.random.default_rng(seed)
         self.queue = np.zeros(0, np.int64)
 
@@ -113,34 +142,59 @@ class BatchStream:
 
 
 def next_epoch_fits(now: float, deadline: float, epoch_seconds: list[float]) -> bool:
-    """Whether another epoch can start and end by ``deadline`` (seconds on one clock).
+    """Whether another epoch can start and end by ``deadline``.
 
     The last epoch's seconds predict the next one's, except when only the first epoch has run:
     it includes the step's compilation (minutes for DenseNet121 on a GPU), so the second epoch
     is tried whenever ``now`` is before the deadline.
+
+    Parameters
+    ----------
+    now, deadline : float
+        Seconds on one clock (``time.perf_counter``).
+    epoch_seconds : list of float
+        The seconds of the epochs run so far, in order.
     """
     estimate = epoch_seconds[-1] if len(epoch_seconds) >= 2 else 0.0
     return now + estimate <= deadline
 
 
 def predict_whole_batches(model, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """``model.predict`` over ``images``, padded to whole batches (one compiled shape), as float32."""
+    """``model.predict`` over ``images`` in whole batches, so that one compiled shape serves every call.
+
+    Parameters
+    ----------
+    model : keras.Model
+    images : numpy.ndarray
+        (N, S, S, 3), N >= 1; the last image is repeated to fill the last batch.
+    batch_size : int
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 (N, K): the model's outputs for the N images, padding dropped.
+    """
     padding = -len(images) % batch_size
     if padding:
         images = np.concatenate([images, np.repeat(images[-1:], padding, axis=0)])
     return np.asarray(model.predict(images, batch_size=batch_size, verbose=0), np.float32)[: len(images) - padding]
 
 
-def fit_epoch(model, images: np.ndarray, targets: np.ndarray, rows: np.ndarray, rng, batch_size: int) -> tuple[float, float]:
-    """One epoch of ``fit`` over ``rows`` (each image under a random symmetry of the square); (loss, seconds)."""
-    batch = square_symmetries(images[rows], rng.integers(0, 8, size=len(rows)))
-    start = time.perf_counter()
-    history = model.fit(batch, targets[rows], batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
-    return float(history.history["loss"][-1]), time.perf_counter() - start
+def finite_or_none(value):
+    """``value`` with every non-finite float inside it replaced by None (strict JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(item) for item in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def enable_compilation_cache(folder: str) -> None:
-    """On JAX, keep compiled steps on disk, so a second model of the same shapes compiles from the cache."""
+    """On JAX, keep compiled steps in ``folder``, so a model of the same shapes compiles from it."""
     import keras
 
     if keras.backend.backend() == "jax":
@@ -151,81 +205,57 @@ def enable_compilation_cache(folder: str) -> None:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="paper", help="profile whose configuration runs")
-    parser.add_argument("--dataset", help="dataset (default: the profile's)")
-    parser.add_argument("--data-dir", help="the dataset's folder")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a profile setting (repeatable)")
-    parser.add_argument("--fractions", default="1.0", help="labelled fractions, comma-separated, run in this order")
-    parser.add_argument("--methods", default="scratch,rotation", help="methods fine-tuned: scratch, rotation or both")
-    parser.add_argument("--pretext-seconds", type=float, help="at most this long for the pretext, compilation included")
-    parser.add_argument("--repetition", type=int, default=0, help="repetition (its test fold)")
-    parser.add_argument("--seconds", type=float, default=480.0, help="time limit for the whole script")
-    parser.add_argument("--json", required=True, help="output file, rewritten after every stage")
-    args = parser.parse_args()
-    started = time.perf_counter()
-    deadline = started + args.seconds
+class Study:
+    """One repetition of a profile's study on photographs held in memory (see the module docstring).
 
-    import tempfile
+    Parameters
+    ----------
+    images : numpy.ndarray
+        uint8 (N, S, S, 3), preprocessed, ``S == profile.image_size``.
+    table : pandas.DataFrame
+        The dataset table (``grade``, ``patient_id``, ``image_id``), row-aligned with ``images``.
+    profile : drnb.profiles.Profile
+    fractions : list of float
+        The labelled fractions to run, in order.
+    repetition : int
+        The repetition; it tests on fold ``repetition``.
+    """
 
-    import keras
-    from accelerator_rates import accelerator_name
-    from run_benchmarks import profile_from
+    def __init__(self, images, table, profile, fractions, repetition: int):
+        import keras
 
-    from drnb.duplicates import photograph_groups
-    from drnb.metrics import evaluate_predictions, quadratic_weighted_kappa
-    from drnb.models import build_encoder, build_head, precision_policy, stack
-    from drnb.preprocessing import preprocess_table
-    from drnb.runs import load_table, preprocess_config
-    from drnb.splits import make_repetition_split, split_holdout, validate_fraction
-    from drnb.targets import decode, encode
+        from drnb.duplicates import photograph_groups
+        from drnb.splits import make_repetition_split
+        from drnb.targets import encode
 
-    profile = profile_from(args, args.set)
-    check_supported(profile)
-    try:
-        fractions = [validate_fraction(float(text)) for text in args.fractions.split(",")]
-    except ValueError as error:
-        parser.error(f"--fractions {args.fractions!r}: {error}")
-    methods = [method.strip() for method in args.methods.split(",") if method.strip()]
-    if not methods or set(methods) - {"scratch", "rotation"}:
-        parser.error(f"--methods {args.methods!r}: expected scratch, rotation or scratch,rotation")
-    figures: dict = {"profile": profile.name, "dataset": profile.dataset, "repetition": args.repetition, "runs": []}
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
+        check_supported(profile)
+        self.keras, self.images, self.profile, self.fractions = keras, images, profile, list(fractions)
+        self.grades = table["grade"].to_numpy(np.int64)
+        self.groups, self.duplicate_pairs = photograph_groups(images, table, profile.duplicate_threshold)
+        self.split = make_repetition_split(
+            self.grades, repetition, sorted(set(self.fractions) | set(profile.fractions)), patient_ids=self.groups,
+            n_folds=profile.folds, seed=profile.seed, validation_fraction=profile.validation_fraction, mode=profile.split_mode,
+        )
+        self.targets = encode(self.grades, profile.target).astype(np.float32)
+        self.seed = profile.seed + repetition
+        self.loss = "binary_crossentropy" if profile.target == "ordinal" else "categorical_crossentropy"
 
-    def record(**values):
-        figures.update(values)
-        out.write_text(json.dumps(figures, indent=2))
+    def classifier(self, encoder_weights=None):
+        """Encoder and grade head, seeded so that every method's head starts the same.
 
-    table = load_table(profile)
-    with tempfile.TemporaryDirectory() as cache:
-        start = time.perf_counter()
-        images, table = preprocess_table(table, preprocess_config(profile), cache_dir=cache, progress=False)
-        record(images=len(images), preprocess_seconds=time.perf_counter() - start)
-    grades = table["grade"].to_numpy(np.int64)
-    groups, pairs = photograph_groups(images, table, profile.duplicate_threshold)
-    split = make_repetition_split(
-        grades, args.repetition, sorted(set(fractions) | set(profile.fractions)), patient_ids=groups,
-        n_folds=profile.folds, seed=profile.seed, validation_fraction=profile.validation_fraction, mode=profile.split_mode,
-    )
-    accelerator = accelerator_name()
-    policy = precision_policy(profile.mixed_precision, accelerator=accelerator is not None)
-    keras.mixed_precision.set_global_policy(policy)
-    enable_compilation_cache(tempfile.mkdtemp(prefix="drnb-compiled-"))
-    record(
-        backend=keras.backend.backend(), keras_version=keras.__version__, device=accelerator or "CPU",
-        precision_policy=policy, near_duplicate_pairs=len(pairs), test_images=len(split.test),
-    )
-    targets = encode(grades, profile.target).astype(np.float32)
-    batch_size = profile.finetune_batch_size
-    seed = profile.seed + args.repetition
-    loss = "binary_crossentropy" if profile.target == "ordinal" else "categorical_crossentropy"
+        Parameters
+        ----------
+        encoder_weights : list of numpy.ndarray, optional
+            Loaded into the encoder (the pretext's); None keeps its fresh weights.
 
-    def finetune(method: str, fraction: float, encoder_weights) -> dict:
-        """One run: warm-up with the encoder frozen, full epochs, best validation epoch; its figures."""
-        run_start = time.perf_counter()
-        keras.utils.set_random_seed(seed)
+        Returns
+        -------
+        (classifier, encoder) : keras.Model, keras.Model
+        """
+        from drnb.models import build_encoder, build_head, stack
+
+        profile = self.profile
+        self.keras.utils.set_random_seed(self.seed)
         encoder = build_encoder(profile.encoder, profile.image_size, pooling=profile.pooling)
         head = build_head(
             encoder.output_shape[-1], 5, hidden=profile.finetune_hidden, dropout=profile.finetune_dropout,
@@ -233,53 +263,204 @@ def main() -> None:
         )
         if encoder_weights is not None:
             encoder.set_weights(encoder_weights)
-        classifier = stack(encoder, head)
-        train_rows, validation_rows = split.train[fraction], split.validation_for(fraction)
-        stream, rng = BatchStream(train_rows, batch_size, seed), np.random.default_rng(seed)
-        history, best = [], {"kappa": -np.inf, "weights": None, "epoch": 0}
-        phases = [("warmup", False)] * profile.warmup_epochs + [("full", True)] * profile.finetune_epochs
-        for epoch, (phase, encoder_trains) in enumerate(phases, start=1):
-            if epoch == 1 or phase != phases[epoch - 2][0]:
-                encoder.trainable = encoder_trains
-                classifier.compile(optimizer=keras.optimizers.Adam(profile.finetune_learning_rate), loss=loss)
-            epoch_loss, seconds = fit_epoch(classifier, images, targets, stream.epoch(), rng, batch_size)
-            row = {"epoch": epoch, "phase": phase, "loss": epoch_loss, "seconds": seconds}
+        return stack(encoder, head), encoder
+
+    def finetune(self, method: str, fraction: float, encoder_weights=None) -> dict:
+        """One run: warm-up with the encoder frozen, full epochs, the best validation epoch kept.
+
+        Returns
+        -------
+        dict
+            Test kappa, accuracy and CI, image counts, the epoch kept, seconds (in all and
+            compiling), steady images/s per phase and every epoch's loss, seconds and
+            validation kappa.
+        """
+        from drnb.metrics import evaluate_predictions, quadratic_weighted_kappa
+        from drnb.targets import decode
+
+        profile, keras, batch_size = self.profile, self.keras, self.profile.finetune_batch_size
+        run_start = time.perf_counter()
+        classifier, encoder = self.classifier(encoder_weights)
+        train_rows, validation_rows = self.split.train[fraction], self.split.validation_for(fraction)
+        stream = BatchStream(train_rows, batch_size, self.seed)
+        augmentation = np.random.default_rng([self.seed, 1])  # apart from the stream's order
+        epochs, best = [], {"kappa": -np.inf, "weights": None, "epoch": 0}
+        phases = ["warmup"] * profile.warmup_epochs + ["full"] * profile.finetune_epochs
+        for epoch, phase in enumerate(phases, start=1):
+            if epoch == 1 or phase != phases[epoch - 2]:
+                encoder.trainable = phase == "full"
+                classifier.compile(optimizer=keras.optimizers.Adam(profile.finetune_learning_rate), loss=self.loss)
+            rows = stream.epoch()
+            batch = square_symmetries(self.images[rows], augmentation.integers(0, 8, size=len(rows)))
+            start = time.perf_counter()
+            fitted = classifier.fit(batch, self.targets[rows], batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
+            row = {"epoch": epoch, "phase": phase, "loss": float(fitted.history["loss"][-1]), "seconds": time.perf_counter() - start}
             if len(validation_rows) and phase == "full":
-                predicted = decode(predict_whole_batches(classifier, images[validation_rows], batch_size), profile.target)
-                row["validation_qw_kappa"] = quadratic_weighted_kappa(grades[validation_rows], predicted)
+                predicted = decode(predict_whole_batches(classifier, self.images[validation_rows], batch_size), profile.target)
+                row["validation_qw_kappa"] = quadratic_weighted_kappa(self.grades[validation_rows], predicted)
                 if row["validation_qw_kappa"] > best["kappa"]:
                     best = {"kappa": row["validation_qw_kappa"], "weights": classifier.get_weights(), "epoch": epoch}
-            history.append(row)
+            epochs.append(row)
         if best["weights"] is not None:
             classifier.set_weights(best["weights"])
         else:
             best["epoch"] = len(phases)
-        probabilities = predict_whole_batches(classifier, images[split.test], batch_size)
-        scores = evaluate_predictions(grades[split.test], decode(probabilities, profile.target), seed=seed)
-        steps = stream.steps * len(phases)
-        # A phase's first epoch includes its compilation: the median epoch is the steady rate, the excess the compile.
+        test = self.split.test
+        probabilities = predict_whole_batches(classifier, self.images[test], batch_size)
+        scores = evaluate_predictions(
+            self.grades[test], decode(probabilities, profile.target), n_resamples=profile.bootstrap_resamples, seed=self.seed
+        )
+        # A phase's first epoch includes its compilation: the median epoch is the steady time, the excess the compilation.
         steady, compile_seconds = {}, 0.0
         for phase in ("warmup", "full"):
-            seconds = [r["seconds"] for r in history if r["phase"] == phase]
-            if seconds:
-                steady[phase] = float(np.median(seconds))
-                compile_seconds += max(seconds[0] - steady[phase], 0.0)
+            phase_seconds = [row["seconds"] for row in epochs if row["phase"] == phase]
+            if phase_seconds:
+                steady[phase] = float(np.median(phase_seconds))
+                compile_seconds += max(phase_seconds[0] - steady[phase], 0.0)
         return {
             "method": method, "fraction": fraction, "n_train": len(train_rows), "n_validation": len(validation_rows),
-            "n_test": len(split.test), "qw_kappa": scores["qw_kappa"], "accuracy": scores["accuracy"],
+            "n_test": len(test), "qw_kappa": scores["qw_kappa"], "accuracy": scores["accuracy"],
             "qw_kappa_ci": [scores["kappa_ci_low"], scores["kappa_ci_high"]], "best_epoch": best["epoch"],
-            "steps": steps, "seconds": time.perf_counter() - run_start, "compile_seconds": compile_seconds,
+            "images_per_epoch": stream.steps * batch_size, "seconds": time.perf_counter() - run_start,
+            "compile_seconds": compile_seconds,
             **{f"{phase}_images_per_second": stream.steps * batch_size / seconds for phase, seconds in steady.items()},
-            "history": history,
+            "history": epochs,
         }
 
-    def run_all(method: str, encoder_weights) -> None:
-        """Every fraction of ``method`` while time is left."""
+    def pretext(self, deadline: float, record) -> tuple[list, dict]:
+        """Train the rotation pretext until its epochs are done or the next would end after ``deadline``.
+
+        Every image outside a held-out set trains (the test fold included, as self-supervision
+        on the unlabelled pool does); the held-out set keeps patients and near duplicates
+        together and is scored in all four rotations every ``pretext_eval_every`` epochs and
+        after the last. ``record(pretext=...)`` is called after every epoch.
+
+        Returns
+        -------
+        (encoder_weights, summary) : list of numpy.ndarray, dict
+            The encoder's weights (None when no epoch ran) and the pretext's figures.
+        """
+        from drnb.models import build_encoder, build_head, stack
+        from drnb.splits import split_holdout
+
+        profile, keras = self.profile, self.keras
+        start_all = time.perf_counter()
+        keras.utils.set_random_seed(profile.seed)
+        encoder = build_encoder(profile.encoder, profile.image_size, pooling=profile.pooling)
+        head = build_head(encoder.output_shape[-1], 4, hidden=profile.pretext_hidden, dropout=profile.pretext_dropout, name="rotation_head")
+        pretext = stack(encoder, head, name="pretext")
+        pretext.compile(optimizer=keras.optimizers.Adam(profile.pretext_learning_rate), loss="sparse_categorical_crossentropy")
+        train_rows, heldout_rows = split_holdout(len(self.images), profile.pretext_holdout_fraction, profile.seed, self.groups)
+        heldout_turns = np.tile(np.arange(4), len(heldout_rows))
+        heldout_images = square_symmetries(self.images[np.repeat(heldout_rows, 4)], heldout_turns)
+        # all4: a batch holds batch/4 photographs, each in its four rotations (RotNet); random1: one random turn each.
+        copies = 4 if profile.rotation_mode == "all4" else 1
+        stream = BatchStream(train_rows, profile.pretext_batch_size // copies, profile.seed)
+        turns_rng = np.random.default_rng([profile.seed, 1])
+        epochs = []
+
+        def heldout_accuracy() -> float:
+            predicted = predict_whole_batches(pretext, heldout_images, profile.pretext_batch_size).argmax(axis=1)
+            return float((predicted == heldout_turns).mean())
+
+        for epoch in range(1, profile.pretext_epochs + 1):
+            if not next_epoch_fits(time.perf_counter(), deadline, [row["seconds"] for row in epochs]):
+                break
+            rows = np.repeat(stream.epoch(), copies)
+            turns = np.tile(np.arange(4), len(rows) // 4) if copies == 4 else turns_rng.integers(0, 4, size=len(rows))
+            batch = square_symmetries(self.images[rows], turns)
+            start = time.perf_counter()
+            fitted = pretext.fit(batch, turns, batch_size=profile.pretext_batch_size, epochs=1, shuffle=False, verbose=0)
+            row = {"epoch": epoch, "loss": float(fitted.history["loss"][-1]), "seconds": time.perf_counter() - start}
+            if epoch % profile.pretext_eval_every == 0 or epoch == profile.pretext_epochs:
+                row["heldout_rotation_accuracy"] = heldout_accuracy()
+            epochs.append(row)
+            record(pretext={"history": epochs})  # replaced by the summary below; kept if the call is cut short
+            print(f"pretext epoch {epoch}: loss {row['loss']:.4f}, {row['seconds']:.1f} s", flush=True)
+        if epochs and "heldout_rotation_accuracy" not in epochs[-1]:
+            epochs[-1]["heldout_rotation_accuracy"] = heldout_accuracy()
+        steady = float(np.median([row["seconds"] for row in epochs[1:]])) if len(epochs) > 1 else None
+        summary = {
+            "epochs": len(epochs), "profile_epochs": profile.pretext_epochs, "train_images": len(train_rows),
+            "heldout_images": len(heldout_rows), "seconds": time.perf_counter() - start_all,
+            "stopped_by": "epochs" if len(epochs) == profile.pretext_epochs else "time",
+            "images_per_second": stream.steps * stream.batch_size * copies / steady if steady else None,
+            "heldout_rotation_accuracy": epochs[-1]["heldout_rotation_accuracy"] if epochs else None,
+            "history": epochs,
+        }
+        return (encoder.get_weights() if epochs else None), summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="paper", help="profile whose configuration runs")
+    parser.add_argument("--dataset", help="dataset (default: the profile's)")
+    parser.add_argument("--data-dir", help="the dataset's folder")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a profile setting (repeatable)")
+    parser.add_argument("--fractions", default="1.0", help="labelled fractions, comma-separated, run in this order")
+    parser.add_argument("--methods", default="scratch,rotation", help="scratch, rotation or scratch,rotation")
+    parser.add_argument("--repetition", type=int, default=0, help="repetition (its test fold)")
+    parser.add_argument("--seconds", type=float, default=520.0, help="time limit for the whole script")
+    parser.add_argument("--pretext-seconds", type=float, help="at most this long for the pretext, compilation included")
+    parser.add_argument("--reserve-seconds", type=float, default=0.0, help="kept for the rotation runs when no scratch run measured them")
+    parser.add_argument("--compilation-cache", help="folder for JAX's compiled steps (default: a temporary one)")
+    parser.add_argument("--json", required=True, help="output file, rewritten after every run and pretext epoch")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    deadline = started + args.seconds
+    methods = [method.strip() for method in args.methods.split(",") if method.strip()]
+    if not methods or set(methods) - {"scratch", "rotation"}:
+        parser.error(f"--methods {args.methods!r}: expected scratch, rotation or scratch,rotation")
+
+    import keras
+    from accelerator_rates import accelerator_name
+    from run_benchmarks import profile_from
+
+    from drnb.models import precision_policy
+    from drnb.preprocessing import preprocess_table
+    from drnb.runs import load_table, preprocess_config, write_text_atomically
+    from drnb.splits import validate_fraction
+
+    profile = profile_from(args, args.set)
+    check_supported(profile)
+    try:
+        fractions = [validate_fraction(float(text)) for text in args.fractions.split(",")]
+    except ValueError as error:
+        parser.error(f"--fractions {args.fractions!r}: {error}")
+    figures: dict = {"profile": profile.name, "dataset": profile.dataset, "repetition": args.repetition, "runs": []}
+    out = Path(args.json)
+
+    def record(**values):
+        """Keep the JSON current (atomically, NaN as null), so a call cut short keeps what it measured."""
+        figures.update(values)
+        write_text_atomically(out, json.dumps(finite_or_none(figures), indent=2))
+
+    table = load_table(profile)
+    with tempfile.TemporaryDirectory() as cache:
+        start = time.perf_counter()
+        images, table = preprocess_table(table, preprocess_config(profile), cache_dir=cache, progress=False)
+        record(images=len(images), preprocess_seconds=time.perf_counter() - start)
+    study = Study(images, table, profile, fractions, args.repetition)
+    accelerator = accelerator_name()
+    policy = precision_policy(profile.mixed_precision, accelerator=accelerator is not None)
+    keras.mixed_precision.set_global_policy(policy)
+    enable_compilation_cache(args.compilation_cache or tempfile.mkdtemp(prefix="drnb-compiled-"))
+    record(
+        backend=keras.backend.backend(), keras_version=keras.__version__, device=accelerator or "CPU", methods=methods,
+        precision_policy=policy, near_duplicate_pairs=len(study.duplicate_pairs), test_images=len(study.split.test),
+    )
+
+    def steady_seconds(fraction: float) -> float:
+        """The scratch run of ``fraction`` less its compilation (0 when there is none)."""
+        runs = [run for run in figures["runs"] if run["method"] == "scratch" and run["fraction"] == fraction]
+        return runs[0]["seconds"] - runs[0]["compile_seconds"] if runs else 0.0
+
+    def run_all(method: str, encoder_weights=None) -> None:
         for fraction in fractions:
-            if time.perf_counter() > deadline:
-                print(f"{method} {fraction:g}: skipped, out of time", flush=True)
+            if time.perf_counter() + steady_seconds(fraction) > deadline:
+                print(f"{method} {fraction:g}: skipped, it would end after --seconds", flush=True)
                 continue
-            run = finetune(method, fraction, encoder_weights)
+            run = study.finetune(method, fraction, encoder_weights)
             figures["runs"].append(run)
             record()
             print(
@@ -288,65 +469,18 @@ def main() -> None:
             )
 
     if "scratch" in methods:
-        run_all("scratch", None)
-    # Time kept for the rotation runs: the scratch runs' less their compilation, which the rotation runs repeat
-    # with the same shapes (from JAX's compilation cache), plus a margin per run.
-    reserve = sum(run["seconds"] - run["compile_seconds"] + RESERVE_MARGIN_SECONDS for run in figures["runs"])
-
-    # The pretext: every image but a held-out set (patients and near-duplicates kept together), the test fold included,
-    # as self-supervision on the unlabelled pool does.
-    pretext_start = time.perf_counter()
-    keras.utils.set_random_seed(profile.seed)
-    encoder = build_encoder(profile.encoder, profile.image_size, pooling=profile.pooling)
-    head = build_head(encoder.output_shape[-1], 4, hidden=profile.pretext_hidden, dropout=profile.pretext_dropout, name="rotation_head")
-    pretext = stack(encoder, head, name="pretext")
-    pretext.compile(optimizer=keras.optimizers.Adam(profile.pretext_learning_rate), loss="sparse_categorical_crossentropy")
-    train_rows, heldout_rows = split_holdout(len(images), profile.pretext_holdout_fraction, profile.seed, groups)
-    heldout = np.repeat(heldout_rows, 4)
-    heldout_turns = np.tile(np.arange(4), len(heldout_rows))
-    heldout_images = square_symmetries(images[heldout], heldout_turns)
-    # all4: a batch holds batch/4 photographs, each in its four rotations (RotNet); random1: one random turn each.
-    copies = 4 if profile.rotation_mode == "all4" else 1
-    stream = BatchStream(train_rows, profile.pretext_batch_size // copies, profile.seed)
-    rng = np.random.default_rng(profile.seed)
-    pretext_deadline = deadline - reserve
-    if args.pretext_seconds is not None:
-        pretext_deadline = min(pretext_deadline, pretext_start + args.pretext_seconds)
-    pretext_history = []
-    for epoch in range(1, profile.pretext_epochs + 1):
-        if not next_epoch_fits(time.perf_counter(), pretext_deadline, [row["seconds"] for row in pretext_history]):
-            break
-        rows = np.repeat(stream.epoch(), copies)
-        turns = np.tile(np.arange(4), len(rows) // 4) if copies == 4 else rng.integers(0, 4, size=len(rows))
-        start = time.perf_counter()
-        history = pretext.fit(
-            square_symmetries(images[rows], turns), turns, batch_size=profile.pretext_batch_size, epochs=1, shuffle=False, verbose=0
-        )
-        epoch_seconds = time.perf_counter() - start
-        row = {"epoch": epoch, "loss": float(history.history["loss"][-1]), "seconds": epoch_seconds}
-        if epoch % profile.pretext_eval_every == 0 or epoch == profile.pretext_epochs:
-            predicted = predict_whole_batches(pretext, heldout_images, profile.pretext_batch_size).argmax(axis=1)
-            row["heldout_rotation_accuracy"] = float((predicted == heldout_turns).mean())
-        pretext_history.append(row)
-        record(pretext={"history": pretext_history})  # replaced by the summary below; kept if the run is cut short
-        print(f"pretext epoch {epoch}: loss {row['loss']:.4f}, {epoch_seconds:.1f} s", flush=True)
-    if pretext_history and "heldout_rotation_accuracy" not in pretext_history[-1]:
-        predicted = predict_whole_batches(pretext, heldout_images, profile.pretext_batch_size).argmax(axis=1)
-        pretext_history[-1]["heldout_rotation_accuracy"] = float((predicted == heldout_turns).mean())
-    steady = np.median([r["seconds"] for r in pretext_history[1:]]) if len(pretext_history) > 1 else float("nan")
-    record(
-        pretext={
-            "epochs": len(pretext_history), "profile_epochs": profile.pretext_epochs, "train_images": len(train_rows),
-            "heldout_images": len(heldout_rows), "seconds": time.perf_counter() - pretext_start,
-            "stopped_by": "epochs" if len(pretext_history) == profile.pretext_epochs else "time", "reserved_seconds": reserve,
-            "images_per_second": stream.steps * stream.batch_size * copies / steady,
-            "heldout_rotation_accuracy": pretext_history[-1]["heldout_rotation_accuracy"] if pretext_history else None,
-            "history": pretext_history,
-        },
-    )
-    print(f"pretext: {len(pretext_history)} epochs, held-out rotation accuracy {figures['pretext']['heldout_rotation_accuracy']}", flush=True)
-    if pretext_history and "rotation" in methods:
-        run_all("rotation", encoder.get_weights())
+        run_all("scratch")
+    if "rotation" in methods:
+        measured = [steady_seconds(fraction) for fraction in fractions if steady_seconds(fraction)]
+        reserve = sum(measured) + RESERVE_MARGIN_SECONDS * len(measured) if measured else args.reserve_seconds
+        pretext_deadline = deadline - reserve
+        if args.pretext_seconds is not None:
+            pretext_deadline = min(pretext_deadline, time.perf_counter() + args.pretext_seconds)
+        encoder_weights, summary = study.pretext(pretext_deadline, record)
+        record(pretext={**summary, "reserved_seconds": reserve})
+        print(f"pretext: {summary['epochs']} epochs, held-out rotation accuracy {summary['heldout_rotation_accuracy']}", flush=True)
+        if encoder_weights is not None:
+            run_all("rotation", encoder_weights)
     record(total_seconds=time.perf_counter() - started)
     print(f"written {out}")
 

@@ -236,6 +236,50 @@ def test_pretext_epochs_stop_by_the_deadline_but_not_on_the_compiling_first_epoc
     assert fits(371.0, 375.0, [193.0, 3.7]) and not fits(372.0, 375.0, [193.0, 3.7])
 
 
+def test_batch_stream_repeats_rows_to_fill_a_batch_larger_than_the_set(study_module):
+    stream = study_module.BatchStream(np.array([4, 8, 9]), batch_size=5, seed=1)
+    first, second = stream.epoch(), stream.epoch()
+    assert stream.steps == 1 and len(first) == len(second) == 5
+    assert np.all(np.unique(np.concatenate([first, second]), return_counts=True)[1] >= 3)
+
+
+def test_predictions_are_made_in_whole_batches_and_trimmed(study_module):
+    class RecordingModel:
+        shapes = []
+
+        def predict(self, images, batch_size, verbose):
+            self.shapes.append(images.shape[0])
+            return images[:, 0, 0, :1] * 2.0
+
+    images = np.arange(5, dtype=np.float32).reshape(5, 1, 1, 1) * np.ones((1, 2, 2, 3), np.float32)
+    outputs = study_module.predict_whole_batches(RecordingModel(), images, batch_size=4)
+    assert RecordingModel.shapes == [8]  # padded to two whole batches
+    np.testing.assert_array_equal(outputs[:, 0], 2.0 * np.arange(5))
+    assert outputs.dtype == np.float32
+
+
+def test_study_json_has_no_nan(study_module):
+    figures = {"a": float("nan"), "b": [np.float32(1.5), np.int64(3), float("inf")], "c": {"d": None, "e": "x"}}
+    assert study_module.finite_or_none(figures) == {"a": None, "b": [1.5, 3, None], "c": {"d": None, "e": "x"}}
+
+
+def test_scratch_and_rotation_runs_start_from_the_same_head(study_module):
+    import types
+
+    import keras
+
+    from drnb.profiles import resolve_profile
+
+    study = types.SimpleNamespace(profile=resolve_profile("paper", {"encoder": "compact", "image_size": 32}), keras=keras, seed=3)
+    scratch, scratch_encoder = study_module.Study.classifier(study)
+    pretrained = [np.full(w.shape, 0.5, w.dtype) for w in scratch_encoder.get_weights()]
+    rotation, rotation_encoder = study_module.Study.classifier(study, pretrained)
+    for ours, theirs in zip(scratch.layers[-1].get_weights(), rotation.layers[-1].get_weights()):
+        np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(rotation_encoder.get_weights()[0], pretrained[0])
+    assert not np.array_equal(scratch_encoder.get_weights()[0], pretrained[0])
+
+
 def test_study_script_names_the_setting_it_does_not_implement(study_module):
     from drnb.profiles import resolve_profile
 
@@ -268,10 +312,32 @@ def test_accelerator_study_fine_tunes_both_methods_around_a_time_boxed_pretext(t
     for run in runs.values():
         assert -1 <= run["qw_kappa"] <= 1 and 0 <= run["accuracy"] <= 1
         assert [row["phase"] for row in run["history"]] == ["warmup", "full", "full"]
-        assert "validation_qw_kappa" in run["history"][-1] and 2 <= run["best_epoch"] <= 3
+        # The epoch kept is the first of the best validation kappa, as in drnb's FinetuneSession.
+        kappas = [row["validation_qw_kappa"] for row in run["history"] if row["phase"] == "full"]
+        assert run["best_epoch"] == 2 + int(np.argmax(kappas))
         assert run["n_test"] == figures["test_images"]
     # Nested subsets from drnb's split: a quarter of the full subset, the same for both methods.
     assert runs[("scratch", 0.25)]["n_train"] == runs[("rotation", 0.25)]["n_train"] < runs[("scratch", 1.0)]["n_train"] / 3
+
+    # Out of time from the start: nothing runs, and the JSON says so in strict JSON (null, not NaN).
+    result = subprocess.run(
+        [sys.executable, str(STUDY_SCRIPT), "--profile", "paper", *[f"--set={s}" for s in settings],
+         "--seconds", "0", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert figures["runs"] == [] and figures["pretext"]["epochs"] == 0 and figures["pretext"]["stopped_by"] == "time"
+    assert figures["pretext"]["images_per_second"] is None and figures["pretext"]["heldout_rotation_accuracy"] is None
+    # Scratch alone trains no pretext.
+    result = subprocess.run(
+        [sys.executable, str(STUDY_SCRIPT), "--profile", "paper", *[f"--set={s}" for s in settings],
+         "--methods", "scratch", "--fractions", "0.25", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert "pretext" not in figures and [(run["method"], run["fraction"]) for run in figures["runs"]] == [("scratch", 0.25)]
 
     result = subprocess.run(
         [sys.executable, str(STUDY_SCRIPT), "--profile", "quick", "--json", str(tmp_path / "no.json")],
