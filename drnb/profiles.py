@@ -7,7 +7,7 @@ schedule. Three are defined:
     seconds on a CPU; for tests and for checking an installation. Numbers mean nothing.
 ``quick``
     the CPU profile: the whole study on 2 cores within an hour on ~3,600 photographs (see
-    the README's "why these settings").
+    the README's "Why the quick profile's settings").
 ``paper``
     the study's configuration: DenseNet121 at 224 px, pretext lr 1e-5, batch 32, 200
     epochs; fine-tuning lr 5e-5, batch 32, 3 warm-up + 17 epochs, 5 repetitions, fractions
