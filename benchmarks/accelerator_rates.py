@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from run_benchmarks import forward_flops, large_photograph_seconds, profile_from
+from run_benchmarks import add_profile_arguments, forward_flops, large_photograph_seconds, profile_from
 
 
 def accelerator_name() -> str | None:
@@ -152,10 +152,7 @@ def rotated_batches(images: np.ndarray, batch_size: int, count: int, seed: int =
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="paper", help="profile whose models are timed")
-    parser.add_argument("--dataset", help="dataset (default: the profile's)")
-    parser.add_argument("--data-dir", help="the dataset's folder")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a profile setting (repeatable)")
+    add_profile_arguments(parser, default="paper", what="models are timed")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per measurement, in 5 rounds")
     parser.add_argument("--matmul-size", type=int, default=8192, help="side of the matrices of the peak measurement")
     parser.add_argument("--json", required=True, help="output file")

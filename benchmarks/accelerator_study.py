@@ -392,11 +392,10 @@ class Study:
 
 
 def main() -> None:
+    from run_benchmarks import add_profile_arguments, profile_from
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="paper", help="profile whose configuration runs")
-    parser.add_argument("--dataset", help="dataset (default: the profile's)")
-    parser.add_argument("--data-dir", help="the dataset's folder")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a profile setting (repeatable)")
+    add_profile_arguments(parser, default="paper", what="configuration runs")
     parser.add_argument("--fractions", default="1.0", help="labelled fractions, comma-separated, run in this order")
     parser.add_argument("--methods", default="scratch,rotation", help="scratch, rotation or scratch,rotation")
     parser.add_argument("--repetition", type=int, default=0, help="repetition (its test fold)")
@@ -414,7 +413,6 @@ def main() -> None:
 
     import keras
     from accelerator_rates import accelerator_name
-    from run_benchmarks import profile_from
 
     from drnb.models import precision_policy
     from drnb.preprocessing import preprocess_table

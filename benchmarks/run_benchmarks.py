@@ -335,6 +335,19 @@ def end_to_end_seconds(profile: str, dataset: str | None, data_dir: str | None) 
         return _timed(lambda: subprocess.run(command, check=True))
 
 
+def add_profile_arguments(parser, *, default: str, what: str, assignments: bool = True) -> None:
+    """The options every benchmark script resolves its profile from (see :func:`profile_from`).
+
+    ``--profile`` (default ``default``; ``what`` says what is done with it), ``--dataset``,
+    ``--data-dir`` and, with ``assignments``, repeatable ``--set KEY=VALUE``.
+    """
+    parser.add_argument("--profile", default=default, help=f"profile whose {what}")
+    parser.add_argument("--dataset", help="dataset (default: the profile's)")
+    parser.add_argument("--data-dir", help="the dataset's folder")
+    if assignments:
+        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a profile setting (repeatable)")
+
+
 def profile_from(args, assignments=()):
     """The ``--profile`` named on the command line, with ``--dataset``, ``--data-dir`` and
     ``KEY=VALUE`` ``assignments`` (``--set``) applied."""
@@ -377,9 +390,7 @@ def _report(figures: dict, path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="quick", help="profile whose settings are measured")
-    parser.add_argument("--dataset", help="dataset (default: the profile's)")
-    parser.add_argument("--data-dir", help="the dataset's folder")
+    add_profile_arguments(parser, default="quick", what="settings are measured", assignments=False)
     parser.add_argument("--steps", type=int, default=50, help="optimizer steps per training measurement, split into 5 rounds")
     parser.add_argument("--end-to-end", default="", help="comma-separated profiles to time with `drnb reproduce`")
     parser.add_argument(

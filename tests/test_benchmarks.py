@@ -294,13 +294,17 @@ def test_accelerator_study_fine_tunes_both_methods_around_a_time_boxed_pretext(t
     out = tmp_path / "study.json"
     settings = ["dataset=synthetic", "encoder=compact", "image_size=32", "synthetic_images=120", "pretext_epochs=3", "pretext_eval_every=2",
                 "warmup_epochs=1", "finetune_epochs=2"]
-    result = subprocess.run(
-        [sys.executable, str(STUDY_SCRIPT), "--profile", "paper", *[f"--set={s}" for s in settings],
-         "--fractions", "1.0,0.25", "--seconds", "400", "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    figures = json.loads(out.read_text())
+
+    def study(*arguments):
+        """Run the script with the tiny settings; its figures, read as strict JSON (no NaN)."""
+        result = subprocess.run(
+            [sys.executable, str(STUDY_SCRIPT), "--profile", "paper", *[f"--set={s}" for s in settings], *arguments, "--json", str(out)],
+            capture_output=True, text=True, timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+
+    figures = study("--fractions", "1.0,0.25", "--seconds", "400")
     assert figures["images"] == 120 and figures["precision_policy"] == "float32"
     pretext = figures["pretext"]
     assert pretext["epochs"] == 3 and pretext["stopped_by"] == "epochs"
@@ -320,23 +324,11 @@ def test_accelerator_study_fine_tunes_both_methods_around_a_time_boxed_pretext(t
     assert runs[("scratch", 0.25)]["n_train"] == runs[("rotation", 0.25)]["n_train"] < runs[("scratch", 1.0)]["n_train"] / 3
 
     # Out of time from the start: nothing runs, and the JSON says so in strict JSON (null, not NaN).
-    result = subprocess.run(
-        [sys.executable, str(STUDY_SCRIPT), "--profile", "paper", *[f"--set={s}" for s in settings],
-         "--seconds", "0", "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    figures = json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    figures = study("--seconds", "0")
     assert figures["runs"] == [] and figures["pretext"]["epochs"] == 0 and figures["pretext"]["stopped_by"] == "time"
     assert figures["pretext"]["images_per_second"] is None and figures["pretext"]["heldout_rotation_accuracy"] is None
     # Scratch alone trains no pretext.
-    result = subprocess.run(
-        [sys.executable, str(STUDY_SCRIPT), "--profile", "paper", *[f"--set={s}" for s in settings],
-         "--methods", "scratch", "--fractions", "0.25", "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    figures = json.loads(out.read_text())
+    figures = study("--methods", "scratch", "--fractions", "0.25")
     assert "pretext" not in figures and [(run["method"], run["fraction"]) for run in figures["runs"]] == [("scratch", 0.25)]
 
     result = subprocess.run(
