@@ -146,8 +146,9 @@ def planned_work(profile, session, n_images: int) -> dict:
     subset (from ``session``'s splits) through
     :func:`drnb.finetune.plan_steps`; the images encoded for a warm-up on features; the
     validation images scored after each full epoch; the images the cut points are fitted on;
-    the test fold. Warm-up features are encoded per run, or, for methods that start every run
-    from the same encoder, once per row and notebook.
+    the test fold (each of these three ``test_time_turns`` times). Warm-up features are encoded
+    per run, or, for methods that start every run from the same encoder, once per row and
+    notebook.
 
     Returns
     -------
@@ -192,6 +193,7 @@ def planned_work(profile, session, n_images: int) -> dict:
             }
             if profile.cut_points == "prior":
                 per_run["finetune_predict"] += len(session.calibration_rows(split, profile.seed + repetition))
+            per_run["finetune_predict"] *= profile.test_time_turns  # each image predicted in every turn averaged
             warmup_images = profile.warmup_epochs * warmup_steps * batch
             if on_features:
                 per_run["finetune_features"] = warmup_images

@@ -239,12 +239,17 @@ class FinetuneSession:
             )
         return pretrained.get_weights()
 
-    def _inference_batches(self, rows: np.ndarray) -> tf.data.Dataset:
-        """``rows``' images in order, unaugmented, in batches (with their targets)."""
-        return labelled_batches(self.images, rows, self.targets[rows], self.batch_size, seed=0, training=False)
+    def _inference_batches(self, rows: np.ndarray, quarter_turns: int = 0) -> tf.data.Dataset:
+        """``rows``' images in order, turned by ``quarter_turns`` x 90 degrees, in batches (with their targets)."""
+        return labelled_batches(
+            self.images, rows, self.targets[rows], self.batch_size, seed=0, training=False, quarter_turns=quarter_turns
+        )
 
     def _predict(self, indices: np.ndarray) -> np.ndarray:
-        return self.trainer.predict(self._inference_batches(indices))
+        """Outputs for ``indices``' images, float32 (len(indices), 5): averaged over the profile's
+        ``test_time_turns`` evenly spaced quarter turns of each image (1: the image as it is)."""
+        turns = range(0, 4, 4 // self.profile.test_time_turns)
+        return np.mean([self.trainer.predict(self._inference_batches(indices, k)) for k in turns], axis=0)
 
     def run(self, method: str, fraction: float, repetition: int, out_dir: str | os.PathLike, *, save_model: bool = False) -> dict:
         """Fine-tune and evaluate one run; write its files into ``out_dir``; return its metrics.

@@ -223,6 +223,7 @@ def labelled_batches(
     seed: int,
     training: bool,
     augment_options: dict | None = None,
+    quarter_turns: int = 0,
 ) -> tf.data.Dataset:
     """Batches of (image, target) for fine-tuning or evaluation.
 
@@ -241,12 +242,17 @@ def labelled_batches(
     training : bool
         Shuffle, repeat forever, drop the last partial batch and augment; otherwise one
         ordered pass.
+    quarter_turns : int
+        Evaluation only: every image turned anticlockwise by ``90 * quarter_turns`` degrees
+        (test-time augmentation; drnb's mask is the same under every quarter turn).
 
     Returns
     -------
     tf.data.Dataset
         of (float32 (B, S, S, 3) in [0, 255], float32 (B, T)).
     """
+    if training and quarter_turns:
+        raise ValueError(f"quarter_turns={quarter_turns}: for evaluation only; training batches are augmented at random")
     indices = np.asarray(indices, np.int64)
     targets = np.asarray(targets, np.float32)
     if training:
@@ -265,8 +271,12 @@ def labelled_batches(
             num_parallel_calls=tf.data.AUTOTUNE,
         )
     else:
+        turns = quarter_turns % 4
         dataset = dataset.map(
-            lambda batch_indices, batch_targets: (tf.cast(tf.gather(images, batch_indices), tf.float32), batch_targets),
+            lambda batch_indices, batch_targets: (
+                tf.cast(tf.image.rot90(tf.gather(images, batch_indices), k=turns), tf.float32),
+                batch_targets,
+            ),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
     return dataset.prefetch(tf.data.AUTOTUNE)

@@ -83,6 +83,7 @@ class Profile:
     target: str = "ordinal"  # "ordinal" (cumulative sigmoid code) or "softmax"
     cut_points: str = "fixed"  # outputs -> grades: "fixed" (0.5 per ordinal output; argmax) or "prior" (drnb.targets)
     calibration_images: int = 256  # cut_points="prior": training-pool images (never test) the cuts are fitted on
+    test_time_turns: int = 1  # predictions averaged over 1, 2 (0 and 180 degrees) or 4 quarter turns of each image
     finetune_hidden: tuple[int, ...] = (1024,)  # "simple multiclass" head widths
     finetune_dropout: float = 0.5  # dropout after each hidden fine-tuning layer
     finetune_batch_size: int = 32  # images per batch
@@ -125,6 +126,11 @@ class Profile:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive integer")
+        if self.test_time_turns not in (1, 2, 4):
+            raise ValueError(
+                f"test_time_turns={self.test_time_turns!r}: expected 1 (no averaging), 2 (0 and 180 degrees) "
+                "or 4 (every quarter turn)"
+            )
         if self.repetitions > self.folds:
             raise ValueError(f"repetitions={self.repetitions} exceeds folds={self.folds}: repetition r tests on fold r")
         if self.rotation_mode == "all4" and self.pretext_batch_size % 4:

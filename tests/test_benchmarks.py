@@ -102,7 +102,7 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
     smoke = resolve_profile("smoke", {})
     encoder_path = tmp_path / "encoder.keras"  # an untrained encoder stands in for the pretext's
     save_atomically(build_encoder(smoke.encoder, smoke.image_size, pooling=smoke.pooling), encoder_path)
-    for overrides in ({}, {"warmup_on_features": "true", "min_steps": "30"}):
+    for overrides in ({}, {"warmup_on_features": "true", "min_steps": "30"}, {"test_time_turns": "4", "cut_points": "prior"}):
         # Two fractions, so the rotation features kept by one notebook's session are not
         # counted again, and two notebooks (one session each) encode their rows anew.
         profile = resolve_profile(
@@ -125,6 +125,14 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
         runs = len(profile.fractions) * profile.repetitions
         assert work["runs"] == 2 * runs and work["fresh_encoders"] == runs
         assert work["notebooks"] == 5 and work["images"] == 80
+        if profile.test_time_turns == 4:  # test fold, validation after each full epoch and calibration, each in four turns
+            scored = sum(
+                len(split.test) + profile.finetune_epochs * len(split.validation_for(f))
+                + len(session.calibration_rows(split, profile.seed + r))
+                for f, session in zip(profile.fractions, sessions) for r in range(profile.repetitions)
+                for split in [session.split(r, f)]
+            )
+            assert work["finetune_predict"] == 4 * scored * len(profile.methods)
 
 
 def test_predicted_sweep_adds_each_stage_at_its_rate(benchmark_module):

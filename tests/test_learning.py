@@ -244,6 +244,26 @@ def test_prior_cut_points_are_fitted_on_the_training_pool_and_decode_the_test_fo
     assert metrics["qw_kappa_fixed_cuts"] == pytest.approx(quadratic_weighted_kappa(predictions["grade"], fixed))
 
 
+def test_test_time_turns_average_the_predictions_of_each_image_turned(small_session):
+    rows = small_session.split(0, 1.0).test
+    model = small_session.trainer.model
+    images = small_session.images.numpy()[rows].astype(np.float32)
+    turned = [model.predict(np.rot90(images, k, axes=(1, 2)), verbose=0) for k in range(4)]
+    np.testing.assert_allclose(small_session._predict(rows), turned[0], atol=1e-5)
+    assert not np.allclose(turned[0], turned[1], atol=1e-4)  # the untrained network is not rotation-invariant
+    for turns, expected in ((2, (turned[0] + turned[2]) / 2), (4, np.mean(turned, axis=0))):
+        small_session.profile = small_session.profile.derive(test_time_turns=turns)
+        try:
+            np.testing.assert_allclose(small_session._predict(rows), expected, atol=1e-5)
+        finally:
+            small_session.profile = small_session.profile.derive(test_time_turns=1)
+
+
+def test_test_time_turns_must_be_1_2_or_4():
+    with pytest.raises(ValueError, match="test_time_turns=3: expected 1"):
+        resolve_profile("quick", {"test_time_turns": "3"})
+
+
 def test_a_validation_split_larger_than_the_training_subset_is_reported(tmp_path):
     images, grades = make_fundus_images(80, size=32, seed=1)
     table = pd.DataFrame({"image_id": [str(i) for i in range(80)], "path": "", "grade": grades, "patient_id": None, "split": None})

@@ -91,6 +91,17 @@ def test_labelled_batches_evaluation_is_one_ordered_pass():
     assert values.tolist() == [4.0, 2.0, 0.0]
 
 
+def test_evaluation_batches_can_turn_every_image_by_quarter_turns(asymmetric_images):
+    images = asymmetric_images[:3].astype(np.uint8)
+    targets = np.eye(3, dtype=np.float32)
+    for k in range(4):
+        batches = labelled_batches(tf.constant(images), np.arange(3), targets, 2, seed=0, training=False, quarter_turns=k)
+        turned = np.concatenate([b[0].numpy() for b in batches])
+        np.testing.assert_array_equal(turned, np.rot90(images, k, axes=(1, 2)).astype(np.float32))
+    with pytest.raises(ValueError, match="quarter_turns=1: for evaluation only"):
+        labelled_batches(tf.constant(images), np.arange(3), targets, 2, seed=0, training=True, quarter_turns=1)
+
+
 def test_quarter_turn_augmentation_turns_each_image_like_np_rot90(asymmetric_images):
     images = np.repeat(asymmetric_images[:1], 64, axis=0).astype(np.float32)
     augmented = augment(tf.constant(images), tf.constant([3, 7]), zoom=0.0, colour=0.0, rot90=True).numpy()
