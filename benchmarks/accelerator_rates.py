@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from accelerator_study import square_symmetries
 from run_benchmarks import add_profile_arguments, forward_flops, large_photograph_seconds, profile_from
 
 
@@ -145,7 +146,7 @@ def rotated_batches(images: np.ndarray, batch_size: int, count: int, seed: int =
     for _ in range(count):
         rows = rng.choice(len(images), size=batch_size, replace=len(images) < batch_size)
         turns = rng.integers(0, 4, size=batch_size)
-        rotated = np.stack([np.rot90(images[row], turn) for row, turn in zip(rows, turns)]).astype(np.float32)
+        rotated = square_symmetries(images[rows], turns).astype(np.float32)
         batches.append((rotated, turns.astype(np.int32)))
     return batches
 
@@ -217,7 +218,7 @@ def main() -> None:
     batches = rotated_batches(images, profile.pretext_batch_size, count=8, seed=profile.seed)
     rates = step_rates(pretext.train_on_batch, batches, args.steps)
     turns = np.random.default_rng(profile.seed).integers(0, 4, size=len(images))
-    rotated = np.stack([np.rot90(image, turn) for image, turn in zip(images, turns)]).astype(np.float32)
+    rotated = square_symmetries(images, turns).astype(np.float32)
     rates["fit_images_per_second"] = fit_rate(pretext, rotated, turns.astype(np.int32), profile.pretext_batch_size)
     del rotated
     flops = 3 * forward_flops(pretext)
