@@ -163,7 +163,7 @@ def main() -> None:
 
     import keras
 
-    from drnb.models import build_encoder, build_head, precision_policy, stack
+    from drnb.models import build_encoder, grade_head, precision_policy, rotation_head, stack
     from drnb.preprocessing import preprocess_table
     from drnb.runs import load_table, preprocess_config
     from drnb.targets import encode
@@ -211,7 +211,7 @@ def main() -> None:
     keras.utils.set_random_seed(profile.seed)
     start = time.perf_counter()
     encoder = build_encoder(profile.encoder, profile.image_size, pooling=profile.pooling)
-    head = build_head(encoder.output_shape[-1], 4, hidden=profile.pretext_hidden, dropout=profile.pretext_dropout, name="rotation_head")
+    head = rotation_head(encoder.output_shape[-1], profile)
     pretext = stack(encoder, head, name="pretext")
     record(pretext_build_seconds=time.perf_counter() - start)
     pretext.compile(optimizer=keras.optimizers.Adam(profile.pretext_learning_rate), loss="sparse_categorical_crossentropy")
@@ -231,11 +231,7 @@ def main() -> None:
 
     start = time.perf_counter()
     encoder = build_encoder(profile.encoder, profile.image_size, pooling=profile.pooling)
-    grade_head = build_head(
-        encoder.output_shape[-1], 5, hidden=profile.finetune_hidden, dropout=profile.finetune_dropout,
-        activation="sigmoid" if profile.target == "ordinal" else "softmax", name="grade_head",
-    )
-    classifier = stack(encoder, grade_head)
+    classifier = stack(encoder, grade_head(encoder.output_shape[-1], profile))
     record(fresh_model_seconds=time.perf_counter() - start)
     targets = encode(table["grade"].to_numpy(np.int64), profile.target).astype(np.float32)
     loss = "binary_crossentropy" if profile.target == "ordinal" else "categorical_crossentropy"

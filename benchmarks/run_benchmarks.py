@@ -412,7 +412,7 @@ def main() -> None:
 
     from drnb.distribute import describe_devices
     from drnb.finetune import FinetuneSession, feature_batches
-    from drnb.models import build_encoder, build_head
+    from drnb.models import build_encoder, grade_head
     from drnb.pipeline import labelled_batches, rotation_batches
     from drnb.preprocessing import preprocess_table
     from drnb.pretext import build_pretext_trainer
@@ -480,7 +480,7 @@ def main() -> None:
     ).images_per_second
     start = time.perf_counter()
     fresh = build_encoder(profile.encoder, profile.image_size, pooling=profile.pooling)
-    build_head(fresh.output_shape[-1], 5, hidden=profile.finetune_hidden, dropout=profile.finetune_dropout).get_weights()
+    grade_head(fresh.output_shape[-1], profile).get_weights()
     fresh.get_weights()
     figures["fresh_model_seconds"] = time.perf_counter() - start
     flops = 3 * forward_flops(session.trainer.model)

@@ -45,7 +45,7 @@ import tensorflow as tf
 from drnb.distribute import configure_precision, scaled_batch_and_rate, seed_everything, seed_weights, select_strategy
 from drnb.duplicates import photograph_groups
 from drnb.metrics import evaluate_predictions, quadratic_weighted_kappa
-from drnb.models import build_encoder, build_head, imagenet_weights_available
+from drnb.models import build_encoder, grade_head, imagenet_weights_available
 from drnb.pipeline import labelled_batches, shuffled_positions
 from drnb.pretext import load_encoder, save_atomically
 from drnb.profiles import Profile
@@ -159,7 +159,7 @@ class FinetuneSession:
         self._pretrained = None
         with self.strategy.scope():
             encoder = build_encoder(profile.encoder, profile.image_size, pooling=profile.pooling)
-            head = self._build_head(encoder.output_shape[-1])
+            head = grade_head(encoder.output_shape[-1], profile)
         self.trainer = Trainer(
             encoder, head, loss="binary" if profile.target == "ordinal" else "categorical",
             learning_rate=learning_rate, strategy=self.strategy,
@@ -167,16 +167,6 @@ class FinetuneSession:
         self._splits: dict[tuple, RepetitionSplit] = {}
         # method -> (features (N, F), encoded (N,) bool), for SHARED_START_METHODS.
         self._feature_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-    def _build_head(self, feature_dim):
-        return build_head(
-            feature_dim,
-            5,
-            hidden=self.profile.finetune_hidden,
-            dropout=self.profile.finetune_dropout,
-            activation="sigmoid" if self.profile.target == "ordinal" else "softmax",
-            name="grade_head",
-        )
 
     def available_methods(self) -> list[str]:
         """The profile's methods that can run here (see :func:`runnable_methods`); logs what is skipped."""
@@ -213,7 +203,7 @@ class FinetuneSession:
         the same head; only ``scratch`` and ``imagenet`` need a fresh encoder.
         """
         seed_weights(seed)
-        head_weights = self._build_head(self.trainer.encoder.output_shape[-1]).get_weights()
+        head_weights = grade_head(self.trainer.encoder.output_shape[-1], self.profile).get_weights()
         if method == "rotation":
             if self._pretrained is None:
                 self._pretrained = self._load_pretrained()

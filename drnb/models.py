@@ -184,6 +184,32 @@ def build_head(
     return keras.Model(inputs, outputs_, name=name)
 
 
+def rotation_head(feature_dim: int, profile) -> keras.Model:
+    """The profile's pretext head: ``pretext_hidden`` and ``pretext_dropout``, 4 rotations, softmax.
+
+    Returns
+    -------
+    keras.Model
+        (B, feature_dim) -> (B, 4) probabilities, float32.
+    """
+    return build_head(feature_dim, 4, hidden=profile.pretext_hidden, dropout=profile.pretext_dropout, name="rotation_head")
+
+
+def grade_head(feature_dim: int, profile) -> keras.Model:
+    """The profile's fine-tuning head: ``finetune_hidden`` and ``finetune_dropout``, 5 outputs,
+    sigmoid for the ``ordinal`` target (cumulative code), softmax otherwise.
+
+    Returns
+    -------
+    keras.Model
+        (B, feature_dim) -> (B, 5) probabilities, float32.
+    """
+    return build_head(
+        feature_dim, 5, hidden=profile.finetune_hidden, dropout=profile.finetune_dropout,
+        activation="sigmoid" if profile.target == "ordinal" else "softmax", name="grade_head",
+    )
+
+
 def leaf_layers(model: keras.Model) -> list:
     """Every layer of ``model`` that is not itself a model, nested models searched, in order."""
     leaves = []

@@ -82,3 +82,19 @@ def test_leaf_layers_open_nested_models():
     assert not any(isinstance(layer, keras.Model) for layer in leaves)
     assert len(leaves) == len(leaf_layers(encoder)) + len(leaf_layers(head)) + 1  # the classifier's own input
     assert sum(isinstance(layer, keras.layers.Dropout) for layer in leaves) == 1
+
+
+def test_profile_heads_follow_the_profile():
+    from drnb.models import grade_head, rotation_head
+    from drnb.profiles import resolve_profile
+
+    paper = resolve_profile("paper")
+    rotation = rotation_head(64, paper)
+    assert rotation.output_shape == (None, 4) and rotation.name == "rotation_head"
+    assert [layer.units for layer in rotation.layers if isinstance(layer, keras.layers.Dense)] == [2048, 1024, 4]
+    grades = grade_head(64, paper)
+    assert grades.output_shape == (None, 5) and grades.layers[-1].activation.__name__ == "sigmoid"
+    assert [layer.units for layer in grades.layers if isinstance(layer, keras.layers.Dense)] == [1024, 5]
+    softmax = grade_head(64, resolve_profile("quick", {"target": "softmax", "finetune_hidden": "8,4"}))
+    assert softmax.layers[-1].activation.__name__ == "softmax"
+    assert [layer.units for layer in softmax.layers if isinstance(layer, keras.layers.Dense)] == [8, 4, 5]
