@@ -37,8 +37,10 @@ skips most of the compilation (152 s for DenseNet121's first fine-tuning run on 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -193,13 +195,19 @@ def finite_or_none(value):
     return value
 
 
-def enable_compilation_cache(folder: str) -> None:
-    """On JAX, keep compiled steps in ``folder``, so a model of the same shapes compiles from it."""
+def enable_compilation_cache(folder: str | None) -> None:
+    """On JAX, keep compiled steps in ``folder``, so a model of the same shapes compiles from it.
+
+    ``None``: a temporary folder, removed when the process ends. Other backends: nothing.
+    """
     import keras
 
     if keras.backend.backend() == "jax":
         import jax
 
+        if folder is None:
+            folder = tempfile.mkdtemp(prefix="drnb-compiled-")
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
         jax.config.update("jax_compilation_cache_dir", folder)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -439,7 +447,7 @@ def main() -> None:
     accelerator = accelerator_name()
     policy = precision_policy(profile.mixed_precision, accelerator=accelerator is not None)
     keras.mixed_precision.set_global_policy(policy)
-    enable_compilation_cache(args.compilation_cache or tempfile.mkdtemp(prefix="drnb-compiled-"))
+    enable_compilation_cache(args.compilation_cache)
     record(
         backend=keras.backend.backend(), keras_version=keras.__version__, device=accelerator or "CPU", methods=methods,
         precision_policy=policy, near_duplicate_pairs=len(study.duplicate_pairs), test_images=len(study.split.test),

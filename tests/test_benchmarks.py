@@ -4,6 +4,7 @@ predicts a sweep's wall time from work counted the way the runs do it."""
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -344,3 +345,9 @@ def test_accelerator_study_fine_tunes_both_methods_around_a_time_boxed_pretext(t
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode != 0 and "finetune_min_steps=48" in result.stderr
+
+
+def test_study_makes_no_compilation_cache_folder_off_jax(study_module, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    study_module.enable_compilation_cache(None)  # the tests run Keras on TensorFlow
+    assert list(tmp_path.iterdir()) == []
