@@ -163,7 +163,7 @@ def main() -> None:
 
     import keras
 
-    from drnb.models import build_encoder, grade_head, precision_policy, rotation_head, stack
+    from drnb.models import profile_encoder, grade_head, precision_policy, rotation_head, stack
     from drnb.preprocessing import preprocess_table
     from drnb.runs import load_table, preprocess_config
     from drnb.targets import encode
@@ -210,7 +210,7 @@ def main() -> None:
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(profile.seed)
     start = time.perf_counter()
-    encoder = build_encoder(profile.encoder, profile.image_size, pooling=profile.pooling)
+    encoder = profile_encoder(profile)
     head = rotation_head(encoder.output_shape[-1], profile)
     pretext = stack(encoder, head, name="pretext")
     record(pretext_build_seconds=time.perf_counter() - start)
@@ -230,7 +230,7 @@ def main() -> None:
     del pretext, encoder, head, batches
 
     start = time.perf_counter()
-    encoder = build_encoder(profile.encoder, profile.image_size, pooling=profile.pooling)
+    encoder = profile_encoder(profile)
     classifier = stack(encoder, grade_head(encoder.output_shape[-1], profile))
     record(fresh_model_seconds=time.perf_counter() - start)
     targets = encode(table["grade"].to_numpy(np.int64), profile.target).astype(np.float32)

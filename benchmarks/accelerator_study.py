@@ -260,11 +260,11 @@ class Study:
         -------
         (classifier, encoder) : keras.Model, keras.Model
         """
-        from drnb.models import build_encoder, grade_head, stack
+        from drnb.models import profile_encoder, grade_head, stack
 
         profile = self.profile
         self.keras.utils.set_random_seed(self.seed)
-        encoder = build_encoder(profile.encoder, profile.image_size, pooling=profile.pooling)
+        encoder = profile_encoder(profile)
         head = grade_head(encoder.output_shape[-1], profile)
         if encoder_weights is not None:
             encoder.set_weights(encoder_weights)
@@ -345,13 +345,13 @@ class Study:
         (encoder_weights, summary) : list of numpy.ndarray, dict
             The encoder's weights (None when no epoch ran) and the pretext's figures.
         """
-        from drnb.models import build_encoder, rotation_head, stack
+        from drnb.models import profile_encoder, rotation_head, stack
         from drnb.splits import split_holdout
 
         profile, keras = self.profile, self.keras
         start_all = time.perf_counter()
         keras.utils.set_random_seed(profile.seed)
-        encoder = build_encoder(profile.encoder, profile.image_size, pooling=profile.pooling)
+        encoder = profile_encoder(profile)
         head = rotation_head(encoder.output_shape[-1], profile)
         pretext = stack(encoder, head, name="pretext")
         pretext.compile(optimizer=keras.optimizers.Adam(profile.pretext_learning_rate), loss="sparse_categorical_crossentropy")

@@ -412,7 +412,7 @@ def main() -> None:
 
     from drnb.distribute import describe_devices
     from drnb.finetune import FinetuneSession, feature_batches
-    from drnb.models import build_encoder, grade_head
+    from drnb.models import profile_encoder, grade_head
     from drnb.pipeline import labelled_batches, rotation_batches
     from drnb.preprocessing import preprocess_table
     from drnb.pretext import build_pretext_trainer
@@ -479,7 +479,7 @@ def main() -> None:
         feature_data, max(args.steps, 20), phase="features"
     ).images_per_second
     start = time.perf_counter()
-    fresh = build_encoder(profile.encoder, profile.image_size, pooling=profile.pooling)
+    fresh = profile_encoder(profile)
     grade_head(fresh.output_shape[-1], profile).get_weights()
     fresh.get_weights()
     figures["fresh_model_seconds"] = time.perf_counter() - start

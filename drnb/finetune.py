@@ -45,7 +45,7 @@ import tensorflow as tf
 from drnb.distribute import configure_precision, scaled_batch_and_rate, seed_everything, seed_weights, select_strategy
 from drnb.duplicates import photograph_groups
 from drnb.metrics import evaluate_predictions, quadratic_weighted_kappa
-from drnb.models import build_encoder, grade_head, imagenet_weights_available
+from drnb.models import grade_head, imagenet_weights_available, profile_encoder
 from drnb.pipeline import labelled_batches, shuffled_positions
 from drnb.pretext import load_encoder, save_atomically
 from drnb.profiles import Profile
@@ -158,7 +158,7 @@ class FinetuneSession:
         self.encoder_path = Path(encoder_path) if encoder_path else None
         self._pretrained = None
         with self.strategy.scope():
-            encoder = build_encoder(profile.encoder, profile.image_size, pooling=profile.pooling)
+            encoder = profile_encoder(profile)
             head = grade_head(encoder.output_shape[-1], profile)
         self.trainer = Trainer(
             encoder, head, loss="binary" if profile.target == "ordinal" else "categorical",
@@ -208,12 +208,7 @@ class FinetuneSession:
             if self._pretrained is None:
                 self._pretrained = self._load_pretrained()
             return self._pretrained, head_weights
-        fresh_encoder = build_encoder(
-            self.profile.encoder,
-            self.profile.image_size,
-            pooling=self.profile.pooling,
-            weights="imagenet" if method == "imagenet" else None,
-        )
+        fresh_encoder = profile_encoder(self.profile, weights="imagenet" if method == "imagenet" else None)
         return fresh_encoder.get_weights(), head_weights
 
     def _load_pretrained(self) -> list:

@@ -5,6 +5,13 @@ and ends in the same global pooling for the pretext and for fine-tuning (the ref
 pre-trains with max and fine-tunes with average pooling, so the fine-tuned head met features
 it was never trained on; drnb uses one ``pooling`` for both).
 
+What is pooled is ``feature_stages``: the last stage's feature maps (``"last"``, as the study
+did), or every stage's maps, each pooled and concatenated (``"all"``). A network trained to
+tell rotations apart specialises its last stage to that task, while its middle stages keep
+more general features (Gidaris et al. 2018 found RotNet's middle blocks the best for other
+tasks); in a fundus photograph those middle stages see the texture of lesions, where the last
+one sees the layout of the disc and vessels.
+
 - ``densenet121``: ``keras.applications.DenseNet121(include_top=False)``, the study's encoder,
   random or ImageNet weights.
 - ``compact``: a small DenseNet-style network designed for 2 CPU cores at 64-128 px: a strided
@@ -19,7 +26,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from drnb.profiles import ENCODERS, POOLINGS
+from drnb.profiles import ENCODERS, FEATURE_STAGES, POOLINGS
 
 # The compact encoder is trained for hundreds, not tens of thousands, of steps: batch-norm
 # moving statistics that forget faster (Keras's default is 0.99) are usable after a few dozen.
@@ -43,6 +50,7 @@ def compact_densenet(
     growth_rates: tuple[int, ...] = (16, 32, 48, 64),
     layers_per_stage: int = 3,
     pooling: str = "avg",
+    feature_stages: str = "last",
     name: str = "compact",
 ) -> keras.Model:
     """Build the compact DenseNet-style encoder.
@@ -59,11 +67,15 @@ def compact_densenet(
         Densely connected 3x3 layers per stage.
     pooling : {"avg", "max"}
         Global pooling at the end.
+    feature_stages : {"last", "all"}
+        Pool the last stage's maps, or every stage's (before its transition), concatenated.
 
     Returns
     -------
     keras.Model
-        (B, image_size, image_size, 3) in [0, 255] -> (B, features) float.
+        (B, image_size, image_size, 3) in [0, 255] -> (B, features) float; features is the
+        last stage's channel count (298 with the default widths), or the sum over stages
+        (80 + 136 + 212 + 298 = 726).
     """
     smallest = 4 * 2 ** (len(growth_rates) - 1)  # stem and pool halve twice, each transition once
     if image_size < smallest:
@@ -76,6 +88,7 @@ def compact_densenet(
     # As DenseNet121's stem: a further halving before the dense stages, where most of the
     # compute would otherwise go at full resolution.
     x = layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
+    stage_maps = []
     for stage, growth in enumerate(growth_rates):
         for index in range(layers_per_stage):
             prefix = f"stage{stage}_layer{index}"
@@ -83,23 +96,50 @@ def compact_densenet(
             y = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_bn")(y)
             y = layers.ReLU(name=f"{prefix}_relu")(y)
             x = layers.Concatenate(name=f"{prefix}_concat")([x, y])
+        stage_maps.append(x)
         if stage < len(growth_rates) - 1:
             # Transition: compress the concatenated maps by half and halve the resolution.
             x = layers.Conv2D(x.shape[-1] // 2, 1, use_bias=False, name=f"transition{stage}_conv")(x)
             x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"transition{stage}_bn")(x)
             x = layers.ReLU(name=f"transition{stage}_relu")(x)
             x = layers.AveragePooling2D(2, name=f"transition{stage}_pool")(x)
-    x = _global_pool(pooling)(x)
-    return keras.Model(inputs, x, name=name)
+    return keras.Model(inputs, pooled_features(stage_maps, pooling, feature_stages), name=name)
 
 
-def _global_pool(pooling: str):
+def pooled_features(stage_maps: list, pooling: str, feature_stages: str):
+    """The encoder's output from its stages' feature maps, shallowest first.
+
+    The last stage's pooling layer is always named ``global_pool`` (Grad-CAM explains the maps
+    at its input); with ``"all"`` the earlier stages' are ``stage<i>_pool``, and the last one
+    comes last in the concatenation ``pooled_stages``.
+
+    Returns
+    -------
+    KerasTensor
+        (B, C_last) for ``"last"``, (B, sum of C) for ``"all"``.
+    """
+    if feature_stages not in FEATURE_STAGES:
+        raise ValueError(f"feature_stages={feature_stages!r}: expected one of {FEATURE_STAGES}")
+    last = _global_pool(pooling, "global_pool")(stage_maps[-1])
+    if feature_stages == "last":
+        return last
+    earlier = [_global_pool(pooling, f"stage{index}_pool")(maps) for index, maps in enumerate(stage_maps[:-1])]
+    return layers.Concatenate(name="pooled_stages")([*earlier, last])
+
+
+def _global_pool(pooling: str, name: str):
     if pooling not in POOLINGS:
         raise ValueError(f"pooling={pooling!r}: expected one of {POOLINGS}")
-    return (layers.GlobalAveragePooling2D if pooling == "avg" else layers.GlobalMaxPooling2D)(name="global_pool")
+    return (layers.GlobalAveragePooling2D if pooling == "avg" else layers.GlobalMaxPooling2D)(name=name)
 
 
-def build_encoder(name: str, image_size: int, *, pooling: str = "avg", weights: str | None = None) -> keras.Model:
+# DenseNet121's dense blocks 1-3 end in these layers (block 4 in the backbone's output).
+DENSENET121_BLOCK_ENDS = ("conv2_block6_concat", "conv3_block12_concat", "conv4_block24_concat")
+
+
+def build_encoder(
+    name: str, image_size: int, *, pooling: str = "avg", feature_stages: str = "last", weights: str | None = None
+) -> keras.Model:
     """Build an encoder by name.
 
     Parameters
@@ -108,6 +148,9 @@ def build_encoder(name: str, image_size: int, *, pooling: str = "avg", weights: 
     image_size : int
         Input side in pixels.
     pooling : {"avg", "max"}
+    feature_stages : {"last", "all"}
+        Pool the last stage, or every stage (DenseNet121: its four dense blocks, 256 + 512 +
+        1024 + 1024 features).
     weights : None or "imagenet"
         ``"imagenet"`` only for ``densenet121``; needs the weights file in Keras's cache or a
         connection to download it, and raises a ``RuntimeError`` saying so otherwise.
@@ -124,7 +167,7 @@ def build_encoder(name: str, image_size: int, *, pooling: str = "avg", weights: 
     if name == "compact":
         if weights is not None:
             raise ValueError("encoder='compact' has no pretrained weights; use weights=None")
-        return compact_densenet(image_size, pooling=pooling)
+        return compact_densenet(image_size, pooling=pooling, feature_stages=feature_stages)
 
     inputs = keras.Input((image_size, image_size, 3), name="image")
     try:
@@ -136,8 +179,27 @@ def build_encoder(name: str, image_size: int, *, pooling: str = "avg", weights: 
             f"could not load DenseNet121 ImageNet weights ({type(error).__name__}: {error}). Offline, place "
             "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5 in ~/.keras/models/ or use weights=None."
         ) from error
-    x = _global_pool(pooling)(backbone(_scale_inputs(inputs)))
-    return keras.Model(inputs, x, name="densenet121")
+    if feature_stages == "all":  # the same weights, answering with every block's maps
+        backbone = keras.Model(
+            backbone.inputs, [*(backbone.get_layer(end).output for end in DENSENET121_BLOCK_ENDS), backbone.output],
+            name="densenet121_blocks",
+        )
+    stage_maps = backbone(_scale_inputs(inputs))
+    stage_maps = stage_maps if isinstance(stage_maps, (list, tuple)) else [stage_maps]
+    return keras.Model(inputs, pooled_features(list(stage_maps), pooling, feature_stages), name="densenet121")
+
+
+def profile_encoder(profile, *, weights: str | None = None) -> keras.Model:
+    """The profile's encoder (``encoder``, ``image_size``, ``pooling``, ``feature_stages``), fresh.
+
+    Returns
+    -------
+    keras.Model
+        (B, image_size, image_size, 3) in [0, 255] -> (B, features).
+    """
+    return build_encoder(
+        profile.encoder, profile.image_size, pooling=profile.pooling, feature_stages=profile.feature_stages, weights=weights
+    )
 
 
 def imagenet_weights_available() -> bool:

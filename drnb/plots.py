@@ -143,7 +143,7 @@ def grad_cam(model, images: np.ndarray, target: str = "ordinal") -> np.ndarray:
 
     The score explained is the expected grade for ``ordinal`` (sum of outputs 1-4) and the
     predicted grade's probability for ``softmax``; the maps are taken at the input of the
-    encoder's global pooling.
+    encoder's global pooling of its last stage.
 
     Parameters
     ----------
@@ -165,12 +165,15 @@ def grad_cam(model, images: np.ndarray, target: str = "ordinal") -> np.ndarray:
     mapper = keras.Model(encoder.inputs, [feature_maps, encoder.output])
     batch = tf.cast(images, tf.float32)
     with tf.GradientTape() as tape:
-        maps, _ = mapper(batch, training=False)
+        maps, features = mapper(batch, training=False)
         tape.watch(maps)
-        # Pool again from the watched maps (the same op as the encoder's) so gradients reach them.
+        # Pool again from the watched maps (the same op as the encoder's) so gradients reach
+        # them; with feature_stages="all" the earlier stages' pooled features come first and
+        # are held as they are.
         average = isinstance(encoder.get_layer("global_pool"), keras.layers.GlobalAveragePooling2D)
         pooled = tf.reduce_mean(maps, axis=[1, 2]) if average else tf.reduce_max(maps, axis=[1, 2])
-        probabilities = head(pooled, training=False)
+        earlier = features[:, : features.shape[-1] - maps.shape[-1]]
+        probabilities = head(tf.concat([earlier, pooled], axis=-1), training=False)
         if target == "ordinal":
             score = tf.reduce_sum(probabilities[:, 1:], axis=1)
         else:

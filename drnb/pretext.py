@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from drnb.distribute import configure_precision, scaled_batch_and_rate, seed_everything, select_strategy
 from drnb.duplicates import photograph_groups
-from drnb.models import build_encoder, rotation_head
+from drnb.models import profile_encoder, rotation_head
 from drnb.pipeline import rotation_batches
 from drnb.profiles import Profile
 from drnb.runs import write_json
@@ -66,7 +66,7 @@ def build_pretext_trainer(profile: Profile, strategy=None) -> Trainer:
     configure_precision(profile.mixed_precision)
     _, learning_rate = scaled_batch_and_rate(profile.pretext_batch_size, profile.pretext_learning_rate, strategy)
     with strategy.scope():
-        encoder = build_encoder(profile.encoder, profile.image_size, pooling=profile.pooling)
+        encoder = profile_encoder(profile)
         head = rotation_head(encoder.output_shape[-1], profile)
     return Trainer(encoder, head, loss="sparse_categorical", learning_rate=learning_rate, strategy=strategy)
 

@@ -33,6 +33,7 @@ from drnb.targets import CUT_POINTS, TARGETS
 # command-line error) happens before TensorFlow is imported.
 ENCODERS = ("densenet121", "compact")
 POOLINGS = ("avg", "max")
+FEATURE_STAGES = ("last", "all")
 ROTATION_MODES = ("all4", "random1")
 METHODS = ("rotation", "scratch", "imagenet")
 LR_SCHEDULES = ("constant", "cosine")
@@ -60,6 +61,7 @@ class Profile:
     # --- encoder ---
     encoder: str = "compact"  # "densenet121" or "compact"
     pooling: str = "avg"  # global pooling, the same in pretext and fine-tuning
+    feature_stages: str = "last"  # pool the "last" stage's maps, or "all" stages' pooled maps concatenated
     mixed_precision: str = "auto"  # "auto" (on when a GPU is present), "on" or "off"
     # --- rotation pretext ---
     rotation_mode: str = "all4"  # "all4": every image in 4 rotations per batch (RotNet); "random1": one random
@@ -105,6 +107,7 @@ class Profile:
         _check_choice("dataset", self.dataset, tuple(DATASETS))
         _check_choice("encoder", self.encoder, ENCODERS)
         _check_choice("pooling", self.pooling, POOLINGS)
+        _check_choice("feature_stages", self.feature_stages, FEATURE_STAGES)
         _check_choice("mixed_precision", self.mixed_precision, ("auto", "on", "off"))
         _check_choice("rotation_mode", self.rotation_mode, ROTATION_MODES)
         _check_choice("target", self.target, TARGETS)

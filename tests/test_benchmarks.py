@@ -93,7 +93,7 @@ def count_trainer_work(trainer) -> dict:
 
 def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark_module):
     from drnb.finetune import FinetuneSession
-    from drnb.models import build_encoder
+    from drnb.models import profile_encoder
     from drnb.pretext import save_atomically
     from drnb.profiles import resolve_profile
     from drnb.synthetic import make_fundus_images
@@ -102,7 +102,7 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
     table = pd.DataFrame({"image_id": [str(i) for i in range(80)], "path": "", "grade": grades, "patient_id": None, "split": None})
     smoke = resolve_profile("smoke", {})
     encoder_path = tmp_path / "encoder.keras"  # an untrained encoder stands in for the pretext's
-    save_atomically(build_encoder(smoke.encoder, smoke.image_size, pooling=smoke.pooling), encoder_path)
+    save_atomically(profile_encoder(smoke), encoder_path)
     for overrides in ({}, {"warmup_on_features": "true", "min_steps": "30"}, {"test_time_turns": "4", "cut_points": "prior"}):
         # Two fractions, so the rotation features kept by one notebook's session are not
         # counted again, and two notebooks (one session each) encode their rows anew.

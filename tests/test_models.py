@@ -21,6 +21,26 @@ def test_densenet121_builds_without_weights():
     assert encoder.output_shape == (None, 1024)
 
 
+def test_all_stages_concatenate_each_stages_pooled_maps_last_stage_last():
+    encoder = build_encoder("compact", 32, feature_stages="all")
+    assert encoder.output_shape == (None, 80 + 136 + 212 + 298)
+    ends = [encoder.get_layer(f"stage{stage}_layer2_concat").output for stage in range(4)]
+    maps = keras.Model(encoder.inputs, ends)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    expected = np.concatenate([np.asarray(m).mean(axis=(1, 2)) for m in maps(images, training=False)], axis=1)
+    np.testing.assert_allclose(np.asarray(encoder(images, training=False)), expected, rtol=1e-5, atol=1e-6)
+    # The same weights as the last-stage encoder: one pretext encoder serves either way of pooling.
+    last = build_encoder("compact", 32)
+    assert [w.shape for w in last.weights] == [w.shape for w in encoder.weights]
+    last.set_weights(encoder.get_weights())
+    np.testing.assert_allclose(np.asarray(last(images, training=False)), expected[:, -298:], rtol=1e-5, atol=1e-6)
+
+
+def test_densenet121_all_stages_pool_its_four_dense_blocks():
+    encoder = build_encoder("densenet121", 32, feature_stages="all")
+    assert encoder.output_shape == (None, 256 + 512 + 1024 + 1024)
+
+
 def test_imagenet_weights_offline_give_a_clear_error(monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("no network")
@@ -30,7 +50,10 @@ def test_imagenet_weights_offline_give_a_clear_error(monkeypatch):
         build_encoder("densenet121", 32, weights="imagenet")
 
 
-@pytest.mark.parametrize("arguments", [{"name": "resnet"}, {"name": "compact", "weights": "imagenet"}, {"name": "compact", "pooling": "sum"}])
+@pytest.mark.parametrize(
+    "arguments",
+    [{"name": "resnet"}, {"name": "compact", "weights": "imagenet"}, {"name": "compact", "pooling": "sum"}, {"name": "compact", "feature_stages": "middle"}],
+)
 def test_bad_encoder_arguments_raise(arguments):
     with pytest.raises(ValueError):
         build_encoder(image_size=32, **arguments)
