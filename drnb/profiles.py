@@ -201,6 +201,7 @@ PROFILES: dict[str, Profile] = {
         synthetic_images=400,
         image_size=128,
         ben_graham=True,
+        feature_stages="all",
         rotation_mode="all4",
         pretext_hidden=(256,),
         pretext_batch_size=128,
@@ -300,7 +301,7 @@ def parse_assignments(assignments: list[str]) -> dict[str, str]:
 
 # Settings added after run folders were first written, with the value that reproduces what
 # those runs did: a resumed run must not change its splits halfway through.
-SETTINGS_BEFORE_THEY_EXISTED = {"duplicate_threshold": 0.0, "cut_points": "fixed"}
+SETTINGS_BEFORE_THEY_EXISTED = {"duplicate_threshold": 0.0, "cut_points": "fixed", "feature_stages": "last"}
 
 
 def load_profile(path) -> Profile:

@@ -18,6 +18,7 @@ def test_paper_profile_is_the_study_configuration():
     assert paper.fractions == (0.05, 0.1, 0.25, 0.5, 1.0)
     assert (paper.target, paper.finetune_hidden) == ("ordinal", (1024,))
     assert paper.validation_fraction == 0.05  # configs/finetune/rotation_2d.json: "val_split": 0.05
+    assert paper.feature_stages == "last"  # the study's head reads DenseNet121's pooled output
 
 
 def test_overrides_are_parsed_to_the_field_types():
@@ -115,3 +116,13 @@ def test_quick_normalises_local_colour_and_paper_keeps_the_studys_images():
     # .2 QWK to quick; the study's code fed the photographs as they were.
     assert PROFILES["quick"].ben_graham and not PROFILES["paper"].ben_graham
     assert resolve_profile("quick", {"ben_graham": "false"}).ben_graham is False
+
+
+def test_quick_pools_every_stage_and_a_run_folder_from_before_keeps_the_last(tmp_path):
+    # Measured on EyePACS and IDRiD (README): the middle stages carry more of the grade.
+    assert PROFILES["quick"].feature_stages == "all"
+    assert resolve_profile("quick", {"feature_stages": "last"}).feature_stages == "last"
+    values = json.loads(PROFILES["quick"].to_json())
+    del values["feature_stages"]
+    (tmp_path / "profile.json").write_text(json.dumps(values))
+    assert load_profile(tmp_path / "profile.json").feature_stages == "last"  # its saved encoder pools the last stage
