@@ -163,10 +163,10 @@ def main() -> None:
 
     import keras
 
-    from drnb.models import profile_encoder, grade_head, precision_policy, rotation_head, stack
+    from drnb.models import grade_head, precision_policy, profile_encoder, rotation_head, stack
     from drnb.preprocessing import preprocess_table
     from drnb.runs import load_table, preprocess_config
-    from drnb.targets import encode
+    from drnb.targets import TARGET_LOSSES, encode
 
     profile = profile_from(args, args.set)
     # Preprocessing forks worker processes: before the backend starts its device threads.
@@ -234,7 +234,7 @@ def main() -> None:
     classifier = stack(encoder, grade_head(encoder.output_shape[-1], profile))
     record(fresh_model_seconds=time.perf_counter() - start)
     targets = encode(table["grade"].to_numpy(np.int64), profile.target).astype(np.float32)
-    loss = "binary_crossentropy" if profile.target == "ordinal" else "categorical_crossentropy"
+    loss = TARGET_LOSSES[profile.target]
     rng = np.random.default_rng(profile.seed)
     batch = profile.finetune_batch_size
     batches = []

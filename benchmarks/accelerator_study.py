@@ -234,7 +234,7 @@ class Study:
 
         from drnb.duplicates import photograph_groups
         from drnb.splits import make_repetition_split
-        from drnb.targets import encode
+        from drnb.targets import TARGET_LOSSES, encode
 
         check_supported(profile)
         self.keras, self.images, self.profile, self.fractions = keras, images, profile, list(fractions)
@@ -246,7 +246,7 @@ class Study:
         )
         self.targets = encode(self.grades, profile.target).astype(np.float32)
         self.seed = profile.seed + repetition
-        self.loss = "binary_crossentropy" if profile.target == "ordinal" else "categorical_crossentropy"
+        self.loss = TARGET_LOSSES[profile.target]
 
     def classifier(self, encoder_weights=None):
         """Encoder and grade head, seeded so that every method's head starts the same.
@@ -260,7 +260,7 @@ class Study:
         -------
         (classifier, encoder) : keras.Model, keras.Model
         """
-        from drnb.models import profile_encoder, grade_head, stack
+        from drnb.models import grade_head, profile_encoder, stack
 
         profile = self.profile
         self.keras.utils.set_random_seed(self.seed)

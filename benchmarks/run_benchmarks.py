@@ -412,7 +412,7 @@ def main() -> None:
 
     from drnb.distribute import describe_devices
     from drnb.finetune import FinetuneSession, feature_batches
-    from drnb.models import profile_encoder, grade_head
+    from drnb.models import grade_head, profile_encoder
     from drnb.pipeline import labelled_batches, rotation_batches
     from drnb.preprocessing import preprocess_table
     from drnb.pretext import build_pretext_trainer

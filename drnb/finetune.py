@@ -51,7 +51,7 @@ from drnb.pretext import load_encoder, save_atomically
 from drnb.profiles import Profile
 from drnb.runs import write_json
 from drnb.splits import RepetitionSplit, make_repetition_split, validate_fraction
-from drnb.targets import decode, decode_with_cut_points, encode, expected_grade, ordinal_decode, prior_cut_points
+from drnb.targets import TARGET_LOSSES, decode, decode_with_cut_points, encode, expected_grade, ordinal_decode, prior_cut_points
 from drnb.training import Trainer, cosine_rate
 
 METRICS_FILE = "metrics.json"
@@ -161,7 +161,7 @@ class FinetuneSession:
             encoder = profile_encoder(profile)
             head = grade_head(encoder.output_shape[-1], profile)
         self.trainer = Trainer(
-            encoder, head, loss="binary" if profile.target == "ordinal" else "categorical",
+            encoder, head, loss=TARGET_LOSSES[profile.target],
             learning_rate=learning_rate, strategy=self.strategy,
         )
         self._splits: dict[tuple, RepetitionSplit] = {}

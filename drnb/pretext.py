@@ -68,7 +68,7 @@ def build_pretext_trainer(profile: Profile, strategy=None) -> Trainer:
     with strategy.scope():
         encoder = profile_encoder(profile)
         head = rotation_head(encoder.output_shape[-1], profile)
-    return Trainer(encoder, head, loss="sparse_categorical", learning_rate=learning_rate, strategy=strategy)
+    return Trainer(encoder, head, loss="sparse_categorical_crossentropy", learning_rate=learning_rate, strategy=strategy)
 
 
 def train_pretext(

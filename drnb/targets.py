@@ -41,6 +41,8 @@ import pandas as pd
 
 N_GRADES = 5
 TARGETS = ("ordinal", "softmax")
+# The loss each target's head is trained with, in Keras's names (drnb.training.Trainer takes them too).
+TARGET_LOSSES = {"ordinal": "binary_crossentropy", "softmax": "categorical_crossentropy"}
 DECODE_RULES = ("count", "reference")
 CUT_POINTS = ("fixed", "prior")  # a profile's choice: the fixed rule (count or argmax), or prior_cut_points
 THRESHOLD = 0.5
@@ -50,6 +52,7 @@ __all__ = [
     "DECODE_RULES",
     "N_GRADES",
     "TARGETS",
+    "TARGET_LOSSES",
     "THRESHOLD",
     "decode",
     "decode_with_cut_points",

@@ -33,7 +33,8 @@ from drnb.pipeline import without_autotune
 
 logger = logging.getLogger(__name__)
 
-LOSSES = ("sparse_categorical", "categorical", "binary")
+# Keras's names for them (drnb.targets.TARGET_LOSSES gives a fine-tuning target's).
+LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy")
 PHASES = ("head", "full", "features")
 
 
@@ -71,8 +72,9 @@ class Trainer:
     ----------
     encoder, head : keras.Model
         Built inside ``strategy.scope()``.
-    loss : {"sparse_categorical", "categorical", "binary"}
-        Cross-entropy on integer labels, one-hot/soft targets, or independent sigmoids.
+    loss : {"sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy"}
+        Cross-entropy on integer labels, on one-hot/soft targets, or of independent sigmoids
+        (mean over outputs), per example.
     learning_rate : float
     strategy : tf.distribute.Strategy, optional
         Default: the current (default) strategy.
@@ -102,10 +104,10 @@ class Trainer:
     def _per_example_loss(self, targets, probabilities):
         epsilon = keras.backend.epsilon()
         probabilities = tf.clip_by_value(probabilities, epsilon, 1 - epsilon)
-        if self.loss_name == "sparse_categorical":
+        if self.loss_name == "sparse_categorical_crossentropy":
             picked = tf.gather(probabilities, tf.cast(targets, tf.int32), axis=1, batch_dims=1)
             return -tf.math.log(picked)
-        if self.loss_name == "categorical":
+        if self.loss_name == "categorical_crossentropy":
             return -tf.reduce_sum(targets * tf.math.log(probabilities), axis=-1)
         binary = targets * tf.math.log(probabilities) + (1 - targets) * tf.math.log(1 - probabilities)
         return -tf.reduce_mean(binary, axis=-1)

@@ -15,7 +15,7 @@ def make_trainer(strategy=None, learning_rate=3e-3):
     with strategy.scope():
         encoder = build_encoder("compact", 32)
         head = build_head(encoder.output_shape[-1], 4, hidden=(16,), dropout=0.0)
-    return Trainer(encoder, head, loss="sparse_categorical", learning_rate=learning_rate, strategy=strategy)
+    return Trainer(encoder, head, loss="sparse_categorical_crossentropy", learning_rate=learning_rate, strategy=strategy)
 
 
 def constant_batches(n=32, seed=0):
@@ -172,3 +172,31 @@ def test_warmup_on_cached_features_trains_the_head_only():
     assert last < first
     for before, after in zip(encoder_before, trainer.encoder.get_weights()):
         np.testing.assert_array_equal(before, after)
+
+
+@pytest.mark.parametrize("loss", ["sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy"])
+def test_trainer_losses_are_keras_losses_of_the_same_name(loss):
+    # The accelerator benchmarks train with Keras's loss of the name drnb.targets.TARGET_LOSSES
+    # gives; the Trainer must compute the same thing.
+    rng = np.random.default_rng(0)
+    if loss == "sparse_categorical_crossentropy":
+        targets = rng.integers(0, 4, 6).astype(np.float32)
+        outputs = rng.dirichlet(np.ones(4), 6).astype(np.float32)
+    elif loss == "categorical_crossentropy":
+        targets = np.eye(5, dtype=np.float32)[rng.integers(0, 5, 6)]
+        outputs = rng.dirichlet(np.ones(5), 6).astype(np.float32)
+    else:
+        targets = (rng.uniform(size=(6, 5)) > 0.5).astype(np.float32)
+        outputs = rng.uniform(0.05, 0.95, (6, 5)).astype(np.float32)
+    trainer = make_trainer()
+    trainer.loss_name = loss
+    ours = trainer._per_example_loss(tf.constant(targets), tf.constant(outputs)).numpy()
+    theirs = np.asarray(keras.losses.get(loss)(targets, outputs))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_every_target_has_a_trainer_loss():
+    from drnb.targets import TARGET_LOSSES, TARGETS
+    from drnb.training import LOSSES
+
+    assert set(TARGET_LOSSES) == set(TARGETS) and set(TARGET_LOSSES.values()) <= set(LOSSES)
