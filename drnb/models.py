@@ -121,7 +121,7 @@ def pooled_features(stage_maps: list, pooling: str, feature_stages: str):
     if feature_stages not in FEATURE_STAGES:
         raise ValueError(f"feature_stages={feature_stages!r}: expected one of {FEATURE_STAGES}")
     last = _global_pool(pooling, "global_pool")(stage_maps[-1])
-    if feature_stages == "last":
+    if feature_stages == "last" or len(stage_maps) == 1:
         return last
     earlier = [_global_pool(pooling, f"stage{index}_pool")(maps) for index, maps in enumerate(stage_maps[:-1])]
     return layers.Concatenate(name="pooled_stages")([*earlier, last])
@@ -133,8 +133,9 @@ def _global_pool(pooling: str, name: str):
     return (layers.GlobalAveragePooling2D if pooling == "avg" else layers.GlobalMaxPooling2D)(name=name)
 
 
-# DenseNet121's dense blocks 1-3 end in these layers (block 4 in the backbone's output).
-DENSENET121_BLOCK_ENDS = ("conv2_block6_concat", "conv3_block12_concat", "conv4_block24_concat")
+# DenseNet121's dense blocks 1-3, batch-normalised and activated at the start of the
+# transition after each (block 4 ends in the backbone's output, activated the same way).
+DENSENET121_BLOCK_ENDS = ("pool2_relu", "pool3_relu", "pool4_relu")
 
 
 def build_encoder(

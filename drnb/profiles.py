@@ -300,7 +300,7 @@ def parse_assignments(assignments: list[str]) -> dict[str, str]:
 
 
 # Settings added after run folders were first written, with the value that reproduces what
-# those runs did: a resumed run must not change its splits halfway through.
+# those runs did: a resumed run must not change its splits, decoding or encoder halfway through.
 SETTINGS_BEFORE_THEY_EXISTED = {"duplicate_threshold": 0.0, "cut_points": "fixed", "feature_stages": "last"}
 
 

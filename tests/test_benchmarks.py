@@ -347,7 +347,27 @@ def test_accelerator_study_fine_tunes_both_methods_around_a_time_boxed_pretext(t
     assert result.returncode != 0 and "finetune_min_steps=48" in result.stderr
 
 
-def test_study_makes_no_compilation_cache_folder_off_jax(study_module, tmp_path, monkeypatch):
+def test_study_compilation_cache_is_temporary_on_jax_and_absent_elsewhere(study_module, tmp_path, monkeypatch):
+    import types
+
+    import keras
+
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     study_module.enable_compilation_cache(None)  # the tests run Keras on TensorFlow
     assert list(tmp_path.iterdir()) == []
+
+    settings, at_exit = {}, []
+    fake_jax = types.SimpleNamespace(config=types.SimpleNamespace(update=settings.__setitem__))
+    monkeypatch.setitem(sys.modules, "jax", fake_jax)
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    monkeypatch.setattr(study_module.atexit, "register", lambda function, *args, **kwargs: at_exit.append((function, args, kwargs)))
+    study_module.enable_compilation_cache(None)
+    (folder,) = tmp_path.iterdir()
+    assert folder.name.startswith("drnb-compiled-") and settings["jax_compilation_cache_dir"] == str(folder)
+    for function, args, kwargs in at_exit:  # what happens when the process ends
+        function(*args, **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+    kept = tmp_path / "kept"
+    study_module.enable_compilation_cache(str(kept))  # a folder the user names is theirs: not removed
+    assert settings["jax_compilation_cache_dir"] == str(kept) and len(at_exit) == 1

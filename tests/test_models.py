@@ -39,6 +39,21 @@ def test_all_stages_concatenate_each_stages_pooled_maps_last_stage_last():
 def test_densenet121_all_stages_pool_its_four_dense_blocks():
     encoder = build_encoder("densenet121", 32, feature_stages="all")
     assert encoder.output_shape == (None, 256 + 512 + 1024 + 1024)
+    last = build_encoder("densenet121", 32)
+    assert [w.shape for w in last.weights] == [w.shape for w in encoder.weights]
+    last.set_weights(encoder.get_weights())
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(
+        np.asarray(last(images, training=False)), np.asarray(encoder(images, training=False))[:, -1024:], rtol=1e-4, atol=1e-5
+    )
+    features = np.asarray(encoder(images, training=False))
+    assert (features[:, :-1024] >= 0).all()  # the blocks are pooled after their ReLU, as the last one is
+
+
+def test_all_stages_of_a_one_stage_encoder_are_its_last():
+    from drnb.models import compact_densenet
+
+    assert compact_densenet(32, growth_rates=(16,), feature_stages="all").output_shape == (None, 32 + 3 * 16)
 
 
 def test_imagenet_weights_offline_give_a_clear_error(monkeypatch):
@@ -67,8 +82,9 @@ def test_reference_heads_have_the_published_layers():
     assert pretext.layers[-1].dtype_policy.compute_dtype == "float32"
 
 
-def test_saved_encoder_reloads_and_predicts_identically(tmp_path):
-    encoder = build_encoder("compact", 32)
+@pytest.mark.parametrize("feature_stages", ["last", "all"])
+def test_saved_encoder_reloads_and_predicts_identically(tmp_path, feature_stages):
+    encoder = build_encoder("compact", 32, feature_stages=feature_stages)
     images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
     path = tmp_path / "encoder.keras"
     save_atomically(encoder, path)
