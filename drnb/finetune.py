@@ -45,9 +45,10 @@ import tensorflow as tf
 from drnb.distribute import configure_precision, scaled_batch_and_rate, seed_everything, seed_weights, select_strategy
 from drnb.duplicates import photograph_groups
 from drnb.metrics import evaluate_predictions, quadratic_weighted_kappa
-from drnb.models import grade_head, imagenet_weights_available, profile_encoder
+from drnb.models import grade_head, imagenet_weights_available, profile_encoder, recalibrate_batchnorm
 from drnb.pipeline import labelled_batches, shuffled_positions
 from drnb.pretext import load_encoder, save_atomically
+from drnb.ridge import fit_ridge
 from drnb.profiles import Profile
 from drnb.runs import write_json
 from drnb.splits import RepetitionSplit, make_repetition_split, validate_fraction
@@ -267,9 +268,19 @@ class FinetuneSession:
             )
         )
         warmup_steps, finetune_steps = plan_steps(len(train_indices), batch, profile)
+        calibration = self.calibration_rows(split, seed)
+        if profile.recalibrate_batchnorm and method not in SHARED_START_METHODS:
+            # A fresh encoder's moving statistics are still 0 and 1: its head would be fitted
+            # on features the full phase, normalising each batch by itself, never produces.
+            self.recalibrate_batchnorm(calibration)
+        features, ridge_penalty = None, None
+        if profile.head_init == "ridge":
+            features = self.warmup_features(method, train_indices)
+            ridge_penalty = self.fit_head(features, self.grades[train_indices])
         warmup_batches, warmup_phase = batches, "head"
         if profile.warmup_on_features and profile.warmup_epochs:
-            features = self.warmup_features(method, train_indices)
+            if features is None:
+                features = self.warmup_features(method, train_indices)
             warmup_batches = self.trainer.batches(feature_batches(features, train_targets, batch, seed))
             warmup_phase = "features"
         history, best = [], {"kappa": -np.inf, "weights": None, "epoch": 0}
@@ -303,7 +314,7 @@ class FinetuneSession:
         fixed_grades = self._decode(probabilities)
         cut_points = None
         if profile.cut_points == "prior":
-            calibration_scores = expected_grade(self._predict(self.calibration_rows(split, seed)), profile.target)
+            calibration_scores = expected_grade(self._predict(calibration), profile.target)
             cut_points = prior_cut_points(calibration_scores, self.grades[train_indices])
             predicted = decode_with_cut_points(expected_grade(probabilities, profile.target), cut_points)
         else:
@@ -315,6 +326,7 @@ class FinetuneSession:
         # Both decodings of the same outputs, so what the cut points change stays visible.
         metrics["qw_kappa_fixed_cuts"] = quadratic_weighted_kappa(true_grades, fixed_grades)
         metrics["cut_points"] = None if cut_points is None else [float(cut) for cut in cut_points]
+        metrics["ridge_penalty"] = ridge_penalty
         if profile.target == "ordinal":
             # How often the reference decoding, (p > .5).sum() - 1, would have produced grade -1.
             metrics["reference_decoding_minus_one"] = int((ordinal_decode(probabilities, rule="reference") < 0).sum())
@@ -366,6 +378,39 @@ class FinetuneSession:
             features[missing] = self.trainer.encode(self._inference_batches(missing))
             encoded[missing] = True
         return features[rows]
+
+    def fit_head(self, features: np.ndarray, grades: np.ndarray) -> float:
+        """Set the linear regression head to the ridge regression of ``grades`` on ``features``
+        (``head_init="ridge"``, see :mod:`drnb.ridge`).
+
+        Parameters
+        ----------
+        features : numpy.ndarray
+            float32 (M, F): the frozen encoder's pooled features of the training images.
+        grades : numpy.ndarray
+            int (M,) in 0..4.
+
+        Returns
+        -------
+        float
+            The penalty chosen by leave-one-out error.
+        """
+        fit = fit_ridge(features, grades)
+        self.trainer.head.set_weights([fit.weights[:, None].astype(np.float32), np.array([fit.bias], np.float32)])
+        return fit.penalty
+
+    def recalibrate_batchnorm(self, rows: np.ndarray) -> int:
+        """Re-estimate the encoder's batch-norm statistics on ``rows``' images, as they are
+        (no augmentation), in batches of the fine-tuning batch size: the statistics each
+        training step normalised with (see :func:`drnb.models.recalibrate_batchnorm`).
+
+        Returns
+        -------
+        int
+            The number of batches used.
+        """
+        batches = (images for images, _ in self._inference_batches(np.asarray(rows, np.int64)))
+        return recalibrate_batchnorm(self.trainer.encoder, batches)
 
     def _decode(self, probabilities: np.ndarray) -> np.ndarray:
         return decode(probabilities, self.profile.target)

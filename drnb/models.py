@@ -27,6 +27,9 @@ import keras
 from keras import layers
 
 from drnb.profiles import ENCODERS, FEATURE_STAGES, POOLINGS
+from drnb.targets import output_width
+
+HEAD_ACTIVATIONS = ("softmax", "sigmoid", "linear")
 
 # The compact encoder is trained for hundreds, not tens of thousands, of steps: batch-norm
 # moving statistics that forget faster (Keras's default is 0.99) are usable after a few dozen.
@@ -228,10 +231,11 @@ def build_head(
     Returns
     -------
     keras.Model
-        (B, feature_dim) -> (B, outputs) probabilities in [0, 1], float32.
+        (B, feature_dim) -> (B, outputs), float32: probabilities in [0, 1] for ``"softmax"``
+        and ``"sigmoid"``, any real number for ``"linear"``.
     """
-    if activation not in ("softmax", "sigmoid"):
-        raise ValueError(f"activation={activation!r}: expected 'softmax' or 'sigmoid'")
+    if activation not in HEAD_ACTIVATIONS:
+        raise ValueError(f"activation={activation!r}: expected one of {HEAD_ACTIVATIONS}")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout={dropout!r}: expected a rate in [0, 1)")
     inputs = keras.Input((feature_dim,), name="features")
@@ -259,17 +263,19 @@ def rotation_head(feature_dim: int, profile) -> keras.Model:
 
 
 def grade_head(feature_dim: int, profile) -> keras.Model:
-    """The profile's fine-tuning head: ``finetune_hidden`` and ``finetune_dropout``, 5 outputs,
-    sigmoid for the ``ordinal`` target (cumulative code), softmax otherwise.
+    """The profile's fine-tuning head: ``finetune_hidden`` and ``finetune_dropout``, then 5
+    sigmoid outputs for the ``ordinal`` target (cumulative code), 5 softmax outputs for
+    ``softmax``, one linear output for ``regression``.
 
     Returns
     -------
     keras.Model
-        (B, feature_dim) -> (B, 5) probabilities, float32.
+        (B, feature_dim) -> (B, 5) probabilities or (B, 1) grade scores, float32.
     """
+    activation = {"ordinal": "sigmoid", "softmax": "softmax", "regression": "linear"}[profile.target]
     return build_head(
-        feature_dim, 5, hidden=profile.finetune_hidden, dropout=profile.finetune_dropout,
-        activation="sigmoid" if profile.target == "ordinal" else "softmax", name="grade_head",
+        feature_dim, output_width(profile.target), hidden=profile.finetune_hidden,
+        dropout=profile.finetune_dropout, activation=activation, name="grade_head",
     )
 
 
@@ -279,6 +285,47 @@ def leaf_layers(model: keras.Model) -> list:
     for layer in model.layers:
         leaves.extend(leaf_layers(layer) if getattr(layer, "layers", None) else [layer])
     return leaves
+
+
+def recalibrate_batchnorm(model: keras.Model, batches) -> int:
+    """Set every batch-norm layer's moving statistics to its batch statistics averaged over ``batches``.
+
+    A network normalises with the statistics of each batch while it trains and with its moving
+    averages when it predicts. Where those disagree, the features a head was fitted on are
+    not the ones it meets: a fresh encoder's moving averages are still their initial 0 and 1,
+    and a few dozen fine-tuning steps on small batches leave them trailing the weights. One
+    training-mode pass per batch, with the momentum of batch ``i`` (1-based) set to
+    ``(i - 1) / i``, leaves each moving mean and variance equal to the mean of the batches'
+    statistics ("precise batch norm"; Wu & Johnson, *Rethinking "Batch" in BatchNorm*, 2021).
+    No weight is trained, and every layer's momentum is restored afterwards.
+
+    Parameters
+    ----------
+    model : keras.Model
+        Nested models are searched.
+    batches : iterable
+        Batches of the model's input, e.g. float32 (B, S, S, 3) images.
+
+    Returns
+    -------
+    int
+        The number of batches used (0 when ``model`` has no batch-norm layer).
+    """
+    norms = [layer for layer in leaf_layers(model) if isinstance(layer, layers.BatchNormalization)]
+    if not norms:
+        return 0
+    momenta = [norm.momentum for norm in norms]
+    count = 0
+    try:
+        for inputs in batches:
+            count += 1
+            for norm in norms:
+                norm.momentum = (count - 1) / count
+            model(inputs, training=True)
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+    return count
 
 
 def precision_policy(mode: str, *, accelerator: bool) -> str:

@@ -141,8 +141,9 @@ def plot_kappa_vs_fraction(table: pd.DataFrame, *, show_paper: bool = True, titl
 def grad_cam(model, images: np.ndarray, target: str = "ordinal") -> np.ndarray:
     """Grad-CAM heat maps of a fine-tuned classifier (encoder -> head).
 
-    The score explained is the expected grade for ``ordinal`` (sum of outputs 1-4) and the
-    predicted grade's probability for ``softmax``; the maps are taken at the input of the
+    The score explained is the expected grade for ``ordinal`` (sum of outputs 1-4), the
+    output itself for ``regression``, and the predicted grade's probability for
+    ``softmax``; the maps are taken at the input of the
     encoder's global pooling of its last stage.
 
     Parameters
@@ -176,6 +177,8 @@ def grad_cam(model, images: np.ndarray, target: str = "ordinal") -> np.ndarray:
         probabilities = head(tf.concat([earlier, pooled], axis=-1), training=False)
         if target == "ordinal":
             score = tf.reduce_sum(probabilities[:, 1:], axis=1)
+        elif target == "regression":
+            score = probabilities[:, 0]
         else:
             score = tf.reduce_max(probabilities, axis=1)
     gradients = tape.gradient(score, maps)

@@ -37,6 +37,7 @@ FEATURE_STAGES = ("last", "all")
 ROTATION_MODES = ("all4", "random1")
 METHODS = ("rotation", "scratch", "imagenet")
 LR_SCHEDULES = ("constant", "cosine")
+HEAD_INITS = ("random", "ridge")
 
 
 @dataclass(frozen=True)
@@ -82,20 +83,27 @@ class Profile:
     split_mode: str = "stratified"  # "stratified" (drnb) or "reference" (the study's code, for comparison)
     duplicate_threshold: float = 0.97  # images whose fingerprints correlate this much share a fold (drnb.duplicates); 0: off
     validation_fraction: float = 0.1  # of the training pool, for model selection only
-    target: str = "ordinal"  # "ordinal" (cumulative sigmoid code) or "softmax"
+    target: str = "ordinal"  # "ordinal" (cumulative sigmoid code), "softmax" or "regression" (one linear output)
     cut_points: str = "fixed"  # outputs -> grades: "fixed" (0.5 per ordinal output; argmax) or "prior" (drnb.targets)
-    calibration_images: int = 256  # cut_points="prior": training-pool images (never test) the cuts are fitted on
+    # Training-pool images (never test) the prior cut points are fitted on, and batch norm re-estimated on.
+    calibration_images: int = 256
     test_time_turns: int = 1  # predictions averaged over 1, 2 (0 and 180 degrees) or 4 quarter turns of each image
     finetune_hidden: tuple[int, ...] = (1024,)  # "simple multiclass" head widths
     finetune_dropout: float = 0.5  # dropout after each hidden fine-tuning layer
     finetune_batch_size: int = 32  # images per batch
     finetune_learning_rate: float = 5e-5  # Adam, both phases
+    # "random" (Keras's initialisers) or "ridge": a linear regression head starts from ridge regression
+    # on the frozen encoder's features, fitted in closed form (drnb.ridge; LP-FT).
+    head_init: str = "random"
     warmup_epochs: int = 3  # epochs with the encoder frozen (head only)
     warmup_on_features: bool = False  # warm up on features computed once (no augmentation, ~free per step)
     finetune_epochs: int = 17  # epochs with everything training, after the warm-up
     min_steps: int = 0  # at least this many optimizer steps per run; a shortfall is made up in the warm-up
     finetune_min_steps: int = 0  # at least this many steps with everything training (epochs stretched); 0: no floor
     finetune_max_steps: int = 0  # at most this many steps with everything training (epochs shortened); 0: no cap
+    # A fresh encoder's (scratch, imagenet) batch-norm statistics re-estimated on the run's calibration
+    # images before its head is fitted or warmed up (drnb.models.recalibrate_batchnorm).
+    recalibrate_batchnorm: bool = False
     lr_schedule: str = "constant"  # full phase: "constant", or "cosine" decay from the rate towards 0, per epoch
     finetune_zoom: float = 0.1  # centred zoom range 1 +- zoom
     bootstrap_resamples: int = 1000  # for the 95% CI of each run's kappa
@@ -115,6 +123,12 @@ class Profile:
         _check_choice("split_mode", self.split_mode, SPLIT_MODES)
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("pretext_lr_schedule", self.pretext_lr_schedule, LR_SCHEDULES)
+        _check_choice("head_init", self.head_init, HEAD_INITS)
+        if self.head_init == "ridge" and (self.target != "regression" or self.finetune_hidden):
+            raise ValueError(
+                f"head_init='ridge' fits a linear regression head: expected target='regression' and "
+                f"finetune_hidden=() (got target={self.target!r}, finetune_hidden={self.finetune_hidden})"
+            )
         for method in self.methods:
             _check_choice("methods", method, METHODS)
         if not self.methods:
@@ -208,14 +222,14 @@ PROFILES: dict[str, Profile] = {
         pretext_learning_rate=2e-3,
         pretext_epochs=3,
         validation_fraction=0.0,
-        finetune_hidden=(256,),
-        finetune_dropout=0.3,
+        finetune_hidden=(),
         finetune_batch_size=32,
         finetune_learning_rate=5e-4,
-        warmup_epochs=3,
-        warmup_on_features=True,
+        target="regression",
+        head_init="ridge",
+        recalibrate_batchnorm=True,
+        warmup_epochs=0,
         finetune_epochs=8,
-        min_steps=200,
         finetune_min_steps=48,
         finetune_max_steps=96,
         lr_schedule="cosine",

@@ -1,7 +1,7 @@
-"""Label codings for the fine-tuning head: ordinal (cumulative) and one-hot.
+"""Label codings for the fine-tuning head: ordinal (cumulative), one-hot and regression.
 
 Diabetic-retinopathy grades are the integers 0 (no DR) to 4 (proliferative DR).
-Two codings are offered:
+Three codings are offered:
 
 ``"ordinal"``
     The cumulative code of the study's reference code (HealthML/self-supervised-3d-tasks,
@@ -10,6 +10,12 @@ Two codings are offered:
     sigmoid units trained with binary cross-entropy.
 ``"softmax"``
     A plain one-hot code for a five-way softmax head.
+``"regression"``
+    The grade itself, as one number, for a head with one linear output trained with mean
+    squared error: the grade's order and distances are the target, as quadratic weighted
+    kappa weighs them (most of the APTOS 2019 competition's leading entries regressed the
+    grade and cut the prediction at thresholds). Its output is a score, not a probability,
+    and is decoded by rounding (clipped to 0-4) or by cut points.
 
 Decoding the ordinal code
 -------------------------
@@ -40,9 +46,13 @@ import numpy as np
 import pandas as pd
 
 N_GRADES = 5
-TARGETS = ("ordinal", "softmax")
+TARGETS = ("ordinal", "softmax", "regression")
 # The loss each target's head is trained with, in Keras's names (drnb.training.Trainer takes them too).
-TARGET_LOSSES = {"ordinal": "binary_crossentropy", "softmax": "categorical_crossentropy"}
+TARGET_LOSSES = {
+    "ordinal": "binary_crossentropy",
+    "softmax": "categorical_crossentropy",
+    "regression": "mean_squared_error",
+}
 DECODE_RULES = ("count", "reference")
 CUT_POINTS = ("fixed", "prior")  # a profile's choice: the fixed rule (count or argmax), or prior_cut_points
 THRESHOLD = 0.5
@@ -59,6 +69,7 @@ __all__ = [
     "encode",
     "expected_grade",
     "onehot_encode",
+    "output_width",
     "ordinal_decode",
     "ordinal_encode",
     "prior_cut_points",
@@ -127,11 +138,11 @@ def validate_grades(grades, name: str = "grades") -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _validate_outputs(probabilities, name: str = "probabilities", unit_interval: bool = True):
+def _validate_outputs(probabilities, name: str = "probabilities", unit_interval: bool = True, width: int = N_GRADES):
     arr = np.asarray(probabilities)
-    if arr.ndim != 2 or arr.shape[1] != N_GRADES:
+    if arr.ndim != 2 or arr.shape[1] != width:
         raise ValueError(
-            f"{name} must have shape (N, {N_GRADES}), one row of head outputs per image; "
+            f"{name} must have shape (N, {width}), one row of head outputs per image; "
             f"got shape {arr.shape}"
         )
     if arr.dtype.kind not in "iuf":
@@ -257,6 +268,12 @@ def _check_target(target: str) -> None:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
 
 
+def output_width(target: str) -> int:
+    """How many outputs the head for ``target`` has: 5, or 1 for ``"regression"``."""
+    _check_target(target)
+    return 1 if target == "regression" else N_GRADES
+
+
 def encode(grades, target: str) -> np.ndarray:
     """Encode grades for the head named by ``target``.
 
@@ -264,15 +281,18 @@ def encode(grades, target: str) -> np.ndarray:
     ----------
     grades : array-like, shape (N,)
         Integer grades in 0..4.
-    target : {"ordinal", "softmax"}
-        ``"ordinal"`` -> :func:`ordinal_encode`, ``"softmax"`` -> :func:`onehot_encode`.
+    target : {"ordinal", "softmax", "regression"}
+        ``"ordinal"`` -> :func:`ordinal_encode`, ``"softmax"`` -> :func:`onehot_encode`,
+        ``"regression"`` -> the grades as numbers.
 
     Returns
     -------
     numpy.ndarray
-        float32 (N, 5).
+        float32 (N, 5), or (N, 1) for ``"regression"``.
     """
     _check_target(target)
+    if target == "regression":
+        return validate_grades(grades).astype(np.float32)[:, None]
     return ordinal_encode(grades) if target == "ordinal" else onehot_encode(grades)
 
 
@@ -281,14 +301,15 @@ def decode(probabilities, target: str, rule: str = "count") -> np.ndarray:
 
     Parameters
     ----------
-    probabilities : array-like, shape (N, 5)
+    probabilities : array-like, shape (N, 5), or (N, 1) for ``"regression"``
         Head outputs.
-    target : {"ordinal", "softmax"}
+    target : {"ordinal", "softmax", "regression"}
         ``"ordinal"`` -> :func:`ordinal_decode` with ``rule``; ``"softmax"`` ->
-        :func:`softmax_decode`.
+        :func:`softmax_decode`; ``"regression"``: the output rounded to the nearest grade,
+        clipped to 0-4.
     rule : {"count", "reference"}
         Ordinal decoding rule (see :func:`ordinal_decode`). ``"reference"`` only exists for
-        the ordinal head and is refused for ``target="softmax"``.
+        the ordinal head and is refused for the others.
 
     Returns
     -------
@@ -302,8 +323,12 @@ def decode(probabilities, target: str, rule: str = "count") -> np.ndarray:
         return ordinal_decode(probabilities, rule=rule)
     if rule != "count":
         raise ValueError(
-            f"rule={rule!r} applies only to target='ordinal'; a softmax head is decoded by argmax"
+            f"rule={rule!r} applies only to target='ordinal'; a softmax head is decoded by argmax, "
+            "a regression head by rounding"
         )
+    if target == "regression":
+        scores = _validate_outputs(probabilities, "outputs", unit_interval=False, width=1)[:, 0]
+        return np.clip(np.rint(scores), 0, N_GRADES - 1).astype(np.int64)
     return softmax_decode(probabilities)
 
 
@@ -312,16 +337,20 @@ def expected_grade(probabilities, target: str) -> np.ndarray:
 
     Parameters
     ----------
-    probabilities : array-like, shape (N, 5)
-        Ordinal sigmoid outputs ("grade >= j", in [0, 1]) or softmax probabilities.
-    target : {"ordinal", "softmax"}
+    probabilities : array-like, shape (N, 5), or (N, 1) for ``"regression"``
+        Ordinal sigmoid outputs ("grade >= j", in [0, 1]), softmax probabilities, or the
+        regression head's output.
+    target : {"ordinal", "softmax", "regression"}
 
     Returns
     -------
     numpy.ndarray
-        float64 (N,) in [0, 4]: ordinal, the sum of outputs 1-4; softmax, ``sum_k k * p_k``.
+        float64 (N,): ordinal, the sum of outputs 1-4; softmax, ``sum_k k * p_k`` (both in
+        [0, 4]); regression, the output itself (any real number).
     """
     _check_target(target)
+    if target == "regression":
+        return _validate_outputs(probabilities, "outputs", unit_interval=False, width=1)[:, 0]
     p = _validate_outputs(probabilities)
     if target == "ordinal":
         return p[:, 1:].sum(axis=1)

@@ -34,7 +34,7 @@ from drnb.pipeline import without_autotune
 logger = logging.getLogger(__name__)
 
 # Keras's names for them (drnb.targets.TARGET_LOSSES gives a fine-tuning target's).
-LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy")
+LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy", "mean_squared_error")
 PHASES = ("head", "full", "features")
 
 
@@ -72,9 +72,10 @@ class Trainer:
     ----------
     encoder, head : keras.Model
         Built inside ``strategy.scope()``.
-    loss : {"sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy"}
+    loss : {"sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy", "mean_squared_error"}
         Cross-entropy on integer labels, on one-hot/soft targets, or of independent sigmoids
-        (mean over outputs), per example.
+        (mean over outputs), or the squared error of unbounded outputs (mean over outputs),
+        per example.
     learning_rate : float
     strategy : tf.distribute.Strategy, optional
         Default: the current (default) strategy.
@@ -102,6 +103,8 @@ class Trainer:
         self._encode = None
 
     def _per_example_loss(self, targets, probabilities):
+        if self.loss_name == "mean_squared_error":
+            return tf.reduce_mean(tf.square(targets - probabilities), axis=-1)
         epsilon = keras.backend.epsilon()
         probabilities = tf.clip_by_value(probabilities, epsilon, 1 - epsilon)
         if self.loss_name == "sparse_categorical_crossentropy":

@@ -277,3 +277,20 @@ def test_a_validation_split_larger_than_the_training_subset_is_reported(tmp_path
     messages.clear()
     session.run("scratch", 1.0, 0, tmp_path / "full")  # 100 %: the split is smaller than the subset
     assert not any("more labelled images" in message for message in messages)
+
+
+def test_a_fresh_encoders_batchnorm_is_recalibrated_on_the_calibration_rows(small_session, tmp_path, monkeypatch):
+    split = small_session.split(0, 1.0)
+    calibration = small_session.calibration_rows(split, seed=small_session.profile.seed)
+    calls = []
+    monkeypatch.setattr(small_session, "recalibrate_batchnorm", lambda rows: calls.append(np.array(rows)) or 1)
+    small_session.run("scratch", 1.0, 0, tmp_path / "off")
+    assert calls == []  # the smoke profile leaves batch norm as training left it
+    small_session.profile = small_session.profile.derive(recalibrate_batchnorm=True)
+    try:
+        small_session.run("scratch", 1.0, 0, tmp_path / "on")
+    finally:
+        small_session.profile = small_session.profile.derive(recalibrate_batchnorm=False)
+    # Once: the fresh encoder, before its warm-up.
+    assert len(calls) == 1
+    np.testing.assert_array_equal(calls[0], calibration)

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from drnb.models import build_encoder, build_head, leaf_layers, precision_policy, stack
+from drnb.models import build_encoder, build_head, leaf_layers, precision_policy, recalibrate_batchnorm, stack
 from drnb.pretext import load_encoder, save_atomically
 
 
@@ -134,6 +134,48 @@ def test_profile_heads_follow_the_profile():
     grades = grade_head(64, paper)
     assert grades.output_shape == (None, 5) and grades.layers[-1].activation.__name__ == "sigmoid"
     assert [layer.units for layer in grades.layers if isinstance(layer, keras.layers.Dense)] == [1024, 5]
-    softmax = grade_head(64, resolve_profile("quick", {"target": "softmax", "finetune_hidden": "8,4"}))
+    softmax = grade_head(64, resolve_profile("smoke", {"target": "softmax", "finetune_hidden": "8,4"}))
     assert softmax.layers[-1].activation.__name__ == "softmax"
     assert [layer.units for layer in softmax.layers if isinstance(layer, keras.layers.Dense)] == [8, 4, 5]
+    regression = grade_head(64, resolve_profile("quick"))  # one linear output, on the features themselves
+    assert regression.output_shape == (None, 1) and regression.layers[-1].activation.__name__ == "linear"
+    assert [layer.units for layer in regression.layers if isinstance(layer, keras.layers.Dense)] == [1]
+
+
+def _batch_norms(model):
+    return [layer for layer in leaf_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def test_recalibrated_batchnorm_predicts_as_it_trains_on_one_batch():
+    """With one batch, inference with the re-estimated statistics equals a training-mode pass."""
+    keras.utils.set_random_seed(0)
+    encoder = build_encoder("compact", 32, feature_stages="all")
+    images = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype(np.float32)
+    weights_before = [np.array(w) for w in encoder.trainable_weights]
+    training_mode = np.asarray(encoder(images, training=True))
+    # A fresh encoder's moving statistics are 0 and 1: its inference features are another thing.
+    assert not np.allclose(np.asarray(encoder(images, training=False)), training_mode, atol=1e-2)
+    momenta = [norm.momentum for norm in _batch_norms(encoder)]
+
+    assert recalibrate_batchnorm(encoder, [images]) == 1
+    np.testing.assert_allclose(np.asarray(encoder(images, training=False)), training_mode, rtol=1e-3, atol=1e-4)
+    assert [norm.momentum for norm in _batch_norms(encoder)] == momenta
+    for before, after in zip(weights_before, encoder.trainable_weights):
+        np.testing.assert_array_equal(before, np.asarray(after))
+
+
+def test_recalibrated_batchnorm_averages_the_statistics_of_every_batch():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.BatchNormalization(momentum=0.9)(inputs))
+    batches = [np.random.default_rng(seed).normal(seed, 1 + seed, (16, 3)).astype(np.float32) for seed in range(3)]
+    assert recalibrate_batchnorm(model, iter(batches)) == 3
+    norm = _batch_norms(model)[0]
+    np.testing.assert_allclose(np.asarray(norm.moving_mean), np.mean([b.mean(0) for b in batches], axis=0), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(norm.moving_variance), np.mean([b.var(0) for b in batches], axis=0), rtol=1e-4)
+    assert norm.momentum == 0.9
+
+
+def test_recalibrating_a_model_without_batchnorm_changes_nothing():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    assert recalibrate_batchnorm(model, [np.ones((4, 3), np.float32)]) == 0

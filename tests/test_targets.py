@@ -13,6 +13,7 @@ from drnb.targets import (
     onehot_encode,
     ordinal_decode,
     ordinal_encode,
+    output_width,
     prior_cut_points,
     softmax_decode,
     validate_grades,
@@ -78,7 +79,7 @@ def test_encode_decode_dispatch():
     grades = np.array([4, 0, 2])
     np.testing.assert_array_equal(encode(grades, "ordinal"), ordinal_encode(grades))
     np.testing.assert_array_equal(encode(grades, "softmax"), onehot_encode(grades))
-    for target in ("ordinal", "softmax"):
+    for target in ("ordinal", "softmax", "regression"):
         np.testing.assert_array_equal(decode(encode(grades, target), target), grades)
     np.testing.assert_array_equal(
         decode(np.full((1, 5), 0.2), "ordinal", rule="reference"), [-1]
@@ -89,11 +90,26 @@ def test_softmax_decode_accepts_logits():
     np.testing.assert_array_equal(softmax_decode([[-3.0, 2.0, 0.5, -1.0, 7.0]]), [4])
 
 
+def test_regression_target_is_the_grade_and_decodes_by_rounding_into_0_4():
+    np.testing.assert_array_equal(encode([0, 3, 4], "regression"), [[0.0], [3.0], [4.0]])
+    assert encode([0, 3], "regression").dtype == np.float32
+    assert output_width("regression") == 1 and output_width("ordinal") == 5
+    outputs = np.array([[-0.7], [0.49], [0.51], [2.6], [9.0]])
+    np.testing.assert_array_equal(decode(outputs, "regression"), [0, 0, 1, 3, 4])
+    np.testing.assert_array_equal(expected_grade(outputs, "regression"), outputs[:, 0])  # scores, unclipped
+    with pytest.raises(ValueError, match=r"shape \(N, 1\)"):
+        decode(np.zeros((2, 5)), "regression")
+    with pytest.raises(ValueError, match="finite"):
+        expected_grade([[np.nan]], "regression")
+    with pytest.raises(ValueError, match="rule='reference' applies only"):
+        decode(outputs, "regression", rule="reference")
+
+
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="target"):
-        encode([0, 1], "regression")
+        encode([0, 1], "poisson")
     with pytest.raises(ValueError, match="target"):
-        decode(np.zeros((1, 5)), "regression")
+        decode(np.zeros((1, 5)), "poisson")
     with pytest.raises(ValueError, match="rule"):
         ordinal_decode(np.zeros((1, 5)), rule="argmax")
     with pytest.raises(ValueError, match="rule='reference' applies only"):

@@ -1,0 +1,80 @@
+"""The closed-form ridge fit that starts a linear regression head."""
+
+import numpy as np
+import pytest
+
+from drnb.ridge import RIDGE_PENALTIES, fit_ridge
+
+
+def _problem(rows=40, width=6, seed=0):
+    rng = np.random.default_rng(seed)
+    # Features on very different scales, as pooled features of different stages are.
+    features = rng.normal(0, 1, (rows, width)) * np.logspace(-3, 2, width) + 5
+    grades = features @ (rng.normal(0, 1, width) / np.logspace(-3, 2, width)) + rng.normal(0, 0.5, rows)
+    return features, grades
+
+
+def _penalised_fit(design, targets, penalty):
+    """Least squares on [1, design] with the penalty on the weights only, by the normal equations."""
+    full = np.column_stack([np.ones(len(design)), design])
+    penalty_matrix = penalty * np.eye(full.shape[1])
+    penalty_matrix[0, 0] = 0
+    return np.linalg.solve(full.T @ full + penalty_matrix, full.T @ targets)
+
+
+def test_fit_equals_the_normal_equations_on_standardised_features_folded_back():
+    features, grades = _problem()
+    fit = fit_ridge(features, grades, penalties=[3.0])
+    mean, scale = features.mean(0), features.std(0)
+    solution = _penalised_fit((features - mean) / scale, grades, 3.0)
+    np.testing.assert_allclose(fit.predict(features), solution[0] + ((features - mean) / scale) @ solution[1:], rtol=1e-9)
+    np.testing.assert_allclose(fit.weights, solution[1:] / scale, rtol=1e-8)
+
+
+def test_leave_one_out_error_matches_refitting_without_each_row():
+    features, grades = _problem(rows=25)
+    standardised = (features - features.mean(0)) / features.std(0)
+    for penalty in (0.1, 10.0):
+        fit = fit_ridge(features, grades, penalties=[penalty])
+        errors = []
+        for row in range(len(grades)):
+            keep = np.arange(len(grades)) != row
+            solution = _penalised_fit(standardised[keep], grades[keep], penalty)
+            errors.append((grades[row] - solution[0] - standardised[row] @ solution[1:]) ** 2)
+        assert fit.loo_error == pytest.approx(np.mean(errors), rel=1e-8)
+
+
+def test_the_penalty_with_the_lowest_leave_one_out_error_is_chosen():
+    features, grades = _problem()
+    errors = {penalty: fit_ridge(features, grades, penalties=[penalty]).loo_error for penalty in RIDGE_PENALTIES}
+    fit = fit_ridge(features, grades)
+    assert fit.penalty == min(errors, key=errors.get)
+    assert fit.loo_error == pytest.approx(min(errors.values()))
+    # Pure noise is best predicted by (nearly) its mean: a penalty thousands of times larger.
+    for seed in range(1, 4):
+        noise = np.random.default_rng(seed).normal(0, 1, len(grades))
+        assert fit_ridge(features, noise).penalty >= 1000 * fit.penalty
+
+
+def test_more_features_than_rows_and_a_constant_feature_are_fitted():
+    rng = np.random.default_rng(2)
+    features = rng.normal(0, 1, (12, 50))
+    features[:, 3] = 7.0
+    grades = features[:, 0] * 2 + 1
+    fit = fit_ridge(features, grades)
+    assert fit.weights[3] == 0 and np.isfinite(fit.weights).all()
+    assert np.corrcoef(fit.predict(features), grades)[0, 1] > 0.9
+
+
+@pytest.mark.parametrize(
+    "features, targets, penalties, message",
+    [
+        (np.ones((5, 2)), np.ones(4), RIDGE_PENALTIES, "targets"),
+        (np.ones((1, 2)), np.ones(1), RIDGE_PENALTIES, "at least 2 rows"),
+        (np.full((3, 2), np.nan), np.ones(3), RIDGE_PENALTIES, "finite"),
+        (np.ones((3, 2)), np.ones(3), [0.0], "positive"),
+    ],
+)
+def test_bad_input_is_refused(features, targets, penalties, message):
+    with pytest.raises(ValueError, match=message):
+        fit_ridge(features, targets, penalties)
