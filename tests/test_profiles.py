@@ -126,3 +126,23 @@ def test_quick_pools_every_stage_and_a_run_folder_from_before_keeps_the_last(tmp
     del values["feature_stages"]
     (tmp_path / "profile.json").write_text(json.dumps(values))
     assert load_profile(tmp_path / "profile.json").feature_stages == "last"  # its saved encoder pools the last stage
+
+
+def test_quick_starts_a_regression_head_from_a_ridge_fit_and_old_run_folders_do_not(tmp_path):
+    quick = PROFILES["quick"]
+    assert (quick.target, quick.head_init, quick.finetune_hidden, quick.recalibrate_batchnorm) == ("regression", "ridge", (), True)
+    assert (PROFILES["paper"].head_init, PROFILES["paper"].recalibrate_batchnorm) == ("random", False)  # as the study
+    values = json.loads(quick.to_json())
+    del values["head_init"], values["recalibrate_batchnorm"]
+    values.update(target="ordinal", finetune_hidden=[256])  # what a quick run folder from before holds
+    (tmp_path / "profile.json").write_text(json.dumps(values))
+    old = load_profile(tmp_path / "profile.json")
+    assert (old.head_init, old.recalibrate_batchnorm) == ("random", False)
+
+
+@pytest.mark.parametrize("overrides", [{"target": "ordinal"}, {"finetune_hidden": "64"}])
+def test_a_ridge_fitted_head_must_be_a_linear_regression_head(overrides):
+    with pytest.raises(ValueError, match="head_init='ridge' fits a linear regression head"):
+        resolve_profile("quick", overrides)
+    with pytest.raises(ValueError, match="head_init"):
+        Profile(head_init="lstsq")
