@@ -151,7 +151,7 @@ def test_recalibrated_batchnorm_predicts_as_it_trains_on_one_batch():
     keras.utils.set_random_seed(0)
     encoder = build_encoder("compact", 32, feature_stages="all")
     images = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype(np.float32)
-    weights_before = [np.array(w) for w in encoder.trainable_weights]
+    weights_before = [w.numpy() for w in encoder.trainable_weights]
     training_mode = np.asarray(encoder(images, training=True))
     # A fresh encoder's moving statistics are 0 and 1: its inference features are another thing.
     assert not np.allclose(np.asarray(encoder(images, training=False)), training_mode, atol=1e-2)
@@ -161,7 +161,7 @@ def test_recalibrated_batchnorm_predicts_as_it_trains_on_one_batch():
     np.testing.assert_allclose(np.asarray(encoder(images, training=False)), training_mode, rtol=1e-3, atol=1e-4)
     assert [norm.momentum for norm in _batch_norms(encoder)] == momenta
     for before, after in zip(weights_before, encoder.trainable_weights):
-        np.testing.assert_array_equal(before, np.asarray(after))
+        np.testing.assert_array_equal(before, after.numpy())
 
 
 def test_recalibrated_batchnorm_averages_the_statistics_of_every_batch():

@@ -47,3 +47,26 @@ def test_grad_cam_explains_the_last_stage_whatever_is_pooled(feature_stages):
     features = np.asarray(encoder(images.astype(np.float32), training=False))
     rebuilt = np.concatenate([features[:, : features.shape[1] - last_maps.shape[-1]], np.asarray(last_maps).mean(axis=(1, 2))], axis=1)
     np.testing.assert_allclose(rebuilt, features, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_cam_of_a_regression_head_weighs_the_last_maps_by_the_heads_weights():
+    from drnb.models import build_encoder, build_head, stack
+    from drnb.plots import grad_cam
+
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(1)
+    encoder = build_encoder("compact", 64, feature_stages="all")
+    head = build_head(encoder.output_shape[-1], 1, hidden=(), activation="linear")
+    model = stack(encoder, head)
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3)).astype(np.uint8)
+    maps = grad_cam(model, images, "regression")
+    # A linear head's score is w . features: each last-stage map's Grad-CAM weight is its
+    # head weight over the map's area (average pooling).
+    last_maps = np.asarray(keras.Model(encoder.inputs, encoder.get_layer("global_pool").input)(images.astype(np.float32), training=False))
+    weights = np.asarray(head.get_weights()[0])[-last_maps.shape[-1]:, 0]
+    expected = np.maximum((last_maps * weights).sum(axis=-1), 0)
+    assert expected.reshape(2, -1).max(axis=1).min() > 0
+    expected = np.asarray(tf.image.resize(expected[..., None], (64, 64)))[..., 0]
+    np.testing.assert_allclose(maps, expected / expected.reshape(2, -1).max(axis=1)[:, None, None], rtol=1e-4, atol=1e-5)
