@@ -48,8 +48,8 @@ from drnb.metrics import evaluate_predictions, quadratic_weighted_kappa
 from drnb.models import grade_head, imagenet_weights_available, profile_encoder, recalibrate_batchnorm
 from drnb.pipeline import labelled_batches, shuffled_positions
 from drnb.pretext import load_encoder, save_atomically
-from drnb.ridge import fit_ridge
 from drnb.profiles import Profile
+from drnb.ridge import fit_ridge
 from drnb.runs import write_json
 from drnb.splits import RepetitionSplit, make_repetition_split, validate_fraction
 from drnb.targets import TARGET_LOSSES, decode, decode_with_cut_points, encode, expected_grade, ordinal_decode, prior_cut_points

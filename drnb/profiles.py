@@ -101,7 +101,7 @@ class Profile:
     min_steps: int = 0  # at least this many optimizer steps per run; a shortfall is made up in the warm-up
     finetune_min_steps: int = 0  # at least this many steps with everything training (epochs stretched); 0: no floor
     finetune_max_steps: int = 0  # at most this many steps with everything training (epochs shortened); 0: no cap
-    # A fresh encoder's (scratch, imagenet) batch-norm statistics re-estimated on the run's calibration
+    # A fresh encoder's (scratch) batch-norm statistics re-estimated on the run's calibration
     # images before its head is fitted or warmed up (drnb.models.recalibrate_batchnorm).
     recalibrate_batchnorm: bool = False
     lr_schedule: str = "constant"  # full phase: "constant", or "cosine" decay from the rate towards 0, per epoch
