@@ -292,8 +292,7 @@ def recalibrate_batchnorm(model: keras.Model, batches) -> int:
 
     A network normalises with the statistics of each batch while it trains and with its moving
     averages when it predicts. Where those disagree, the features a head was fitted on are
-    not the ones it meets: a fresh encoder's moving averages are still their initial 0 and 1,
-    and a few dozen fine-tuning steps on small batches leave them trailing the weights. One
+    not the ones it meets: a fresh encoder's moving averages are still their initial 0 and 1. One
     training-mode pass per batch, with the momentum of batch ``i`` (1-based) set to
     ``(i - 1) / i``, leaves each moving mean and variance equal to the mean of the batches'
     statistics ("precise batch norm"; Wu & Johnson, *Rethinking "Batch" in BatchNorm*, 2021).
