@@ -327,8 +327,7 @@ def decode(probabilities, target: str, rule: str = "count") -> np.ndarray:
             "a regression head by rounding"
         )
     if target == "regression":
-        scores = _validate_outputs(probabilities, "outputs", unit_interval=False, width=1)[:, 0]
-        return np.clip(np.rint(scores), 0, N_GRADES - 1).astype(np.int64)
+        return np.clip(np.rint(expected_grade(probabilities, target)), 0, N_GRADES - 1).astype(np.int64)
     return softmax_decode(probabilities)
 
 
