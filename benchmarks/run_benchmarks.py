@@ -146,9 +146,10 @@ def planned_work(profile, session, n_images: int) -> dict:
     subset (from ``session``'s splits) through
     :func:`drnb.finetune.plan_steps`; the images encoded for a warm-up on features; the
     validation images scored after each full epoch; the images the cut points are fitted on;
-    the test fold (each of these three ``test_time_turns`` times). Warm-up features are encoded
-    per run, or, for methods that start every run from the same encoder, once per row and
-    notebook.
+    the test fold (each of these three ``test_time_turns`` times). Features for a warm-up on
+    features or a ridge-fitted head (in each of ``ridge_turns`` turns) are encoded per run, or,
+    for methods that start every run from the same encoder, once per row, turn and notebook;
+    a fresh encoder's batch-norm re-estimate passes the calibration images once.
 
     Returns
     -------
@@ -179,6 +180,8 @@ def planned_work(profile, session, n_images: int) -> dict:
     }
     methods = runnable_methods(profile)
     on_features = profile.warmup_on_features and profile.warmup_epochs
+    ridge_turns = profile.ridge_turns if profile.head_init == "ridge" else 0
+    encoded_turns = max(ridge_turns, 1 if on_features else 0)  # the unturned features serve both
     sharing = sum(method in SHARED_START_METHODS for method in methods)  # encode each row once per notebook
     for fraction in profile.fractions:
         encoded_once = set()  # rows whose features a notebook's session keeps for the sharing methods
@@ -194,16 +197,20 @@ def planned_work(profile, session, n_images: int) -> dict:
             if profile.cut_points == "prior":
                 per_run["finetune_predict"] += len(session.calibration_rows(split, profile.seed + repetition))
             per_run["finetune_predict"] *= profile.test_time_turns  # each image predicted in every turn averaged
+            if profile.recalibrate_batchnorm:  # fresh encoders only
+                calibration = len(session.calibration_rows(split, profile.seed + repetition))
+                work["finetune_predict"] += (len(methods) - sharing) * calibration
             warmup_images = profile.warmup_epochs * warmup_steps * batch
             if on_features:
                 per_run["finetune_features"] = warmup_images
-                work["finetune_predict"] += (len(methods) - sharing) * n_train  # the others encode every run
-                encoded_once.update(split.train[fraction].tolist())
             else:
                 per_run["finetune_head"] = warmup_images
+            if encoded_turns:
+                work["finetune_predict"] += (len(methods) - sharing) * n_train * encoded_turns  # the others encode every run
+                encoded_once.update(split.train[fraction].tolist())
             for key, value in per_run.items():
                 work[key] += len(methods) * value
-        work["finetune_predict"] += sharing * len(encoded_once)  # empty without a warm-up on features
+        work["finetune_predict"] += sharing * len(encoded_once) * encoded_turns  # 0 with nothing encoded
     work["runs"] = len(methods) * len(profile.fractions) * profile.repetitions
     work["fresh_encoders"] = sum(method != "rotation" for method in methods) * len(profile.fractions) * profile.repetitions
     work["notebooks"] = 3 + len(profile.fractions)

@@ -62,6 +62,14 @@ MODEL_FILE = "model.keras"
 SHARED_START_METHODS = ("rotation", "imagenet")
 
 
+def evenly_spaced_turns(count: int) -> range:
+    """The ``count`` (1, 2 or 4) evenly spaced quarter turns, in units of 90 degrees: 1 -> (0,),
+    2 -> (0, 2), 4 -> (0, 1, 2, 3)."""
+    if count not in (1, 2, 4):
+        raise ValueError(f"count={count!r}: expected 1, 2 or 4 evenly spaced quarter turns")
+    return range(0, 4, 4 // count)
+
+
 def run_directory(root: str | os.PathLike, method: str, fraction: float, repetition: int) -> Path:
     """``root/<method>/fraction_<f>/repetition_<r>``: where one run's files go."""
     return Path(root) / method / f"fraction_{fraction:g}" / f"repetition_{repetition}"
@@ -166,8 +174,8 @@ class FinetuneSession:
             learning_rate=learning_rate, strategy=self.strategy,
         )
         self._splits: dict[tuple, RepetitionSplit] = {}
-        # method -> (features (N, F), encoded (N,) bool), for SHARED_START_METHODS.
-        self._feature_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        # (method, quarter turns) -> (features (N, F), encoded (N,) bool), for SHARED_START_METHODS.
+        self._feature_cache: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def available_methods(self) -> list[str]:
         """The profile's methods that can run here (see :func:`runnable_methods`); logs what is skipped."""
@@ -234,7 +242,7 @@ class FinetuneSession:
     def _predict(self, indices: np.ndarray) -> np.ndarray:
         """Outputs for ``indices``' images, float32 (len(indices), 5): averaged over the profile's
         ``test_time_turns`` evenly spaced quarter turns of each image (1: the image as it is)."""
-        turns = range(0, 4, 4 // self.profile.test_time_turns)
+        turns = evenly_spaced_turns(self.profile.test_time_turns)
         return np.mean([self.trainer.predict(self._inference_batches(indices, k)) for k in turns], axis=0)
 
     def run(self, method: str, fraction: float, repetition: int, out_dir: str | os.PathLike, *, save_model: bool = False) -> dict:
@@ -275,8 +283,12 @@ class FinetuneSession:
             self.recalibrate_batchnorm(calibration)
         features, ridge_penalty = None, None
         if profile.head_init == "ridge":
+            # Each turn of an image is a sample with its grade: the fit learns to ignore how
+            # the photograph is oriented, which the rotation pretext's features encode.
+            turns = evenly_spaced_turns(profile.ridge_turns)
             features = self.warmup_features(method, train_indices)
-            ridge_penalty = self.fit_head(features, self.grades[train_indices])
+            turned = [features] + [self.warmup_features(method, train_indices, k) for k in turns[1:]]
+            ridge_penalty = self.fit_head(np.concatenate(turned), np.tile(self.grades[train_indices], len(turns)))
         warmup_batches, warmup_phase = batches, "head"
         if profile.warmup_on_features and profile.warmup_epochs:
             if features is None:
@@ -347,8 +359,9 @@ class FinetuneSession:
         write_run(out_dir, metrics, history, self.table.iloc[split.test], true_grades, predicted, probabilities)
         return metrics
 
-    def warmup_features(self, method: str, rows: np.ndarray) -> np.ndarray:
-        """The frozen encoder's pooled features of ``rows``, for a warm-up on features.
+    def warmup_features(self, method: str, rows: np.ndarray, quarter_turns: int = 0) -> np.ndarray:
+        """The frozen encoder's pooled features of ``rows``, for a warm-up on features or a
+        ridge head's fit.
 
         Call it with the trainer reset to the run's starting weights. For a method in
         ``SHARED_START_METHODS`` every run starts from the same encoder, so features are
@@ -360,6 +373,8 @@ class FinetuneSession:
         method : str
         rows : numpy.ndarray
             int (M,), row indices into the session's images.
+        quarter_turns : int
+            0-3: the images are turned by this many times 90 degrees first.
 
         Returns
         -------
@@ -368,14 +383,15 @@ class FinetuneSession:
         """
         rows = np.asarray(rows, dtype=np.int64)
         if method not in SHARED_START_METHODS:
-            return self.trainer.encode(self._inference_batches(rows))
-        if method not in self._feature_cache:
+            return self.trainer.encode(self._inference_batches(rows, quarter_turns))
+        key = (method, quarter_turns)
+        if key not in self._feature_cache:
             count, width = len(self.grades), self.trainer.encoder.output_shape[-1]
-            self._feature_cache[method] = (np.zeros((count, width), np.float32), np.zeros(count, bool))
-        features, encoded = self._feature_cache[method]
+            self._feature_cache[key] = (np.zeros((count, width), np.float32), np.zeros(count, bool))
+        features, encoded = self._feature_cache[key]
         missing = np.unique(rows[~encoded[rows]])
         if len(missing):
-            features[missing] = self.trainer.encode(self._inference_batches(missing))
+            features[missing] = self.trainer.encode(self._inference_batches(missing, quarter_turns))
             encoded[missing] = True
         return features[rows]
 

@@ -95,6 +95,9 @@ class Profile:
     # "random" (Keras's initialisers) or "ridge": a linear regression head starts from ridge regression
     # on the frozen encoder's features, fitted in closed form (drnb.ridge; LP-FT).
     head_init: str = "random"
+    # head_init="ridge": the head is fitted on each training image's frozen features at 1, 2 or 4
+    # evenly spaced quarter turns, each a sample with the image's grade (set test_time_turns alike).
+    ridge_turns: int = 1
     warmup_epochs: int = 3  # epochs with the encoder frozen (head only)
     warmup_on_features: bool = False  # warm up on features computed once (no augmentation, ~free per step)
     finetune_epochs: int = 17  # epochs with everything training, after the warm-up
@@ -148,6 +151,13 @@ class Profile:
                 f"test_time_turns={self.test_time_turns!r}: expected 1 (no averaging), 2 (0 and 180 degrees) "
                 "or 4 (every quarter turn)"
             )
+        if self.ridge_turns not in (1, 2, 4):
+            raise ValueError(
+                f"ridge_turns={self.ridge_turns!r}: expected 1 (each image as it is), 2 (0 and 180 degrees) "
+                "or 4 (every quarter turn)"
+            )
+        if self.ridge_turns > 1 and self.head_init != "ridge":
+            raise ValueError(f"ridge_turns={self.ridge_turns} turns the images a ridge head is fitted on: expected head_init='ridge'")
         if self.repetitions > self.folds:
             raise ValueError(f"repetitions={self.repetitions} exceeds folds={self.folds}: repetition r tests on fold r")
         if self.rotation_mode == "all4" and self.pretext_batch_size % 4:
@@ -227,6 +237,8 @@ PROFILES: dict[str, Profile] = {
         finetune_learning_rate=5e-4,
         target="regression",
         head_init="ridge",
+        ridge_turns=4,
+        test_time_turns=4,
         recalibrate_batchnorm=True,
         warmup_epochs=0,
         finetune_epochs=8,

@@ -103,7 +103,10 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
     smoke = resolve_profile("smoke", {})
     encoder_path = tmp_path / "encoder.keras"  # an untrained encoder stands in for the pretext's
     save_atomically(profile_encoder(smoke), encoder_path)
-    for overrides in ({}, {"warmup_on_features": "true", "min_steps": "30"}, {"test_time_turns": "4", "cut_points": "prior"}):
+    ridge = {"target": "regression", "finetune_hidden": "", "head_init": "ridge", "ridge_turns": "4", "recalibrate_batchnorm": "true"}
+    for overrides in (
+        {}, {"warmup_on_features": "true", "min_steps": "30"}, {"test_time_turns": "4", "cut_points": "prior"}, ridge,
+    ):
         # Two fractions, so the rotation features kept by one notebook's session are not
         # counted again, and two notebooks (one session each) encode their rows anew.
         profile = resolve_profile(
@@ -114,6 +117,10 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
         counts = {"head": 0, "full": 0, "features": 0, "predict": 0}
         for fraction, session in zip(profile.fractions, sessions):
             session_counts = count_trainer_work(session.trainer)
+            recalibrate = session.recalibrate_batchnorm
+            session.recalibrate_batchnorm = lambda rows, counts=session_counts, recalibrate=recalibrate: (
+                counts.__setitem__("predict", counts["predict"] + len(rows)) or recalibrate(rows)
+            )
             for repetition in range(profile.repetitions):
                 for method in profile.methods:
                     session.run(method, fraction, repetition, tmp_path / f"{len(overrides)}-{fraction}-{method}-{repetition}")
@@ -122,6 +129,8 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
         assert counts["head"] == work["finetune_head"]
         assert counts["features"] == work["finetune_features"]
         assert (work["finetune_features"] > 0) == profile.warmup_on_features
+        if profile.head_init == "ridge":  # four turns of every training image; 80 images, so the test fold too
+            assert counts["predict"] > 4 * 80
         assert counts["predict"] == work["finetune_predict"] > 0
         runs = len(profile.fractions) * profile.repetitions
         assert work["runs"] == 2 * runs and work["fresh_encoders"] == runs

@@ -194,6 +194,22 @@ def test_rotation_runs_share_warmup_features_and_scratch_runs_do_not(synthetic, 
     assert not np.allclose(scratch, features)
 
 
+def test_features_of_turned_images_are_kept_apart_from_the_images_as_they_are(synthetic, profile, pretext):
+    from drnb.pipeline import labelled_batches
+
+    images, table = synthetic
+    session = FinetuneSession(images, table, profile, encoder_path=pretext.encoder_path, log=lambda line: None)
+    weights = session._initial_weights("rotation", seed=0)
+    session.trainer.reset(encoder_weights=weights[0], head_weights=weights[1], learning_rate=1e-3, seed=0)
+    rows = np.arange(40)
+    upright = session.warmup_features("rotation", rows)
+    turned = session.warmup_features("rotation", rows, quarter_turns=1)
+    batches = labelled_batches(session.images, rows, session.targets[rows], 32, seed=0, training=False, quarter_turns=1)
+    np.testing.assert_allclose(turned, session.trainer.encode(batches), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(turned, upright, atol=1e-3)  # the pretext's features see the orientation
+    np.testing.assert_array_equal(session.warmup_features("rotation", rows), upright)  # the cache was not overwritten
+
+
 DETERMINISM_SCRIPT = """
 import numpy as np, pandas as pd, tensorflow as tf
 from drnb.finetune import FinetuneSession
@@ -294,3 +310,44 @@ def test_a_fresh_encoders_batchnorm_is_recalibrated_on_the_calibration_rows(smal
     # Once: the fresh encoder, before its warm-up.
     assert len(calls) == 1
     np.testing.assert_array_equal(calls[0], calibration)
+
+
+@pytest.mark.parametrize("ridge_turns", [1, 4])
+def test_a_ridge_head_is_fitted_on_the_training_images_in_each_turn(ridge_turns, tmp_path, monkeypatch):
+    from drnb.ridge import fit_ridge
+
+    images, grades = make_fundus_images(80, size=32, seed=1)
+    table = pd.DataFrame({"image_id": [str(i) for i in range(80)], "path": "", "grade": grades, "patient_id": None, "split": None})
+    settings = {
+        "methods": "scratch", "bootstrap_resamples": "0", "calibration_images": "40", "target": "regression",
+        "finetune_hidden": "", "head_init": "ridge", "ridge_turns": str(ridge_turns), "warmup_epochs": "0",
+        "finetune_epochs": "1", "finetune_learning_rate": "1e-9", "min_steps": "0",
+    }
+    session = FinetuneSession(images, table, resolve_profile("smoke", settings), log=lambda line: None)
+    fits, turns_encoded = [], []
+    fit_head, warmup_features = session.fit_head, session.warmup_features
+    monkeypatch.setattr(session, "fit_head", lambda features, targets: fits.append((features, targets)) or fit_head(features, targets))
+    monkeypatch.setattr(
+        session, "warmup_features",
+        lambda method, rows, quarter_turns=0: turns_encoded.append(quarter_turns) or warmup_features(method, rows, quarter_turns),
+    )
+    metrics = session.run("scratch", 1.0, 0, tmp_path)
+    train = session.split(0, 1.0).train[1.0]
+    assert turns_encoded == list(range(0, 4, 4 // ridge_turns))
+    features, targets = fits[0]
+    assert features.shape == (ridge_turns * len(train), session.trainer.encoder.output_shape[-1])
+    np.testing.assert_array_equal(targets, np.tile(grades[train], ridge_turns))
+    # The head holds that fit: a rate of 1e-9 leaves it where it started.
+    expected = fit_ridge(features, targets)
+    weights, bias = session.trainer.head.get_weights()
+    np.testing.assert_allclose(weights[:, 0], expected.weights, rtol=1e-3, atol=1e-6)
+    assert metrics["ridge_penalty"] == expected.penalty
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"ridge_turns": "3"}, "ridge_turns=3: expected 1"),
+    ({"ridge_turns": "4", "head_init": "random"}, "ridge_turns=4 turns the images a ridge head is fitted on"),
+])
+def test_ridge_turns_must_be_1_2_or_4_and_need_a_ridge_head(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_profile("quick", overrides)

@@ -131,13 +131,15 @@ def test_quick_pools_every_stage_and_a_run_folder_from_before_keeps_the_last(tmp
 def test_quick_starts_a_regression_head_from_a_ridge_fit_and_old_run_folders_do_not(tmp_path):
     quick = PROFILES["quick"]
     assert (quick.target, quick.head_init, quick.finetune_hidden, quick.recalibrate_batchnorm) == ("regression", "ridge", (), True)
+    assert (quick.ridge_turns, quick.test_time_turns) == (4, 4)  # fitted and predicted on every quarter turn
     assert (PROFILES["paper"].head_init, PROFILES["paper"].recalibrate_batchnorm) == ("random", False)  # as the study
+    assert (PROFILES["paper"].ridge_turns, PROFILES["paper"].test_time_turns) == (1, 1)
     values = json.loads(quick.to_json())
-    del values["head_init"], values["recalibrate_batchnorm"]
+    del values["head_init"], values["recalibrate_batchnorm"], values["ridge_turns"], values["test_time_turns"]
     values.update(target="ordinal", finetune_hidden=[256])  # what a quick run folder from before holds
     (tmp_path / "profile.json").write_text(json.dumps(values))
     old = load_profile(tmp_path / "profile.json")
-    assert (old.head_init, old.recalibrate_batchnorm) == ("random", False)
+    assert (old.head_init, old.recalibrate_batchnorm, old.ridge_turns, old.test_time_turns) == ("random", False, 1, 1)
 
 
 @pytest.mark.parametrize("overrides", [{"target": "ordinal"}, {"finetune_hidden": "64"}])
