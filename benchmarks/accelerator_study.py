@@ -56,6 +56,10 @@ UNSUPPORTED = {  # setting -> the only value this script implements
     "lr_schedule": "constant",
     "pretext_lr_schedule": "constant",
     "cut_points": "fixed",
+    "test_time_turns": 1,
+    "head_init": "random",
+    "ridge_turns": 1,
+    "recalibrate_batchnorm": False,
 }
 
 

@@ -96,7 +96,7 @@ class Profile:
     # on the frozen encoder's features, fitted in closed form (drnb.ridge; LP-FT).
     head_init: str = "random"
     # head_init="ridge": the head is fitted on each training image's frozen features at 1, 2 or 4
-    # evenly spaced quarter turns, each a sample with the image's grade (set test_time_turns alike).
+    # evenly spaced quarter turns, each a sample with the image's grade (predictions: test_time_turns).
     ridge_turns: int = 1
     warmup_epochs: int = 3  # epochs with the encoder frozen (head only)
     warmup_on_features: bool = False  # warm up on features computed once (no augmentation, ~free per step)
@@ -238,12 +238,12 @@ PROFILES: dict[str, Profile] = {
         target="regression",
         head_init="ridge",
         ridge_turns=4,
-        test_time_turns=4,
+        test_time_turns=2,
         recalibrate_batchnorm=True,
         warmup_epochs=0,
         finetune_epochs=8,
-        finetune_min_steps=48,
-        finetune_max_steps=96,
+        finetune_min_steps=32,
+        finetune_max_steps=48,
         lr_schedule="cosine",
         cut_points="prior",
     ),

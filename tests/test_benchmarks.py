@@ -302,7 +302,7 @@ def test_study_script_names_the_setting_it_does_not_implement(study_module):
     from drnb.profiles import resolve_profile
 
     study_module.check_supported(resolve_profile("paper"))
-    with pytest.raises(ValueError, match="finetune_min_steps=48: accelerator_study.py implements only finetune_min_steps=0"):
+    with pytest.raises(ValueError, match="finetune_min_steps=32: accelerator_study.py implements only finetune_min_steps=0"):
         study_module.check_supported(resolve_profile("quick"))
 
 
@@ -353,7 +353,7 @@ def test_accelerator_study_fine_tunes_both_methods_around_a_time_boxed_pretext(t
         [sys.executable, str(STUDY_SCRIPT), "--profile", "quick", "--json", str(tmp_path / "no.json")],
         capture_output=True, text=True, timeout=600,
     )
-    assert result.returncode != 0 and "finetune_min_steps=48" in result.stderr
+    assert result.returncode != 0 and "finetune_min_steps=32" in result.stderr
 
 
 def test_study_compilation_cache_is_temporary_on_jax_and_absent_elsewhere(study_module, tmp_path, monkeypatch):
