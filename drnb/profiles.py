@@ -243,7 +243,7 @@ PROFILES: dict[str, Profile] = {
         warmup_epochs=0,
         finetune_epochs=8,
         finetune_min_steps=32,
-        finetune_max_steps=48,
+        finetune_max_steps=32,
         lr_schedule="cosine",
         cut_points="prior",
     ),
