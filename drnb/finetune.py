@@ -288,7 +288,8 @@ class FinetuneSession:
             turns = evenly_spaced_turns(profile.ridge_turns)
             features = self.warmup_features(method, train_indices)
             turned = [features] + [self.warmup_features(method, train_indices, k) for k in turns[1:]]
-            ridge_penalty = self.fit_head(np.concatenate(turned), np.tile(self.grades[train_indices], len(turns)))
+            images = np.tile(np.arange(len(train_indices)), len(turns))  # an image's turns are left out together
+            ridge_penalty = self.fit_head(np.concatenate(turned), self.grades[train_indices][images], images)
         warmup_batches, warmup_phase = batches, "head"
         if profile.warmup_on_features and profile.warmup_epochs:
             if features is None:
@@ -395,7 +396,7 @@ class FinetuneSession:
             encoded[missing] = True
         return features[rows]
 
-    def fit_head(self, features: np.ndarray, grades: np.ndarray) -> float:
+    def fit_head(self, features: np.ndarray, grades: np.ndarray, images: np.ndarray | None = None) -> float:
         """Set the linear regression head to the ridge regression of ``grades`` on ``features``
         (``head_init="ridge"``, see :mod:`drnb.ridge`).
 
@@ -405,13 +406,16 @@ class FinetuneSession:
             float32 (M, F): the frozen encoder's pooled features of the training images.
         grades : numpy.ndarray
             int (M,) in 0..4.
+        images : numpy.ndarray, optional
+            int (M,): which image each row shows; the rows of one image (its turns) are left
+            out together when the penalty is chosen. Default: every row its own image.
 
         Returns
         -------
         float
-            The penalty chosen by leave-one-out error.
+            The penalty chosen by leave-one-image-out error.
         """
-        fit = fit_ridge(features, grades)
+        fit = fit_ridge(features, grades, groups=images)
         self.trainer.head.set_weights([fit.weights[:, None].astype(np.float32), np.array([fit.bias], np.float32)])
         return fit.penalty
 

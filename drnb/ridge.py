@@ -51,12 +51,15 @@ class RidgeFit:
         return np.asarray(features, np.float64) @ self.weights + self.bias
 
 
-def fit_ridge(features, targets, penalties=RIDGE_PENALTIES) -> RidgeFit:
+def fit_ridge(features, targets, penalties=RIDGE_PENALTIES, groups=None) -> RidgeFit:
     """Ridge regression of ``targets`` on ``features``, penalty chosen by leave-one-out error.
 
     The intercept is not penalised. For each penalty the leave-one-out residuals come from
     the full fit, ``r_i / (1 - H_ii)`` with ``H`` the fit's hat matrix (exact for a fixed
-    standardisation), so the search costs one SVD.
+    standardisation), so the search costs one SVD. With ``groups``, rows that share a label
+    are left out together (``(I - H_gg)^-1 r_g`` for group ``g``): several views of one image
+    (its quarter turns) must not stay in the fit that predicts one of them, or the error
+    rewards memorising images and the penalty comes out too small.
 
     Parameters
     ----------
@@ -66,6 +69,8 @@ def fit_ridge(features, targets, penalties=RIDGE_PENALTIES) -> RidgeFit:
         float (M,), finite: the grades.
     penalties : sequence of float
         Positive penalties to choose from, on standardised features.
+    groups : array-like, optional
+        int (M,): rows with the same label are left out together; default one row at a time.
 
     Returns
     -------
@@ -75,8 +80,8 @@ def fit_ridge(features, targets, penalties=RIDGE_PENALTIES) -> RidgeFit:
     Raises
     ------
     ValueError
-        For arrays of the wrong shape, non-finite values, fewer than 2 rows, or a penalty
-        that is not positive.
+        For arrays of the wrong shape, non-finite values, fewer than 2 rows or 2 groups, or
+        a penalty that is not positive.
     """
     x = np.asarray(features, np.float64)
     y = np.asarray(targets, np.float64)
@@ -90,6 +95,8 @@ def fit_ridge(features, targets, penalties=RIDGE_PENALTIES) -> RidgeFit:
     if not len(penalties) or (penalties <= 0).any():
         raise ValueError(f"penalties must be positive numbers; got {penalties.tolist()}")
 
+    blocks = _left_out_blocks(len(y), groups)
+
     mean, scale = x.mean(axis=0), x.std(axis=0)
     scale = np.where(scale > 1e-12 * (1 + np.abs(mean)), scale, np.inf)  # a constant feature gets weight 0
     standardised = (x - mean) / scale
@@ -100,11 +107,46 @@ def fit_ridge(features, targets, penalties=RIDGE_PENALTIES) -> RidgeFit:
     for penalty in sorted(penalties, reverse=True):  # a tie goes to the larger penalty
         shrink = singular**2 / (singular**2 + penalty)
         residuals = centred - u @ (shrink * projected)
-        leverage = (u**2) @ shrink + 1 / len(y)  # + 1/M: the intercept's share of the hat matrix
-        with np.errstate(divide="ignore", invalid="ignore"):  # leverage 1: that row cannot be left out
-            error = float(np.mean((residuals / (1 - leverage)) ** 2))
+        error = float(np.mean(_left_out_residuals(u, shrink, residuals, blocks) ** 2))
         if error < best_error:
             best_error, best_penalty = error, float(penalty)
     coefficients = vt.T @ (singular / (singular**2 + best_penalty) * projected)
     weights = coefficients / scale
     return RidgeFit(weights=weights, bias=float(y.mean() - mean @ weights), penalty=best_penalty, loo_error=best_error)
+
+
+def _left_out_blocks(count: int, groups) -> list[np.ndarray]:
+    """Row indices of the groups left out together, as int arrays (G, size), one per group size."""
+    if groups is None:
+        return [np.arange(count)[:, None]]
+    labels = np.asarray(groups)
+    if labels.shape != (count,):
+        raise ValueError(f"groups must hold one label per row, shape ({count},); got {labels.shape}")
+    _, inverse, sizes = np.unique(labels, return_inverse=True, return_counts=True)
+    if len(sizes) < 2:
+        raise ValueError("groups: a leave-group-out error needs at least 2 groups; got 1")
+    order = np.argsort(inverse, kind="stable")
+    members = np.split(order, np.cumsum(sizes)[:-1])
+    return [np.stack([rows for rows in members if len(rows) == size]) for size in np.unique(sizes)]
+
+
+def _left_out_residuals(u: np.ndarray, shrink: np.ndarray, residuals: np.ndarray, blocks) -> np.ndarray:
+    """Each row's residual when its block is left out of the fit: ``(I - H_bb)^-1 r_b``.
+
+    ``H = U diag(shrink) U^T + 1/M`` (the 1/M is the intercept's share). A block whose rows
+    cannot be left out (``I - H_bb`` singular) gets infinite residuals.
+    """
+    left_out = np.empty_like(residuals)
+    for block in blocks:
+        basis = u[block]  # (G, size, K)
+        hat = np.einsum("gik,k,gjk->gij", basis, shrink, basis) + 1 / len(residuals)
+        system = np.eye(block.shape[1]) - hat
+        if block.shape[1] == 1:
+            with np.errstate(divide="ignore", invalid="ignore"):  # leverage 1: that row cannot be left out
+                left_out[block[:, 0]] = residuals[block[:, 0]] / system[:, 0, 0]
+            continue
+        try:
+            left_out[block] = np.linalg.solve(system, residuals[block][..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            left_out[block] = np.inf
+    return left_out

@@ -326,7 +326,10 @@ def test_a_ridge_head_is_fitted_on_the_training_images_in_each_turn(ridge_turns,
     session = FinetuneSession(images, table, resolve_profile("smoke", settings), log=lambda line: None)
     fits, turns_encoded = [], []
     fit_head, warmup_features = session.fit_head, session.warmup_features
-    monkeypatch.setattr(session, "fit_head", lambda features, targets: fits.append((features, targets)) or fit_head(features, targets))
+    monkeypatch.setattr(
+        session, "fit_head",
+        lambda features, targets, images=None: fits.append((features, targets, images)) or fit_head(features, targets, images),
+    )
     monkeypatch.setattr(
         session, "warmup_features",
         lambda method, rows, quarter_turns=0: turns_encoded.append(quarter_turns) or warmup_features(method, rows, quarter_turns),
@@ -334,11 +337,12 @@ def test_a_ridge_head_is_fitted_on_the_training_images_in_each_turn(ridge_turns,
     metrics = session.run("scratch", 1.0, 0, tmp_path)
     train = session.split(0, 1.0).train[1.0]
     assert turns_encoded == list(range(0, 4, 4 // ridge_turns))
-    features, targets = fits[0]
+    features, targets, images = fits[0]
     assert features.shape == (ridge_turns * len(train), session.trainer.encoder.output_shape[-1])
     np.testing.assert_array_equal(targets, np.tile(grades[train], ridge_turns))
+    np.testing.assert_array_equal(images, np.tile(np.arange(len(train)), ridge_turns))  # an image's turns leave together
     # The head holds that fit: a rate of 1e-9 leaves it where it started.
-    expected = fit_ridge(features, targets)
+    expected = fit_ridge(features, targets, groups=images)
     weights, bias = session.trainer.head.get_weights()
     np.testing.assert_allclose(weights[:, 0], expected.weights, rtol=1e-3, atol=1e-6)
     assert metrics["ridge_penalty"] == expected.penalty

@@ -44,6 +44,36 @@ def test_leave_one_out_error_matches_refitting_without_each_row():
         assert fit.loo_error == pytest.approx(np.mean(errors), rel=1e-8)
 
 
+def test_leave_group_out_error_matches_refitting_without_each_group():
+    features, grades = _problem(rows=24)
+    standardised = (features - features.mean(0)) / features.std(0)
+    groups = np.array([0, 0, 1, 1, 1, 2] * 4) + np.repeat([0, 3, 6, 9], 6)  # sizes 2 and 3 mixed
+    for penalty in (0.1, 10.0):
+        fit = fit_ridge(features, grades, penalties=[penalty], groups=groups)
+        errors = []
+        for group in np.unique(groups):
+            out = groups == group
+            solution = _penalised_fit(standardised[~out], grades[~out], penalty)
+            errors.extend((grades[out] - solution[0] - standardised[out] @ solution[1:]) ** 2)
+        assert fit.loo_error == pytest.approx(np.mean(errors), rel=1e-8)
+    # One label per row is leave-one-out; the default.
+    np.testing.assert_allclose(
+        fit_ridge(features, grades, groups=np.arange(24)).loo_error, fit_ridge(features, grades).loo_error, rtol=1e-10
+    )
+
+
+def test_copies_of_a_row_left_out_apart_reward_memorising_them():
+    # Four copies of each row: leaving one copy out keeps three in the fit, so the error of a
+    # nearly unpenalised fit looks small; leaving all four out shows it is not.
+    features, grades = _problem(rows=30, width=20, seed=3)
+    grades = np.random.default_rng(3).normal(0, 1, 30)  # noise: nothing to learn
+    copies, images = np.tile(features, (4, 1)), np.tile(np.arange(30), 4)
+    by_row = fit_ridge(copies, np.tile(grades, 4))
+    by_image = fit_ridge(copies, np.tile(grades, 4), groups=images)
+    assert by_image.penalty >= 100 * by_row.penalty
+    assert by_image.loo_error > by_row.loo_error
+
+
 def test_the_penalty_with_the_lowest_leave_one_out_error_is_chosen():
     features, grades = _problem()
     errors = {penalty: fit_ridge(features, grades, penalties=[penalty]).loo_error for penalty in RIDGE_PENALTIES}
@@ -78,3 +108,11 @@ def test_more_features_than_rows_and_a_constant_feature_are_fitted():
 def test_bad_input_is_refused(features, targets, penalties, message):
     with pytest.raises(ValueError, match=message):
         fit_ridge(features, targets, penalties)
+
+
+def test_groups_must_label_every_row_and_hold_two_groups():
+    features, grades = _problem(rows=6)
+    with pytest.raises(ValueError, match=r"one label per row, shape \(6,\)"):
+        fit_ridge(features, grades, groups=np.zeros(5))
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        fit_ridge(features, grades, groups=np.zeros(6))
