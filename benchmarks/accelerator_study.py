@@ -59,6 +59,7 @@ UNSUPPORTED = {  # setting -> the only value this script implements
     "test_time_turns": 1,
     "head_init": "random",
     "ridge_turns": 1,
+    "ridge_criterion": "error",
     "recalibrate_batchnorm": False,
 }
 

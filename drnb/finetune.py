@@ -413,9 +413,10 @@ class FinetuneSession:
         Returns
         -------
         float
-            The penalty chosen by leave-one-image-out error.
+            The penalty chosen, leaving an image out at a time, by the profile's
+            ``ridge_criterion``.
         """
-        fit = fit_ridge(features, grades, groups=images)
+        fit = fit_ridge(features, grades, groups=images, criterion=self.profile.ridge_criterion)
         self.trainer.head.set_weights([fit.weights[:, None].astype(np.float32), np.array([fit.bias], np.float32)])
         return fit.penalty
 

@@ -25,6 +25,7 @@ import typing
 from dataclasses import dataclass
 
 from drnb.datasets import DATASETS
+from drnb.ridge import CRITERIA as RIDGE_CRITERIA
 from drnb.splits import MODES as SPLIT_MODES
 from drnb.splits import REFERENCE_VALIDATION_FRACTION
 from drnb.targets import CUT_POINTS, TARGETS
@@ -98,6 +99,9 @@ class Profile:
     # head_init="ridge": the head is fitted on each training image's frozen features at 1, 2 or 4
     # evenly spaced quarter turns, each a sample with the image's grade (predictions: test_time_turns).
     ridge_turns: int = 1
+    # head_init="ridge": the penalty is chosen by the least left-out squared "error" or the best
+    # left-out "correlation" with the grades (for outputs graded by rank: cut_points="prior").
+    ridge_criterion: str = "error"
     warmup_epochs: int = 3  # epochs with the encoder frozen (head only)
     warmup_on_features: bool = False  # warm up on features computed once (no augmentation, ~free per step)
     finetune_epochs: int = 17  # epochs with everything training, after the warm-up
@@ -127,6 +131,7 @@ class Profile:
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("pretext_lr_schedule", self.pretext_lr_schedule, LR_SCHEDULES)
         _check_choice("head_init", self.head_init, HEAD_INITS)
+        _check_choice("ridge_criterion", self.ridge_criterion, RIDGE_CRITERIA)
         if self.head_init == "ridge" and (self.target != "regression" or self.finetune_hidden):
             raise ValueError(
                 f"head_init='ridge' fits a linear regression head: expected target='regression' and "
@@ -238,6 +243,7 @@ PROFILES: dict[str, Profile] = {
         target="regression",
         head_init="ridge",
         ridge_turns=4,
+        ridge_criterion="correlation",
         test_time_turns=2,
         recalibrate_batchnorm=True,
         warmup_epochs=0,

@@ -342,7 +342,7 @@ def test_a_ridge_head_is_fitted_on_the_training_images_in_each_turn(ridge_turns,
     np.testing.assert_array_equal(targets, np.tile(grades[train], ridge_turns))
     np.testing.assert_array_equal(images, np.tile(np.arange(len(train)), ridge_turns))  # an image's turns leave together
     # The head holds that fit: a rate of 1e-9 leaves it where it started.
-    expected = fit_ridge(features, targets, groups=images)
+    expected = fit_ridge(features, targets, groups=images, criterion=session.profile.ridge_criterion)
     weights, bias = session.trainer.head.get_weights()
     np.testing.assert_allclose(weights[:, 0], expected.weights, rtol=1e-3, atol=1e-6)
     assert metrics["ridge_penalty"] == expected.penalty

@@ -132,14 +132,17 @@ def test_quick_starts_a_regression_head_from_a_ridge_fit_and_old_run_folders_do_
     quick = PROFILES["quick"]
     assert (quick.target, quick.head_init, quick.finetune_hidden, quick.recalibrate_batchnorm) == ("regression", "ridge", (), True)
     assert (quick.ridge_turns, quick.test_time_turns) == (4, 2)  # fitted on every quarter turn, predicted on two
+    assert (quick.ridge_criterion, PROFILES["paper"].ridge_criterion) == ("correlation", "error")
     assert (PROFILES["paper"].head_init, PROFILES["paper"].recalibrate_batchnorm) == ("random", False)  # as the study
     assert (PROFILES["paper"].ridge_turns, PROFILES["paper"].test_time_turns) == (1, 1)
     values = json.loads(quick.to_json())
-    del values["head_init"], values["recalibrate_batchnorm"], values["ridge_turns"], values["test_time_turns"]
+    for name in ("head_init", "recalibrate_batchnorm", "ridge_turns", "ridge_criterion", "test_time_turns"):
+        del values[name]
     values.update(target="ordinal", finetune_hidden=[256])  # what a quick run folder from before holds
     (tmp_path / "profile.json").write_text(json.dumps(values))
     old = load_profile(tmp_path / "profile.json")
     assert (old.head_init, old.recalibrate_batchnorm, old.ridge_turns, old.test_time_turns) == ("random", False, 1, 1)
+    assert old.ridge_criterion == "error"
 
 
 @pytest.mark.parametrize("overrides", [{"target": "ordinal"}, {"finetune_hidden": "64"}])

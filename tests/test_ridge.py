@@ -116,3 +116,21 @@ def test_groups_must_label_every_row_and_hold_two_groups():
         fit_ridge(features, grades, groups=np.zeros(5))
     with pytest.raises(ValueError, match="at least 2 groups"):
         fit_ridge(features, grades, groups=np.zeros(6))
+
+
+def test_the_correlation_criterion_picks_the_penalty_whose_left_out_predictions_rank_best():
+    features, grades = _problem(rows=30, width=10, seed=4)
+    standardised = (features - features.mean(0)) / features.std(0)
+    groups = np.repeat(np.arange(15), 2)
+    correlations = {}
+    for penalty in RIDGE_PENALTIES:
+        predictions = np.empty(30)
+        for group in range(15):
+            out = groups == group
+            solution = _penalised_fit(standardised[~out], grades[~out], penalty)
+            predictions[out] = solution[0] + standardised[out] @ solution[1:]
+        correlations[penalty] = np.corrcoef(predictions, grades)[0, 1]
+    fit = fit_ridge(features, grades, groups=groups, criterion="correlation")
+    assert fit.penalty == max(correlations, key=correlations.get)
+    with pytest.raises(ValueError, match="criterion='kappa': expected one of"):
+        fit_ridge(features, grades, criterion="kappa")
