@@ -67,9 +67,8 @@ def fit_ridge(features, targets, penalties=RIDGE_PENALTIES, groups=None, criteri
     ``criterion="correlation"`` chooses the penalty whose left-out predictions correlate
     best with the targets instead of the one with the least squared error. When the outputs
     are graded by their ranking alone (cut points matched to the grade prior), the scale of
-    the predictions does not matter, and squared error, which at a few dozen rows prefers
-    predicting the mean, picks penalties so large that the outputs differ by less than
-    float32 resolves.
+    the predictions does not matter, while squared error, which at a few dozen rows prefers
+    predictions shrunk towards the mean, rewards the scale.
 
     Parameters
     ----------
