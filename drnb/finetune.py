@@ -288,8 +288,10 @@ class FinetuneSession:
             turns = evenly_spaced_turns(profile.ridge_turns)
             features = self.warmup_features(method, train_indices)
             turned = [features] + [self.warmup_features(method, train_indices, k) for k in turns[1:]]
-            images = np.tile(np.arange(len(train_indices)), len(turns))  # an image's turns are left out together
-            ridge_penalty = self.fit_head(np.concatenate(turned), self.grades[train_indices][images], images)
+            image_of_row = np.tile(np.arange(len(train_indices)), len(turns))  # an image's turns leave together
+            ridge_penalty = self.fit_head(
+                np.concatenate(turned), self.grades[train_indices][image_of_row], image_of_row
+            )
         warmup_batches, warmup_phase = batches, "head"
         if profile.warmup_on_features and profile.warmup_epochs:
             if features is None:
@@ -366,16 +368,17 @@ class FinetuneSession:
 
         Call it with the trainer reset to the run's starting weights. For a method in
         ``SHARED_START_METHODS`` every run starts from the same encoder, so features are
-        kept for the session and only rows not encoded yet are encoded: at 100 % the five
-        repetitions of a fraction encode the dataset once instead of four times over.
+        kept for the session, one (N, F) float32 array per method and turn, and only rows not
+        encoded yet are encoded: at 100 % the five repetitions of a fraction encode the
+        dataset once per turn instead of five times over.
 
         Parameters
         ----------
         method : str
         rows : numpy.ndarray
             int (M,), row indices into the session's images.
-        quarter_turns : int
-            0-3: the images are turned by this many times 90 degrees first.
+        quarter_turns : {0, 1, 2, 3}
+            The images are turned by this many times 90 degrees first.
 
         Returns
         -------
@@ -383,6 +386,8 @@ class FinetuneSession:
             float32 (M, F), in the order of ``rows``.
         """
         rows = np.asarray(rows, dtype=np.int64)
+        if quarter_turns not in (0, 1, 2, 3):
+            raise ValueError(f"quarter_turns={quarter_turns!r}: expected 0, 1, 2 or 3 quarter turns")
         if method not in SHARED_START_METHODS:
             return self.trainer.encode(self._inference_batches(rows, quarter_turns))
         key = (method, quarter_turns)
@@ -396,7 +401,7 @@ class FinetuneSession:
             encoded[missing] = True
         return features[rows]
 
-    def fit_head(self, features: np.ndarray, grades: np.ndarray, images: np.ndarray | None = None) -> float:
+    def fit_head(self, features: np.ndarray, grades: np.ndarray, image_of_row: np.ndarray | None = None) -> float:
         """Set the linear regression head to the ridge regression of ``grades`` on ``features``
         (``head_init="ridge"``, see :mod:`drnb.ridge`).
 
@@ -406,7 +411,7 @@ class FinetuneSession:
             float32 (M, F): the frozen encoder's pooled features of the training images.
         grades : numpy.ndarray
             int (M,) in 0..4.
-        images : numpy.ndarray, optional
+        image_of_row : numpy.ndarray, optional
             int (M,): which image each row shows; the rows of one image (its turns) are left
             out together when the penalty is chosen. Default: every row its own image.
 
@@ -416,7 +421,7 @@ class FinetuneSession:
             The penalty chosen, leaving an image out at a time, by the profile's
             ``ridge_criterion``.
         """
-        fit = fit_ridge(features, grades, groups=images, criterion=self.profile.ridge_criterion)
+        fit = fit_ridge(features, grades, groups=image_of_row, criterion=self.profile.ridge_criterion)
         self.trainer.head.set_weights([fit.weights[:, None].astype(np.float32), np.array([fit.bias], np.float32)])
         return fit.penalty
 

@@ -163,6 +163,10 @@ class Profile:
             )
         if self.ridge_turns > 1 and self.head_init != "ridge":
             raise ValueError(f"ridge_turns={self.ridge_turns} turns the images a ridge head is fitted on: expected head_init='ridge'")
+        if self.ridge_criterion != "error" and self.head_init != "ridge":
+            raise ValueError(
+                f"ridge_criterion={self.ridge_criterion!r} chooses a ridge head's penalty: expected head_init='ridge'"
+            )
         if self.repetitions > self.folds:
             raise ValueError(f"repetitions={self.repetitions} exceeds folds={self.folds}: repetition r tests on fold r")
         if self.rotation_mode == "all4" and self.pretext_batch_size % 4:

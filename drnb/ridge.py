@@ -8,8 +8,9 @@ features (a linear probe) and fine-tune from there ("LP-FT"). A warm-up of a few
 steps is the usual stand-in for that fit; on a CPU budget it stops far short of it (on
 EyePACS a linear ordinal head warmed up for 3 epochs graded at QWK .16 where this fit reaches
 .35 on the same features). For a regression head trained with squared error the fit has a closed
-form: ridge regression, with its penalty chosen by exact leave-one-out error over a grid, at
-the cost of one singular value decomposition of the (M, F) features.
+form: ridge regression, with its penalty chosen over a grid by exact leave-one-out (or
+leave-group-out) error or correlation, at the cost of one singular value decomposition of
+the (M, F) features.
 
 The features are standardised (pooled features of different stages differ in scale by orders
 of magnitude) and the fitted weights are folded back, so they apply to the features as the
@@ -55,7 +56,7 @@ CRITERIA = ("error", "correlation")
 
 
 def fit_ridge(features, targets, penalties=RIDGE_PENALTIES, groups=None, criterion="error") -> RidgeFit:
-    """Ridge regression of ``targets`` on ``features``, penalty chosen by leave-one-out error.
+    """Ridge regression of ``targets`` on ``features``, penalty chosen on left-out rows or groups.
 
     The intercept is not penalised. For each penalty the leave-one-out residuals come from
     the full fit, ``r_i / (1 - H_ii)`` with ``H`` the fit's hat matrix (exact for a fixed
@@ -87,7 +88,8 @@ def fit_ridge(features, targets, penalties=RIDGE_PENALTIES, groups=None, criteri
     Returns
     -------
     RidgeFit
-        The penalty with the best criterion (the larger one on a tie).
+        The penalty with the best criterion (the larger one on a tie); the largest penalty,
+        with ``loo_error`` infinite, when no penalty's left-out rows could be scored.
 
     Raises
     ------

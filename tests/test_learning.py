@@ -328,7 +328,7 @@ def test_a_ridge_head_is_fitted_on_the_training_images_in_each_turn(ridge_turns,
     fit_head, warmup_features = session.fit_head, session.warmup_features
     monkeypatch.setattr(
         session, "fit_head",
-        lambda features, targets, images=None: fits.append((features, targets, images)) or fit_head(features, targets, images),
+        lambda features, targets, groups=None: fits.append((features, targets, groups)) or fit_head(features, targets, groups),
     )
     monkeypatch.setattr(
         session, "warmup_features",
@@ -351,6 +351,8 @@ def test_a_ridge_head_is_fitted_on_the_training_images_in_each_turn(ridge_turns,
 @pytest.mark.parametrize("overrides, message", [
     ({"ridge_turns": "3"}, "ridge_turns=3: expected 1"),
     ({"ridge_turns": "4", "head_init": "random"}, "ridge_turns=4 turns the images a ridge head is fitted on"),
+    ({"ridge_criterion": "kappa"}, "ridge_criterion='kappa': expected one of"),
+    ({"ridge_turns": "1", "head_init": "random"}, "ridge_criterion='correlation' chooses a ridge head's penalty"),
 ])
 def test_ridge_turns_must_be_1_2_or_4_and_need_a_ridge_head(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -47,7 +47,7 @@ def test_leave_one_out_error_matches_refitting_without_each_row():
 def test_leave_group_out_error_matches_refitting_without_each_group():
     features, grades = _problem(rows=24)
     standardised = (features - features.mean(0)) / features.std(0)
-    groups = np.array([0, 0, 1, 1, 1, 2] * 4) + np.repeat([0, 3, 6, 9], 6)  # sizes 2 and 3 mixed
+    groups = np.array([0, 0, 1, 1, 1, 2] * 4) + np.repeat([0, 3, 6, 9], 6)  # sizes 1, 2 and 3 mixed
     for penalty in (0.1, 10.0):
         fit = fit_ridge(features, grades, penalties=[penalty], groups=groups)
         errors = []
