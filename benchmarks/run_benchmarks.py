@@ -194,11 +194,11 @@ def planned_work(profile, session, n_images: int) -> dict:
                 "finetune_full": profile.finetune_epochs * finetune_steps * batch,
                 "finetune_predict": len(split.test) + profile.finetune_epochs * len(split.validation_for(fraction)),
             }
+            calibration = len(session.calibration_rows(split, profile.seed + repetition))
             if profile.cut_points == "prior":
-                per_run["finetune_predict"] += len(session.calibration_rows(split, profile.seed + repetition))
+                per_run["finetune_predict"] += calibration
             per_run["finetune_predict"] *= profile.test_time_turns  # each image predicted in every turn averaged
             if profile.recalibrate_batchnorm:  # fresh encoders only
-                calibration = len(session.calibration_rows(split, profile.seed + repetition))
                 work["finetune_predict"] += (len(methods) - sharing) * calibration
             warmup_images = profile.warmup_epochs * warmup_steps * batch
             if on_features:

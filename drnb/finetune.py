@@ -285,10 +285,9 @@ class FinetuneSession:
         if profile.head_init == "ridge":
             # Each turn of an image is a sample with its grade: the fit learns to ignore how
             # the photograph is oriented, which the rotation pretext's features encode.
-            turns = evenly_spaced_turns(profile.ridge_turns)
-            features = self.warmup_features(method, train_indices)
-            turned = [features] + [self.warmup_features(method, train_indices, k) for k in turns[1:]]
-            image_of_row = np.tile(np.arange(len(train_indices)), len(turns))  # an image's turns leave together
+            turned = [self.warmup_features(method, train_indices, k) for k in evenly_spaced_turns(profile.ridge_turns)]
+            features = turned[0]  # the images as they are, for a warm-up on features too
+            image_of_row = np.tile(np.arange(len(train_indices)), len(turned))  # an image's turns leave together
             ridge_penalty = self.fit_head(
                 np.concatenate(turned), self.grades[train_indices][image_of_row], image_of_row
             )

@@ -27,7 +27,7 @@ import keras
 from keras import layers
 
 from drnb.profiles import ENCODERS, FEATURE_STAGES, POOLINGS
-from drnb.targets import output_width
+from drnb.targets import TARGET_ACTIVATIONS, output_width
 
 HEAD_ACTIVATIONS = ("softmax", "sigmoid", "linear")
 
@@ -272,10 +272,9 @@ def grade_head(feature_dim: int, profile) -> keras.Model:
     keras.Model
         (B, feature_dim) -> (B, 5) probabilities or (B, 1) grade scores, float32.
     """
-    activation = {"ordinal": "sigmoid", "softmax": "softmax", "regression": "linear"}[profile.target]
     return build_head(
         feature_dim, output_width(profile.target), hidden=profile.finetune_hidden,
-        dropout=profile.finetune_dropout, activation=activation, name="grade_head",
+        dropout=profile.finetune_dropout, activation=TARGET_ACTIVATIONS[profile.target], name="grade_head",
     )
 
 

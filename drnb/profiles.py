@@ -151,16 +151,12 @@ class Profile:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive integer")
-        if self.test_time_turns not in (1, 2, 4):
-            raise ValueError(
-                f"test_time_turns={self.test_time_turns!r}: expected 1 (no averaging), 2 (0 and 180 degrees) "
-                "or 4 (every quarter turn)"
-            )
-        if self.ridge_turns not in (1, 2, 4):
-            raise ValueError(
-                f"ridge_turns={self.ridge_turns!r}: expected 1 (each image as it is), 2 (0 and 180 degrees) "
-                "or 4 (every quarter turn)"
-            )
+        for name in ("test_time_turns", "ridge_turns"):
+            if getattr(self, name) not in (1, 2, 4):
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r}: expected 1 (each image as it is), 2 (0 and 180 degrees) "
+                    "or 4 (every quarter turn)"
+                )
         if self.ridge_turns > 1 and self.head_init != "ridge":
             raise ValueError(f"ridge_turns={self.ridge_turns} turns the images a ridge head is fitted on: expected head_init='ridge'")
         if self.ridge_criterion != "error" and self.head_init != "ridge":

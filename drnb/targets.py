@@ -53,6 +53,8 @@ TARGET_LOSSES = {
     "softmax": "categorical_crossentropy",
     "regression": "mean_squared_error",
 }
+# The activation of each target's head outputs (drnb.models.build_head's names).
+TARGET_ACTIVATIONS = {"ordinal": "sigmoid", "softmax": "softmax", "regression": "linear"}
 DECODE_RULES = ("count", "reference")
 CUT_POINTS = ("fixed", "prior")  # a profile's choice: the fixed rule (count or argmax), or prior_cut_points
 THRESHOLD = 0.5
@@ -62,6 +64,7 @@ __all__ = [
     "DECODE_RULES",
     "N_GRADES",
     "TARGETS",
+    "TARGET_ACTIVATIONS",
     "TARGET_LOSSES",
     "THRESHOLD",
     "decode",
