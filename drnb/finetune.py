@@ -7,7 +7,9 @@ A run, given a repetition's split (:mod:`drnb.splits`):
    weights) and a fresh head, both seeded by ``seed + repetition`` so that methods are
    compared on the same split, head initialisation and batch order;
 2. warms up for ``warmup_epochs`` with the encoder frozen (batch norm in inference mode),
-   then trains everything for ``finetune_epochs`` with a fresh optimizer state. With
+   then trains everything for ``finetune_epochs`` with a fresh optimizer state (0: the
+   encoder is never trained, as in the linear evaluation of self-supervised learning, and
+   the head predicts from the frozen features). With
    ``warmup_on_features`` the warm-up trains the head on encoder features computed once
    (no augmentation), which makes a warm-up step nearly free on a CPU; methods whose runs
    all start from the same encoder (``rotation``, ``imagenet``) encode each image once per
@@ -96,17 +98,22 @@ def plan_steps(n_train: int, batch_size: int, profile: Profile) -> tuple[int, in
     Returns
     -------
     (warmup_steps, finetune_steps) : tuple of int
-        Steps in each warm-up epoch and in each fine-tuning epoch (at least 1).
+        Steps in each warm-up epoch and in each fine-tuning epoch (at least 1 for each epoch
+        the profile has; 0 for a phase with no epochs).
     """
     one_pass = max(math.ceil(n_train / batch_size), 1)
     epochs = profile.finetune_epochs
-    full_total = max(one_pass * epochs, profile.finetune_min_steps)
-    if profile.finetune_max_steps:
-        full_total = min(full_total, profile.finetune_max_steps)
-    finetune_steps = math.ceil(full_total / epochs)  # >= 1: a pass and the cap are both >= 1 step per epoch
+    finetune_steps = 0
+    if epochs:
+        full_total = max(one_pass * epochs, profile.finetune_min_steps)
+        if profile.finetune_max_steps:
+            full_total = min(full_total, profile.finetune_max_steps)
+        finetune_steps = math.ceil(full_total / epochs)  # >= 1: a pass and the cap are both >= 1 step per epoch
     shortfall = max(profile.min_steps - one_pass * profile.warmup_epochs - finetune_steps * epochs, 0)
     if profile.warmup_epochs:
         return one_pass + math.ceil(shortfall / profile.warmup_epochs), finetune_steps
+    if not epochs:  # nothing trains (the profile allows it with min_steps=0 only)
+        return 0, 0
     return 0, finetune_steps + math.ceil(shortfall / epochs)
 
 
@@ -239,10 +246,18 @@ class FinetuneSession:
             self.images, rows, self.targets[rows], self.batch_size, seed=0, training=False, quarter_turns=quarter_turns
         )
 
-    def _predict(self, indices: np.ndarray) -> np.ndarray:
-        """Outputs for ``indices``' images, float32 (len(indices), 5): averaged over the profile's
-        ``test_time_turns`` evenly spaced quarter turns of each image (1: the image as it is)."""
+    def _predict(self, indices: np.ndarray, frozen_method: str | None = None) -> np.ndarray:
+        """Outputs for ``indices``' images, float32 (len(indices), outputs): averaged over the
+        profile's ``test_time_turns`` evenly spaced quarter turns of each image (1: the image as it is).
+
+        ``frozen_method``: the run's encoder still has ``frozen_method``'s starting weights,
+        so the head reads the features :meth:`warmup_features` keeps, or encodes, for it.
+        """
         turns = evenly_spaced_turns(self.profile.test_time_turns)
+        if frozen_method is not None:
+            return np.mean(
+                [self.trainer.head_outputs(self.warmup_features(frozen_method, indices, k)) for k in turns], axis=0
+            )
         return np.mean([self.trainer.predict(self._inference_batches(indices, k)) for k in turns], axis=0)
 
     def run(self, method: str, fraction: float, repetition: int, out_dir: str | os.PathLike, *, save_model: bool = False) -> dict:
@@ -324,11 +339,13 @@ class FinetuneSession:
             best["epoch"] = len(schedule)
         train_seconds = time.perf_counter() - start
 
-        probabilities = self._predict(split.test)
+        # Without a full phase the encoder is as the run started: its features are reused.
+        frozen_method = method if profile.finetune_epochs == 0 else None
+        probabilities = self._predict(split.test, frozen_method)
         fixed_grades = self._decode(probabilities)
         cut_points = None
         if profile.cut_points == "prior":
-            calibration_scores = expected_grade(self._predict(calibration), profile.target)
+            calibration_scores = expected_grade(self._predict(calibration, frozen_method), profile.target)
             cut_points = prior_cut_points(calibration_scores, self.grades[train_indices])
             predicted = decode_with_cut_points(expected_grade(probabilities, profile.target), cut_points)
         else:
@@ -362,8 +379,8 @@ class FinetuneSession:
         return metrics
 
     def warmup_features(self, method: str, rows: np.ndarray, quarter_turns: int = 0) -> np.ndarray:
-        """The frozen encoder's pooled features of ``rows``, for a warm-up on features or a
-        ridge head's fit.
+        """The frozen encoder's pooled features of ``rows``, for a warm-up on features, a
+        ridge head's fit, or the predictions of a run that never trains its encoder.
 
         Call it with the trainer reset to the run's starting weights. For a method in
         ``SHARED_START_METHODS`` every run starts from the same encoder, so features are
@@ -481,11 +498,15 @@ def feature_batches(features: np.ndarray, targets: np.ndarray, batch_size: int, 
     return batches.map(lambda positions: (tf.gather(features, positions), tf.gather(targets, positions))).prefetch(2)
 
 
+HISTORY_COLUMNS = ("epoch", "phase", "steps", "learning_rate", "loss", "images_per_second")
+
+
 def write_run(out_dir, metrics, history, test_rows, true_grades, predicted, probabilities) -> None:
     """Write a run's ``history.csv``, ``predictions.csv`` and finally ``metrics.json`` (atomically)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(history).to_csv(out_dir / "history.csv", index=False)
+    # A run that trains nothing (finetune_epochs=0, warmup_epochs=0) still writes the header.
+    (pd.DataFrame(history) if history else pd.DataFrame(columns=HISTORY_COLUMNS)).to_csv(out_dir / "history.csv", index=False)
     predictions = pd.DataFrame(
         {"image_id": test_rows["image_id"].to_numpy(), "path": test_rows["path"].to_numpy(), "grade": true_grades, "predicted": predicted}
     )

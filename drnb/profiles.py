@@ -104,7 +104,10 @@ class Profile:
     ridge_criterion: str = "error"
     warmup_epochs: int = 3  # epochs with the encoder frozen (head only)
     warmup_on_features: bool = False  # warm up on features computed once (no augmentation, ~free per step)
-    finetune_epochs: int = 17  # epochs with everything training, after the warm-up
+    # Epochs with everything training, after the warm-up. 0 (with warmup_epochs=0 and
+    # head_init="ridge"): the encoder is never trained and the ridge head alone is evaluated
+    # (linear evaluation); predictions then reuse the frozen features.
+    finetune_epochs: int = 17
     min_steps: int = 0  # at least this many optimizer steps per run; a shortfall is made up in the warm-up
     finetune_min_steps: int = 0  # at least this many steps with everything training (epochs stretched); 0: no floor
     finetune_max_steps: int = 0  # at most this many steps with everything training (epochs shortened); 0: no cap
@@ -146,11 +149,27 @@ class Profile:
                 raise ValueError(f"fractions: {fraction!r} is not a labelled fraction in (0, 1]")
         positive = (
             "image_size synthetic_images pretext_batch_size pretext_epochs pretext_eval_every repetitions folds "
-            "finetune_batch_size finetune_epochs calibration_images"
+            "finetune_batch_size calibration_images"
         ).split()
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive integer")
+        for name in ("warmup_epochs", "finetune_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected an epoch count >= 0")
+        if self.finetune_epochs == 0:
+            if self.validation_fraction:
+                raise ValueError(
+                    f"validation_fraction={self.validation_fraction!r} chooses among fine-tuning epochs, "
+                    "and finetune_epochs=0 has none: expected 0"
+                )
+            if not self.warmup_epochs and self.head_init != "ridge":
+                raise ValueError(
+                    "warmup_epochs=0 and finetune_epochs=0 train nothing: expected head_init='ridge' "
+                    "(a head fitted in closed form on the frozen features), or some epochs"
+                )
+            if not self.warmup_epochs and self.min_steps:
+                raise ValueError(f"min_steps={self.min_steps}: expected 0 when warmup_epochs=0 and finetune_epochs=0")
         for name in ("test_time_turns", "ridge_turns"):
             if getattr(self, name) not in (1, 2, 4):
                 raise ValueError(
@@ -247,7 +266,9 @@ PROFILES: dict[str, Profile] = {
         test_time_turns=2,
         recalibrate_batchnorm=True,
         warmup_epochs=0,
-        finetune_epochs=8,
+        # Linear evaluation: fine-tuning for the budget there is lost to the fitted head alone
+        # (README, "why these settings"). finetune_epochs=8 fine-tunes for 32 steps from it.
+        finetune_epochs=0,
         finetune_min_steps=32,
         finetune_max_steps=32,
         lr_schedule="cosine",

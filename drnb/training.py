@@ -232,6 +232,10 @@ class Trainer:
             self._encode = tf.function(lambda images: self.encoder(images, training=False), reduce_retracing=True)
         return np.concatenate([self._encode(images).numpy() for images, _ in dataset], axis=0).astype(np.float32)
 
+    def head_outputs(self, features: np.ndarray) -> np.ndarray:
+        """The head's outputs (inference mode) for encoder features float32 (N, F): float32 (N, outputs)."""
+        return np.asarray(self.head(np.asarray(features, np.float32), training=False), dtype=np.float32)
+
     def predict(self, dataset: tf.data.Dataset) -> np.ndarray:
         """Probabilities for every batch of ``dataset`` (images, anything), in order: float32 (N, outputs)."""
         if self._predict is None:
