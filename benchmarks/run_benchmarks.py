@@ -147,9 +147,11 @@ def planned_work(profile, session, n_images: int) -> dict:
     :func:`drnb.finetune.plan_steps`; the images encoded for a warm-up on features; the
     validation images scored after each full epoch; the images the cut points are fitted on;
     the test fold (each of these three ``test_time_turns`` times). Features for a warm-up on
-    features or a ridge-fitted head (in each of ``ridge_turns`` turns) are encoded per run, or,
-    for methods that start every run from the same encoder, once per row, turn and notebook;
-    a fresh encoder's batch-norm re-estimate passes the calibration images once.
+    features or a ridge-fitted head (in each of ``ridge_turns`` turns), and, for a profile that
+    never trains its encoder (``finetune_epochs=0``), the features its predictions read, are
+    encoded per run, or, for methods that start every run from the same encoder, once per
+    row, turn and notebook; a fresh encoder's batch-norm re-estimate passes the calibration
+    images once.
 
     Returns
     -------
@@ -162,7 +164,7 @@ def planned_work(profile, session, n_images: int) -> dict:
     import math
 
     from drnb.distribute import scaled_batch_and_rate
-    from drnb.finetune import SHARED_START_METHODS, plan_steps, runnable_methods
+    from drnb.finetune import SHARED_START_METHODS, evenly_spaced_turns, plan_steps, runnable_methods
     from drnb.splits import split_holdout
 
     # The session's groups are the pretext's (patients and near duplicates) in the stratified split mode.
@@ -181,36 +183,36 @@ def planned_work(profile, session, n_images: int) -> dict:
     methods = runnable_methods(profile)
     on_features = profile.warmup_on_features and profile.warmup_epochs
     ridge_turns = profile.ridge_turns if profile.head_init == "ridge" else 0
-    encoded_turns = max(ridge_turns, 1 if on_features else 0)  # the unturned features serve both
-    sharing = sum(method in SHARED_START_METHODS for method in methods)  # encode each row once per notebook
+    fit_turns = evenly_spaced_turns(max(ridge_turns, 1 if on_features else 0)) if ridge_turns or on_features else ()
+    test_turns = evenly_spaced_turns(profile.test_time_turns)
+    frozen = profile.finetune_epochs == 0  # predictions read the features too
+    sharing = sum(method in SHARED_START_METHODS for method in methods)  # encode each row once per notebook and turn
+    fresh = len(methods) - sharing
     for fraction in profile.fractions:
-        encoded_once = set()  # rows whose features a notebook's session keeps for the sharing methods
+        encoded = {turn: set() for turn in range(4)}  # rows a notebook's session keeps for the sharing methods
         for repetition in range(profile.repetitions):
             split = session.split(repetition, fraction)
-            n_train = len(split.train[fraction])
-            batch = min(session.batch_size, n_train)
-            warmup_steps, finetune_steps = plan_steps(n_train, batch, profile)
-            per_run = {
-                "finetune_full": profile.finetune_epochs * finetune_steps * batch,
-                "finetune_predict": len(split.test) + profile.finetune_epochs * len(split.validation_for(fraction)),
-            }
-            calibration = len(session.calibration_rows(split, profile.seed + repetition))
+            train = split.train[fraction]
+            batch = min(session.batch_size, len(train))
+            warmup_steps, finetune_steps = plan_steps(len(train), batch, profile)
+            calibration = session.calibration_rows(split, profile.seed + repetition)
+            scored = [split.test] + [split.validation_for(fraction)] * profile.finetune_epochs
             if profile.cut_points == "prior":
-                per_run["finetune_predict"] += calibration
-            per_run["finetune_predict"] *= profile.test_time_turns  # each image predicted in every turn averaged
+                scored.append(calibration)
+            predicted = sum(len(rows) for rows in scored) * len(test_turns)  # each image in every turn averaged
             if profile.recalibrate_batchnorm:  # fresh encoders only
-                work["finetune_predict"] += (len(methods) - sharing) * calibration
+                work["finetune_predict"] += fresh * len(calibration)
+            for turn in fit_turns:
+                encoded[turn].update(train.tolist())
+            if frozen:
+                for turn in test_turns:
+                    encoded[turn].update(np.concatenate(scored).tolist())
+            # Fresh encoders encode every run; the sharing methods predict through the network unless frozen.
+            work["finetune_predict"] += fresh * (len(train) * len(fit_turns) + predicted) + (0 if frozen else sharing * predicted)
             warmup_images = profile.warmup_epochs * warmup_steps * batch
-            if on_features:
-                per_run["finetune_features"] = warmup_images
-            else:
-                per_run["finetune_head"] = warmup_images
-            if encoded_turns:
-                work["finetune_predict"] += (len(methods) - sharing) * n_train * encoded_turns  # the others encode every run
-                encoded_once.update(split.train[fraction].tolist())
-            for key, value in per_run.items():
-                work[key] += len(methods) * value
-        work["finetune_predict"] += sharing * len(encoded_once) * encoded_turns  # 0 with nothing encoded
+            work["finetune_features" if on_features else "finetune_head"] += len(methods) * warmup_images
+            work["finetune_full"] += len(methods) * profile.finetune_epochs * finetune_steps * batch
+        work["finetune_predict"] += sharing * sum(len(rows) for rows in encoded.values())
     work["runs"] = len(methods) * len(profile.fractions) * profile.repetitions
     work["fresh_encoders"] = sum(method != "rotation" for method in methods) * len(profile.fractions) * profile.repetitions
     work["notebooks"] = 3 + len(profile.fractions)
@@ -300,7 +302,9 @@ def predicted_figures(figures: dict, profile, session, n_images: int) -> dict:
         "kernel": figures.get("kernel_start_and_import_seconds", figures["python_import_seconds"]),
         "load": n_images / figures["preprocess_cached_images_per_second"],
         "pretext_tracing": figures["pretext_tracing_seconds"],
-        "finetune_tracing": figures["finetune_full_tracing_seconds"] + warmup_tracing + figures["predict_tracing_seconds"],
+        # Only the phases the profile has are traced (none when it never trains its encoder or head).
+        "finetune_tracing": figures["finetune_full_tracing_seconds"] * (profile.finetune_epochs > 0)
+        + warmup_tracing * (profile.warmup_epochs > 0) + figures["predict_tracing_seconds"],
         "fresh_model": figures["fresh_model_seconds"],
     }
     stages = predicted_sweep_seconds(planned_work(profile, session, n_images), rates, fixed)

@@ -277,6 +277,7 @@ class FinetuneSession:
                 "than its fraction; set validation_fraction=0 (with lr_schedule=cosine) to stay within it"
             )
         seed = profile.seed + repetition
+        start = time.perf_counter()  # the run's seconds: its fit, training and predictions
         encoder_weights, head_weights = self._initial_weights(method, seed)
         self.trainer.reset(
             encoder_weights=encoder_weights, head_weights=head_weights, learning_rate=self.learning_rate, seed=seed
@@ -313,7 +314,6 @@ class FinetuneSession:
             warmup_batches = self.trainer.batches(feature_batches(features, train_targets, batch, seed))
             warmup_phase = "features"
         history, best = [], {"kappa": -np.inf, "weights": None, "epoch": 0}
-        start = time.perf_counter()
         schedule = [("warmup", warmup_steps)] * profile.warmup_epochs + [("full", finetune_steps)] * profile.finetune_epochs
         for epoch, (phase, steps) in enumerate(schedule, start=1):
             if phase == "warmup":
@@ -337,7 +337,6 @@ class FinetuneSession:
             self.trainer.model.set_weights(best["weights"])
         else:  # no validation split: the last epoch's weights
             best["epoch"] = len(schedule)
-        train_seconds = time.perf_counter() - start
 
         # Without a full phase the encoder is as the run started: its features are reused.
         frozen_method = method if profile.finetune_epochs == 0 else None
@@ -370,7 +369,7 @@ class FinetuneSession:
             n_test=int(len(split.test)),
             steps=int(sum(steps for _, steps in schedule)),
             best_epoch=int(best["epoch"]),
-            seconds=train_seconds,
+            seconds=time.perf_counter() - start,
         )
         if save_model:
             Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -107,6 +107,9 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
     for overrides in (
         {}, {"warmup_on_features": "true", "min_steps": "30"}, {"test_time_turns": "4", "cut_points": "prior"}, ridge,
         {**ridge, "ridge_turns": "2", "warmup_on_features": "true", "warmup_epochs": "1"},  # the unturned features serve both
+        # Nothing trains: the predictions read the features, kept per notebook for rotation.
+        {**ridge, "test_time_turns": "2", "cut_points": "prior", "warmup_epochs": "0", "finetune_epochs": "0",
+         "min_steps": "0", "validation_fraction": "0"},
     ):
         # Two fractions, so the rotation features kept by one notebook's session are not
         # counted again, and two notebooks (one session each) encode their rows anew.
@@ -126,7 +129,8 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
                 for method in profile.methods:
                     session.run(method, fraction, repetition, tmp_path / f"{len(overrides)}-{fraction}-{method}-{repetition}")
             counts = {key: counts[key] + session_counts[key] for key in counts}
-        assert counts["full"] == work["finetune_full"] > 0
+        assert counts["full"] == work["finetune_full"]
+        assert (work["finetune_full"] > 0) == (profile.finetune_epochs > 0)
         assert counts["head"] == work["finetune_head"]
         assert counts["features"] == work["finetune_features"]
         assert (work["finetune_features"] > 0) == profile.warmup_on_features

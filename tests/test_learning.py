@@ -139,6 +139,13 @@ def test_full_fine_tuning_steps_are_floored_and_capped(profile):
     assert (finetune, 2 * warmup + 4 * finetune) == (10, 120)  # the run's floor fills the warm-up
 
 
+def test_a_profile_without_epochs_plans_no_steps(profile):
+    linear = profile.derive(warmup_epochs=0, finetune_epochs=0, min_steps=0, validation_fraction=0.0, head_init="ridge",
+                            target="regression", finetune_hidden=())
+    assert plan_steps(10, 32, linear) == (0, 0)
+    assert plan_steps(10, 32, linear.derive(warmup_epochs=2, min_steps=30)) == (15, 0)  # the head alone makes up the floor
+
+
 def test_cosine_schedule_decays_towards_zero_and_constant_does_not(profile):
     cosine = profile.derive(finetune_epochs=4, lr_schedule="cosine")
     rates = [learning_rate_at(epoch, cosine, 1e-3) for epoch in range(4)]
@@ -357,3 +364,46 @@ def test_a_ridge_head_is_fitted_on_the_training_images_in_each_turn(ridge_turns,
 def test_ridge_turns_must_be_1_2_or_4_and_need_a_ridge_head(overrides, message):
     with pytest.raises(ValueError, match=message):
         resolve_profile("quick", overrides)
+
+
+def test_without_epochs_the_encoder_is_untouched_and_predicts_from_its_kept_features(tmp_path, monkeypatch):
+    from drnb.models import profile_encoder
+    from drnb.pretext import save_atomically
+
+    images, grades = make_fundus_images(80, size=32, seed=1)
+    table = pd.DataFrame({"image_id": [str(i) for i in range(80)], "path": "", "grade": grades, "patient_id": None, "split": None})
+    settings = {
+        "methods": "rotation,scratch", "bootstrap_resamples": "0", "calibration_images": "40", "target": "regression",
+        "finetune_hidden": "", "head_init": "ridge", "ridge_turns": "4", "test_time_turns": "2", "cut_points": "prior",
+        "warmup_epochs": "0", "finetune_epochs": "0", "min_steps": "0", "validation_fraction": "0",
+        "recalibrate_batchnorm": "true",
+    }
+    profile = resolve_profile("smoke", settings)
+    encoder_path = tmp_path / "encoder.keras"  # an untrained encoder stands in for the pretext's
+    save_atomically(profile_encoder(profile), encoder_path)
+    session = FinetuneSession(images, table, profile, encoder_path=encoder_path, log=lambda line: None)
+    encoded, encode = [], session.trainer.encode
+
+    def counting_encode(dataset):
+        features = encode(dataset)
+        encoded.append(len(features))
+        return features
+
+    monkeypatch.setattr(session.trainer, "encode", counting_encode)
+    for method in ("rotation", "scratch"):
+        encoded.clear()
+        metrics = session.run(method, 1.0, 0, tmp_path / method)
+        start, _ = session._initial_weights(method, profile.seed)
+        if method == "rotation":  # batch norm re-estimated for fresh encoders only
+            for kept, started in zip(session.trainer.encoder.get_weights(), start):
+                np.testing.assert_array_equal(kept, started)
+        assert metrics["steps"] == 0 and list(pd.read_csv(tmp_path / method / "history.csv").columns)[:2] == ["epoch", "phase"]
+        split = session.split(0, 1.0)
+        calibration = session.calibration_rows(split, profile.seed)
+        # The features' predictions are the network's own.
+        np.testing.assert_allclose(session._predict(split.test, method), session._predict(split.test), rtol=1e-4, atol=1e-5)
+        n_train = len(split.train[1.0])
+        if method == "rotation":  # each row once per turn: the fit's four, then the test fold's two (calibration rows are training rows)
+            assert encoded == [n_train] * 4 + [len(split.test)] * 2
+        else:  # a fresh encoder encodes every row it needs, every run
+            assert encoded[:8] == [n_train] * 4 + [len(split.test)] * 2 + [len(calibration)] * 2

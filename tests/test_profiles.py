@@ -46,6 +46,10 @@ def test_overrides_are_parsed_to_the_field_types():
         ({"calibration_images": 0}, "calibration_images"),
         ({"finetune_min_steps": "-1"}, "finetune_min_steps"),
         ({"finetune_min_steps": "50", "finetune_max_steps": "40"}, "finetune_max_steps"),
+        ({"finetune_epochs": "-1"}, "finetune_epochs=-1: expected an epoch count"),
+        ({"warmup_epochs": "-1"}, "warmup_epochs=-1: expected an epoch count"),
+        ({"finetune_epochs": "0"}, "validation_fraction=0.1 chooses among fine-tuning epochs"),
+        ({"finetune_epochs": "0", "warmup_epochs": "0", "validation_fraction": "0"}, "train nothing: expected head_init='ridge'"),
     ],
 )
 def test_bad_overrides_name_the_setting(overrides, message):
@@ -138,7 +142,7 @@ def test_quick_starts_a_regression_head_from_a_ridge_fit_and_old_run_folders_do_
     values = json.loads(quick.to_json())
     for name in ("head_init", "recalibrate_batchnorm", "ridge_turns", "ridge_criterion", "test_time_turns"):
         del values[name]
-    values.update(target="ordinal", finetune_hidden=[256])  # what a quick run folder from before holds
+    values.update(target="ordinal", finetune_hidden=[256], finetune_epochs=8)  # what a quick run folder from before holds
     (tmp_path / "profile.json").write_text(json.dumps(values))
     old = load_profile(tmp_path / "profile.json")
     assert (old.head_init, old.recalibrate_batchnorm, old.ridge_turns, old.test_time_turns) == ("random", False, 1, 1)
@@ -151,3 +155,17 @@ def test_a_ridge_fitted_head_must_be_a_linear_regression_head(overrides):
         resolve_profile("quick", overrides)
     with pytest.raises(ValueError, match="head_init"):
         Profile(head_init="lstsq")
+
+
+def test_quick_evaluates_its_encoders_linearly_and_old_run_folders_fine_tune(tmp_path):
+    quick = PROFILES["quick"]
+    assert (quick.warmup_epochs, quick.finetune_epochs, quick.head_init) == (0, 0, "ridge")
+    assert PROFILES["paper"].finetune_epochs == 17  # the study fine-tunes
+    # Asking quick for epochs again gives the 32 fine-tuning steps it made before.
+    assert quick.derive(finetune_epochs=8).finetune_max_steps == 32
+    with pytest.raises(ValueError, match="min_steps=10: expected 0 when warmup_epochs=0 and finetune_epochs=0"):
+        quick.derive(min_steps=10)
+    values = json.loads(quick.to_json())
+    del values["finetune_epochs"]  # a run folder from before this setting could be 0
+    (tmp_path / "profile.json").write_text(json.dumps(values))
+    assert load_profile(tmp_path / "profile.json").finetune_epochs == Profile().finetune_epochs > 0
