@@ -157,6 +157,18 @@ class Profile:
         for name in ("warmup_epochs", "finetune_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected an epoch count >= 0")
+        for name in ("test_time_turns", "ridge_turns"):
+            if getattr(self, name) not in (1, 2, 4):
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r}: expected 1 (each image as it is), 2 (0 and 180 degrees) "
+                    "or 4 (every quarter turn)"
+                )
+        if self.ridge_turns > 1 and self.head_init != "ridge":
+            raise ValueError(f"ridge_turns={self.ridge_turns} turns the images a ridge head is fitted on: expected head_init='ridge'")
+        if self.ridge_criterion != "error" and self.head_init != "ridge":
+            raise ValueError(
+                f"ridge_criterion={self.ridge_criterion!r} chooses a ridge head's penalty: expected head_init='ridge'"
+            )
         if self.finetune_epochs == 0:
             if self.validation_fraction:
                 raise ValueError(
@@ -170,18 +182,6 @@ class Profile:
                 )
             if not self.warmup_epochs and self.min_steps:
                 raise ValueError(f"min_steps={self.min_steps}: expected 0 when warmup_epochs=0 and finetune_epochs=0")
-        for name in ("test_time_turns", "ridge_turns"):
-            if getattr(self, name) not in (1, 2, 4):
-                raise ValueError(
-                    f"{name}={getattr(self, name)!r}: expected 1 (each image as it is), 2 (0 and 180 degrees) "
-                    "or 4 (every quarter turn)"
-                )
-        if self.ridge_turns > 1 and self.head_init != "ridge":
-            raise ValueError(f"ridge_turns={self.ridge_turns} turns the images a ridge head is fitted on: expected head_init='ridge'")
-        if self.ridge_criterion != "error" and self.head_init != "ridge":
-            raise ValueError(
-                f"ridge_criterion={self.ridge_criterion!r} chooses a ridge head's penalty: expected head_init='ridge'"
-            )
         if self.repetitions > self.folds:
             raise ValueError(f"repetitions={self.repetitions} exceeds folds={self.folds}: repetition r tests on fold r")
         if self.rotation_mode == "all4" and self.pretext_batch_size % 4:
