@@ -263,7 +263,7 @@ PROFILES: dict[str, Profile] = {
         head_init="ridge",
         ridge_turns=4,
         ridge_criterion="correlation",
-        test_time_turns=2,
+        test_time_turns=4,  # the turns the head was fitted on; rotation reads them from its kept features
         recalibrate_batchnorm=True,
         warmup_epochs=0,
         # Linear evaluation: fine-tuning for the budget there is lost to the fitted head alone
