@@ -277,7 +277,7 @@ class FinetuneSession:
                 "than its fraction; set validation_fraction=0 (with lr_schedule=cosine) to stay within it"
             )
         seed = profile.seed + repetition
-        start = time.perf_counter()  # the run's seconds: its fit, training and predictions
+        start = time.perf_counter()  # the run's seconds: everything it does, from its start weights to its scores
         encoder_weights, head_weights = self._initial_weights(method, seed)
         self.trainer.reset(
             encoder_weights=encoder_weights, head_weights=head_weights, learning_rate=self.learning_rate, seed=seed

@@ -104,9 +104,9 @@ class Profile:
     ridge_criterion: str = "error"
     warmup_epochs: int = 3  # epochs with the encoder frozen (head only)
     warmup_on_features: bool = False  # warm up on features computed once (no augmentation, ~free per step)
-    # Epochs with everything training, after the warm-up. 0 (with warmup_epochs=0 and
-    # head_init="ridge"): the encoder is never trained and the ridge head alone is evaluated
-    # (linear evaluation); predictions then reuse the frozen features.
+    # Epochs with everything training, after the warm-up. 0: the encoder is never trained
+    # (linear evaluation: the head alone learns, by its warm-up or, with warmup_epochs=0, by
+    # head_init="ridge"), and predictions reuse the frozen features.
     finetune_epochs: int = 17
     min_steps: int = 0  # at least this many optimizer steps per run; a shortfall is made up in the warm-up
     finetune_min_steps: int = 0  # at least this many steps with everything training (epochs stretched); 0: no floor
@@ -258,7 +258,7 @@ PROFILES: dict[str, Profile] = {
         validation_fraction=0.0,
         finetune_hidden=(),
         finetune_batch_size=32,
-        finetune_learning_rate=5e-5,  # the study's rate: a fitted head is moved gently (LP-FT)
+        finetune_learning_rate=5e-5,  # the study's rate, for --set finetune_epochs=8 (LP-FT)
         target="regression",
         head_init="ridge",
         ridge_turns=4,
@@ -266,8 +266,9 @@ PROFILES: dict[str, Profile] = {
         test_time_turns=4,  # the turns the head was fitted on; rotation reads them from its kept features
         recalibrate_batchnorm=True,
         warmup_epochs=0,
-        # Linear evaluation: fine-tuning for the budget there is lost to the fitted head alone
-        # (README, "why these settings"). finetune_epochs=8 fine-tunes for 32 steps from it.
+        # Linear evaluation: every fine-tuning schedule that fits the hour scored below the
+        # fitted head alone (README, "why these settings"). finetune_epochs=8 with
+        # test_time_turns=2 is the profile before: 32 steps at 5e-5 from the fit.
         finetune_epochs=0,
         finetune_min_steps=32,
         finetune_max_steps=32,

@@ -110,6 +110,8 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
         # Nothing trains: the predictions read the features, kept per notebook for rotation.
         {**ridge, "test_time_turns": "2", "cut_points": "prior", "warmup_epochs": "0", "finetune_epochs": "0",
          "min_steps": "0", "validation_fraction": "0"},
+        # ... or the head alone trains, on the images.
+        {**ridge, "warmup_epochs": "1", "finetune_epochs": "0", "min_steps": "0", "validation_fraction": "0"},
     ):
         # Two fractions, so the rotation features kept by one notebook's session are not
         # counted again, and two notebooks (one session each) encode their rows anew.

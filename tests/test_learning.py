@@ -366,7 +366,12 @@ def test_ridge_turns_must_be_1_2_or_4_and_need_a_ridge_head(overrides, message):
         resolve_profile("quick", overrides)
 
 
-def test_without_epochs_the_encoder_is_untouched_and_predicts_from_its_kept_features(tmp_path, monkeypatch):
+@pytest.mark.parametrize("warmup", [
+    {"warmup_epochs": "0"},  # the ridge fit alone (quick)
+    {"warmup_epochs": "1"},  # the head also trains, on the images, with the encoder frozen
+    {"warmup_epochs": "1", "warmup_on_features": "true"},  # ... or on the kept features
+])
+def test_without_epochs_the_encoder_is_untouched_and_predicts_from_its_kept_features(warmup, tmp_path, monkeypatch):
     from drnb.models import profile_encoder
     from drnb.pretext import save_atomically
 
@@ -375,8 +380,8 @@ def test_without_epochs_the_encoder_is_untouched_and_predicts_from_its_kept_feat
     settings = {
         "methods": "rotation,scratch", "bootstrap_resamples": "0", "calibration_images": "40", "target": "regression",
         "finetune_hidden": "", "head_init": "ridge", "ridge_turns": "4", "test_time_turns": "2", "cut_points": "prior",
-        "warmup_epochs": "0", "finetune_epochs": "0", "min_steps": "0", "validation_fraction": "0",
-        "recalibrate_batchnorm": "true",
+        "finetune_epochs": "0", "min_steps": "0", "validation_fraction": "0", "recalibrate_batchnorm": "true",
+        **warmup,
     }
     profile = resolve_profile("smoke", settings)
     encoder_path = tmp_path / "encoder.keras"  # an untrained encoder stands in for the pretext's
@@ -397,12 +402,15 @@ def test_without_epochs_the_encoder_is_untouched_and_predicts_from_its_kept_feat
         if method == "rotation":  # batch norm re-estimated for fresh encoders only
             for kept, started in zip(session.trainer.encoder.get_weights(), start):
                 np.testing.assert_array_equal(kept, started)
-        assert metrics["steps"] == 0 and list(pd.read_csv(tmp_path / method / "history.csv").columns)[:2] == ["epoch", "phase"]
+        n_train = len(session.split(0, 1.0).train[1.0])
+        assert metrics["steps"] == profile.warmup_epochs * plan_steps(n_train, min(session.batch_size, n_train), profile)[0]
+        assert list(pd.read_csv(tmp_path / method / "history.csv").columns)[:2] == ["epoch", "phase"]
         split = session.split(0, 1.0)
         calibration = session.calibration_rows(split, profile.seed)
         # The features' predictions are the network's own.
         np.testing.assert_allclose(session._predict(split.test, method), session._predict(split.test), rtol=1e-4, atol=1e-5)
-        n_train = len(split.train[1.0])
+        if profile.warmup_epochs:
+            continue  # the warm-up reads features or images of its own; the counts below are the fit's
         if method == "rotation":  # each row once per turn: the fit's four, then the test fold's two (calibration rows are training rows)
             assert encoded == [n_train] * 4 + [len(split.test)] * 2
         else:  # a fresh encoder encodes every row it needs, every run

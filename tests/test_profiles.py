@@ -157,15 +157,15 @@ def test_a_ridge_fitted_head_must_be_a_linear_regression_head(overrides):
         Profile(head_init="lstsq")
 
 
-def test_quick_evaluates_its_encoders_linearly_and_old_run_folders_fine_tune(tmp_path):
+def test_quick_evaluates_its_encoders_linearly_and_can_fine_tune_as_before():
     quick = PROFILES["quick"]
     assert (quick.warmup_epochs, quick.finetune_epochs, quick.head_init) == (0, 0, "ridge")
     assert PROFILES["paper"].finetune_epochs == 17  # the study fine-tunes
-    # Asking quick for epochs again gives the 32 fine-tuning steps it made before.
-    assert quick.derive(finetune_epochs=8).finetune_max_steps == 32
+    # Asking quick for epochs again gives the 32 fine-tuning steps it made before, at any size.
+    from drnb.finetune import plan_steps
+
+    before = quick.derive(finetune_epochs=8, test_time_turns=2)
+    assert plan_steps(145, 32, before) == plan_steps(2_903, 32, before) == (0, 4)
+    assert plan_steps(145, 32, quick) == (0, 0)
     with pytest.raises(ValueError, match="min_steps=10: expected 0 when warmup_epochs=0 and finetune_epochs=0"):
         quick.derive(min_steps=10)
-    values = json.loads(quick.to_json())
-    del values["finetune_epochs"]  # a run folder from before this setting could be 0
-    (tmp_path / "profile.json").write_text(json.dumps(values))
-    assert load_profile(tmp_path / "profile.json").finetune_epochs == Profile().finetune_epochs > 0
