@@ -183,9 +183,10 @@ def planned_work(profile, session, n_images: int) -> dict:
     methods = runnable_methods(profile)
     on_features = profile.warmup_on_features and profile.warmup_epochs
     ridge_turns = profile.ridge_turns if profile.head_init == "ridge" else 0
-    fit_turns = evenly_spaced_turns(max(ridge_turns, 1 if on_features else 0)) if ridge_turns or on_features else ()
+    fit_count = max(ridge_turns, 1 if on_features else 0)  # the unturned features serve both
+    fit_turns = evenly_spaced_turns(fit_count) if fit_count else ()
     test_turns = evenly_spaced_turns(profile.test_time_turns)
-    frozen = profile.finetune_epochs == 0  # predictions read the features too
+    frozen = not profile.trains_encoder  # predictions read the features too
     sharing = sum(method in SHARED_START_METHODS for method in methods)  # encode each row once per notebook and turn
     fresh = len(methods) - sharing
     for fraction in profile.fractions:
@@ -303,7 +304,7 @@ def predicted_figures(figures: dict, profile, session, n_images: int) -> dict:
         "load": n_images / figures["preprocess_cached_images_per_second"],
         "pretext_tracing": figures["pretext_tracing_seconds"],
         # Only the phases the profile has are traced (none when it never trains its encoder or head).
-        "finetune_tracing": figures["finetune_full_tracing_seconds"] * (profile.finetune_epochs > 0)
+        "finetune_tracing": figures["finetune_full_tracing_seconds"] * profile.trains_encoder
         + warmup_tracing * (profile.warmup_epochs > 0) + figures["predict_tracing_seconds"],
         "fresh_model": figures["fresh_model_seconds"],
     }

@@ -338,8 +338,7 @@ class FinetuneSession:
         else:  # no validation split: the last epoch's weights
             best["epoch"] = len(schedule)
 
-        # Without a full phase the encoder is as the run started: its features are reused.
-        frozen_method = method if profile.finetune_epochs == 0 else None
+        frozen_method = None if profile.trains_encoder else method  # its features are reused
         probabilities = self._predict(split.test, frozen_method)
         fixed_grades = self._decode(probabilities)
         cut_points = None

@@ -206,6 +206,12 @@ class Profile:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive learning rate")
 
+    @property
+    def trains_encoder(self) -> bool:
+        """False for linear evaluation (``finetune_epochs=0``): a run's encoder keeps its start
+        weights, so its predictions can read the frozen features its head was fitted on."""
+        return self.finetune_epochs > 0
+
     def to_dict(self) -> dict:
         """Plain JSON-ready values (tuples become lists)."""
         return {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()}
