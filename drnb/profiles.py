@@ -169,7 +169,7 @@ class Profile:
             raise ValueError(
                 f"ridge_criterion={self.ridge_criterion!r} chooses a ridge head's penalty: expected head_init='ridge'"
             )
-        if self.finetune_epochs == 0:
+        if not self.trains_encoder:
             if self.validation_fraction:
                 raise ValueError(
                     f"validation_fraction={self.validation_fraction!r} chooses among fine-tuning epochs, "
