@@ -149,9 +149,11 @@ def planned_work(profile, session, n_images: int) -> dict:
     the test fold (each of these three ``test_time_turns`` times). Features for a warm-up on
     features or a ridge-fitted head (in each of ``ridge_turns`` turns), and, for a profile that
     never trains its encoder (``finetune_epochs=0``), the features its predictions read, are
-    encoded per run, or, for methods that start every run from the same encoder, once per
-    row, turn and notebook; a fresh encoder's batch-norm re-estimate passes the calibration
-    images once.
+    encoded once per row, turn and starting encoder over the whole sweep, as the notebooks
+    share them (:mod:`drnb.features`): one encoder for the methods that start every run from
+    the same weights, one per repetition for a fresh encoder (the same seeded initialisation,
+    re-estimated on the same calibration images, at every fraction); a fresh encoder's
+    batch-norm re-estimate passes the calibration images once per run.
 
     Returns
     -------
@@ -187,10 +189,9 @@ def planned_work(profile, session, n_images: int) -> dict:
     fit_turns = evenly_spaced_turns(fit_count) if fit_count else ()
     test_turns = evenly_spaced_turns(profile.test_time_turns)
     frozen = not profile.trains_encoder  # predictions read the features too
-    sharing = sum(method in SHARED_START_METHODS for method in methods)  # encode each row once per notebook and turn
-    fresh = len(methods) - sharing
+    fresh = sum(method not in SHARED_START_METHODS for method in methods)
+    encoded = {}  # (starting encoder, turn) -> rows encoded, over every notebook of the sweep
     for fraction in profile.fractions:
-        encoded = {turn: set() for turn in range(4)}  # rows a notebook's session keeps for the sharing methods
         for repetition in range(profile.repetitions):
             split = session.split(repetition, fraction)
             train = split.train[fraction]
@@ -203,17 +204,19 @@ def planned_work(profile, session, n_images: int) -> dict:
             predicted = sum(len(rows) for rows in scored) * len(test_turns)  # each image in every turn averaged
             if profile.recalibrate_batchnorm:  # fresh encoders only
                 work["finetune_predict"] += fresh * len(calibration)
-            for turn in fit_turns:
-                encoded[turn].update(train.tolist())
-            if frozen:
-                for turn in test_turns:
-                    encoded[turn].update(np.concatenate(scored).tolist())
-            # Fresh encoders encode every run; the sharing methods predict through the network unless frozen.
-            work["finetune_predict"] += fresh * (len(train) * len(fit_turns) + predicted) + (0 if frozen else sharing * predicted)
+            for method in methods:
+                encoder = method if method in SHARED_START_METHODS else (method, repetition)
+                for turn in fit_turns:
+                    encoded.setdefault((encoder, turn), set()).update(train.tolist())
+                if frozen:
+                    for turn in test_turns:
+                        encoded.setdefault((encoder, turn), set()).update(np.concatenate(scored).tolist())
+            # A run that trains its encoder predicts through the network; a frozen one reads features.
+            work["finetune_predict"] += 0 if frozen else len(methods) * predicted
             warmup_images = profile.warmup_epochs * warmup_steps * batch
             work["finetune_features" if on_features else "finetune_head"] += len(methods) * warmup_images
             work["finetune_full"] += len(methods) * profile.finetune_epochs * finetune_steps * batch
-        work["finetune_predict"] += sharing * sum(len(rows) for rows in encoded.values())
+    work["finetune_predict"] += sum(len(rows) for rows in encoded.values())
     work["runs"] = len(methods) * len(profile.fractions) * profile.repetitions
     work["fresh_encoders"] = sum(method != "rotation" for method in methods) * len(profile.fractions) * profile.repetitions
     work["notebooks"] = 3 + len(profile.fractions)

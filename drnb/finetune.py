@@ -11,9 +11,11 @@ A run, given a repetition's split (:mod:`drnb.splits`):
    encoder is never trained, as in the linear evaluation of self-supervised learning, and
    the head predicts from the frozen features). With
    ``warmup_on_features`` the warm-up trains the head on encoder features computed once
-   (no augmentation), which makes a warm-up step nearly free on a CPU; methods whose runs
-   all start from the same encoder (``rotation``, ``imagenet``) encode each image once per
-   session, not once per run (:meth:`FinetuneSession.warmup_features`);
+   (no augmentation), which makes a warm-up step nearly free on a CPU. Frozen features are
+   kept under the encoder that made them (:mod:`drnb.features`): runs whose encoders start
+   identical (every ``rotation`` run; a ``scratch`` run of one repetition in each fraction's
+   notebook) encode each image once per turn between them
+   (:meth:`FinetuneSession.frozen_features`);
 3. after each epoch scores quadratic weighted kappa on the validation split (carved from
    the training pool, never the test fold) and keeps the best weights;
 4. predicts the test fold with them and decodes grades: with the fixed rule, or
@@ -46,6 +48,7 @@ import tensorflow as tf
 
 from drnb.distribute import configure_precision, scaled_batch_and_rate, seed_everything, seed_weights, select_strategy
 from drnb.duplicates import photograph_groups
+from drnb.features import FeatureStore, array_fingerprint, encoder_fingerprint
 from drnb.metrics import evaluate_predictions, quadratic_weighted_kappa
 from drnb.models import grade_head, imagenet_weights_available, profile_encoder, recalibrate_batchnorm
 from drnb.pipeline import labelled_batches, shuffled_positions
@@ -59,8 +62,8 @@ from drnb.training import Trainer, cosine_rate
 
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.keras"
-# Methods whose runs all start from the same encoder weights: an image's frozen features are
-# then the same in every run, so a session encodes it once.
+# Methods whose runs all start from the same trained encoder weights; the others start from a
+# fresh initialisation, whose batch-norm statistics may need re-estimating.
 SHARED_START_METHODS = ("rotation", "imagenet")
 
 
@@ -143,12 +146,16 @@ class FinetuneSession:
     profile : Profile
     encoder_path : path, optional
         The pretext encoder; needed for the ``rotation`` method.
+    feature_dir : path, optional
+        Where frozen features are kept between sessions (:class:`drnb.features.FeatureStore`),
+        so that the notebooks of a sweep encode each image once per encoder and turn; None
+        keeps them for this session only.
     strategy : tf.distribute.Strategy, optional
     log : callable
         Receives progress lines.
     """
 
-    def __init__(self, images, table, profile: Profile, *, encoder_path=None, strategy=None, log=print):
+    def __init__(self, images, table, profile: Profile, *, encoder_path=None, feature_dir=None, strategy=None, log=print):
         if len(images) != len(table):
             raise ValueError(f"{len(images)} images but {len(table)} table rows; expected one row per image")
         self.profile, self.log = profile, log
@@ -181,8 +188,8 @@ class FinetuneSession:
             learning_rate=learning_rate, strategy=self.strategy,
         )
         self._splits: dict[tuple, RepetitionSplit] = {}
-        # (method, quarter turns) -> (features (N, F), encoded (N,) bool), for SHARED_START_METHODS.
-        self._feature_cache: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.features = FeatureStore(len(images), feature_dir, log=log)
+        self._images_key = array_fingerprint([images])  # features are kept for these images only
 
     def available_methods(self) -> list[str]:
         """The profile's methods that can run here (see :func:`runnable_methods`); logs what is skipped."""
@@ -246,18 +253,16 @@ class FinetuneSession:
             self.images, rows, self.targets[rows], self.batch_size, seed=0, training=False, quarter_turns=quarter_turns
         )
 
-    def _predict(self, indices: np.ndarray, frozen_method: str | None = None) -> np.ndarray:
+    def _predict(self, indices: np.ndarray, frozen: bool = False) -> np.ndarray:
         """Outputs for ``indices``' images, float32 (len(indices), outputs): averaged over the
         profile's ``test_time_turns`` evenly spaced quarter turns of each image (1: the image as it is).
 
-        ``frozen_method``: the run's encoder still has ``frozen_method``'s starting weights,
-        so the head reads the features :meth:`warmup_features` keeps, or encodes, for it.
+        ``frozen``: the run's encoder still has its starting weights, so the head reads the
+        features :meth:`frozen_features` keeps, or encodes, for it.
         """
         turns = evenly_spaced_turns(self.profile.test_time_turns)
-        if frozen_method is not None:
-            return np.mean(
-                [self.trainer.head_outputs(self.warmup_features(frozen_method, indices, k)) for k in turns], axis=0
-            )
+        if frozen:
+            return np.mean([self.trainer.head_outputs(self.frozen_features(indices, k)) for k in turns], axis=0)
         return np.mean([self.trainer.predict(self._inference_batches(indices, k)) for k in turns], axis=0)
 
     def run(self, method: str, fraction: float, repetition: int, out_dir: str | os.PathLike, *, save_model: bool = False) -> dict:
@@ -301,7 +306,7 @@ class FinetuneSession:
         if profile.head_init == "ridge":
             # Each turn of an image is a sample with its grade: the fit learns to ignore how
             # the photograph is oriented, which the rotation pretext's features encode.
-            turned = [self.warmup_features(method, train_indices, k) for k in evenly_spaced_turns(profile.ridge_turns)]
+            turned = [self.frozen_features(train_indices, k) for k in evenly_spaced_turns(profile.ridge_turns)]
             features = turned[0]  # the images as they are, for a warm-up on features too
             image_of_row = np.tile(np.arange(len(train_indices)), len(turned))  # an image's turns leave together
             ridge_penalty = self.fit_head(
@@ -310,7 +315,7 @@ class FinetuneSession:
         warmup_batches, warmup_phase = batches, "head"
         if profile.warmup_on_features and profile.warmup_epochs:
             if features is None:
-                features = self.warmup_features(method, train_indices)
+                features = self.frozen_features(train_indices)
             warmup_batches = self.trainer.batches(feature_batches(features, train_targets, batch, seed))
             warmup_phase = "features"
         history, best = [], {"kappa": -np.inf, "weights": None, "epoch": 0}
@@ -338,12 +343,12 @@ class FinetuneSession:
         else:  # no validation split: the last epoch's weights
             best["epoch"] = len(schedule)
 
-        frozen_method = None if profile.trains_encoder else method  # its features are reused
-        probabilities = self._predict(split.test, frozen_method)
+        frozen = not profile.trains_encoder  # the features the head was fitted on serve its predictions
+        probabilities = self._predict(split.test, frozen)
         fixed_grades = self._decode(probabilities)
         cut_points = None
         if profile.cut_points == "prior":
-            calibration_scores = expected_grade(self._predict(calibration, frozen_method), profile.target)
+            calibration_scores = expected_grade(self._predict(calibration, frozen), profile.target)
             cut_points = prior_cut_points(calibration_scores, self.grades[train_indices])
             predicted = decode_with_cut_points(expected_grade(probabilities, profile.target), cut_points)
         else:
@@ -374,21 +379,22 @@ class FinetuneSession:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             save_atomically(self.trainer.model, Path(out_dir) / MODEL_FILE)
         write_run(out_dir, metrics, history, self.table.iloc[split.test], true_grades, predicted, probabilities)
+        self.features.save()
         return metrics
 
-    def warmup_features(self, method: str, rows: np.ndarray, quarter_turns: int = 0) -> np.ndarray:
-        """The frozen encoder's pooled features of ``rows``, for a warm-up on features, a
-        ridge head's fit, or the predictions of a run that never trains its encoder.
+    def frozen_features(self, rows: np.ndarray, quarter_turns: int = 0) -> np.ndarray:
+        """The encoder's pooled features of ``rows`` as its weights are now, for a warm-up on
+        features, a ridge head's fit, or the predictions of a run that never trains its encoder.
 
-        Call it with the trainer reset to the run's starting weights. For a method in
-        ``SHARED_START_METHODS`` every run starts from the same encoder, so features are
-        kept for the session, one (N, F) float32 array per method and turn, and only rows not
-        encoded yet are encoded: at 100 % the five repetitions of a fraction encode the
-        dataset once per turn instead of five times over.
+        Call it with the trainer reset to the run's starting weights (and a fresh encoder's
+        batch norm re-estimated). Features are kept under a fingerprint of those weights
+        (:mod:`drnb.features`) and only rows not encoded yet are encoded: every rotation run
+        reads one set per turn, and a scratch run of repetition r, whose fresh encoder is the
+        same in every fraction's notebook, reads what the notebooks before it kept in the
+        session's ``feature_dir``.
 
         Parameters
         ----------
-        method : str
         rows : numpy.ndarray
             int (M,), row indices into the session's images.
         quarter_turns : {0, 1, 2, 3}
@@ -399,21 +405,12 @@ class FinetuneSession:
         numpy.ndarray
             float32 (M, F), in the order of ``rows``.
         """
-        rows = np.asarray(rows, dtype=np.int64)
         if quarter_turns not in (0, 1, 2, 3):
             raise ValueError(f"quarter_turns={quarter_turns!r}: expected 0, 1, 2 or 3 quarter turns")
-        if method not in SHARED_START_METHODS:
-            return self.trainer.encode(self._inference_batches(rows, quarter_turns))
-        key = (method, quarter_turns)
-        if key not in self._feature_cache:
-            count, width = len(self.grades), self.trainer.encoder.output_shape[-1]
-            self._feature_cache[key] = (np.zeros((count, width), np.float32), np.zeros(count, bool))
-        features, encoded = self._feature_cache[key]
-        missing = np.unique(rows[~encoded[rows]])
-        if len(missing):
-            features[missing] = self.trainer.encode(self._inference_batches(missing, quarter_turns))
-            encoded[missing] = True
-        return features[rows]
+        key = encoder_fingerprint(self.trainer.encoder, context=self._images_key)
+        return self.features.features(
+            key, quarter_turns, rows, lambda missing: self.trainer.encode(self._inference_batches(missing, quarter_turns))
+        )
 
     def fit_head(self, features: np.ndarray, grades: np.ndarray, image_of_row: np.ndarray | None = None) -> float:
         """Set the linear regression head to the ridge regression of ``grades`` on ``features``

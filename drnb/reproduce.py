@@ -11,6 +11,7 @@ the other fractions still run, and the command exits non-zero.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -237,6 +238,10 @@ def reproduce(
             f"(elapsed {_clock(time.perf_counter() - start)}{remaining})"
         )
     report.seconds = time.perf_counter() - start
+    if not report.failed and paths.features.exists():
+        # A cache for the fraction notebooks of this sweep: every run of it has finished.
+        shutil.rmtree(paths.features)
+        log(f"removed {paths.features}: the frozen features the fraction notebooks shared")
     if paths.table_md.exists() and not report.failed:
         log(f"table: {paths.table_md}\nplot:  {paths.plot}\nall results: {paths.results}")
     return report

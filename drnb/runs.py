@@ -10,6 +10,8 @@
       pretext/encoder.keras         the rotation encoder (notebook 02), history.csv, metrics.json
       finetune/<method>/fraction_<f>/repetition_<r>/
                                     metrics.json, predictions.csv, history.csv (notebook 03)
+      features/                     frozen-encoder features the fraction notebooks share (notebook 03;
+                                    a cache, removed when drnb reproduce finishes the sweep)
       results.csv, table.csv, table.md, comparison.csv, kappa_vs_fraction.png (notebook 04)
       notebooks/                    the executed notebooks (drnb reproduce)
 """
@@ -51,6 +53,10 @@ class RunPaths:
     @property
     def finetune(self) -> Path:
         return self.root / "finetune"
+
+    @property
+    def features(self) -> Path:
+        return self.root / "features"
 
     @property
     def notebooks(self) -> Path:

@@ -104,21 +104,24 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
     encoder_path = tmp_path / "encoder.keras"  # an untrained encoder stands in for the pretext's
     save_atomically(profile_encoder(smoke), encoder_path)
     ridge = {"target": "regression", "finetune_hidden": "", "head_init": "ridge", "ridge_turns": "4", "recalibrate_batchnorm": "true"}
-    for overrides in (
+    for case, overrides in enumerate((
         {}, {"warmup_on_features": "true", "min_steps": "30"}, {"test_time_turns": "4", "cut_points": "prior"}, ridge,
         {**ridge, "ridge_turns": "2", "warmup_on_features": "true", "warmup_epochs": "1"},  # the unturned features serve both
-        # Nothing trains: the predictions read the features, kept per notebook for rotation.
+        # Nothing trains: the predictions read the features, kept per starting encoder.
         {**ridge, "test_time_turns": "2", "cut_points": "prior", "warmup_epochs": "0", "finetune_epochs": "0",
          "min_steps": "0", "validation_fraction": "0"},
         # ... or the head alone trains, on the images.
         {**ridge, "warmup_epochs": "1", "finetune_epochs": "0", "min_steps": "0", "validation_fraction": "0"},
-    ):
-        # Two fractions, so the rotation features kept by one notebook's session are not
-        # counted again, and two notebooks (one session each) encode their rows anew.
+    )):
+        # Two fractions, two notebooks (one session each) that share their kept features
+        # through one folder, as a sweep's do: the second encodes only rows the first did not.
         profile = resolve_profile(
             "smoke", {"fractions": "0.5,1.0", "methods": "rotation,scratch", "bootstrap_resamples": "0", **overrides}
         )
-        sessions = [FinetuneSession(images, table, profile, encoder_path=encoder_path, log=lambda line: None) for _ in profile.fractions]
+        sessions = [
+            FinetuneSession(images, table, profile, encoder_path=encoder_path, feature_dir=tmp_path / f"features-{case}", log=lambda line: None)
+            for _ in profile.fractions
+        ]
         work = benchmark_module.planned_work(profile, sessions[0], len(images))
         counts = {"head": 0, "full": 0, "features": 0, "predict": 0}
         for fraction, session in zip(profile.fractions, sessions):
@@ -129,7 +132,7 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
             )
             for repetition in range(profile.repetitions):
                 for method in profile.methods:
-                    session.run(method, fraction, repetition, tmp_path / f"{len(overrides)}-{fraction}-{method}-{repetition}")
+                    session.run(method, fraction, repetition, tmp_path / f"{case}-{fraction}-{method}-{repetition}")
             counts = {key: counts[key] + session_counts[key] for key in counts}
         assert counts["full"] == work["finetune_full"]
         assert (work["finetune_full"] > 0) == (profile.finetune_epochs > 0)

@@ -171,7 +171,7 @@ def test_sweep_skips_finished_runs(synthetic, profile, pretext, tmp_path):
     pd.testing.assert_frame_equal(again.sort_index(axis=1), first.sort_index(axis=1), check_dtype=False)
 
 
-def test_rotation_runs_share_warmup_features_and_scratch_runs_do_not(synthetic, profile, pretext):
+def test_runs_share_frozen_features_exactly_when_their_encoders_are_identical(synthetic, profile, pretext):
     from drnb.pipeline import labelled_batches
 
     images, table = synthetic
@@ -186,19 +186,34 @@ def test_rotation_runs_share_warmup_features_and_scratch_runs_do_not(synthetic, 
 
     weights = session._initial_weights("rotation", seed=0)
     session.trainer.reset(encoder_weights=weights[0], head_weights=weights[1], learning_rate=1e-3, seed=0)
-    session.warmup_features("rotation", first)
-    features = session.warmup_features("rotation", second)
+    session.frozen_features(first)
+    features = session.frozen_features(second)
     assert encoded == [120, 80]  # the second call encodes only rows 120-199
     np.testing.assert_allclose(features, direct(second), rtol=1e-4, atol=1e-5)
 
-    weights = session._initial_weights("scratch", seed=1)
-    session.trainer.reset(encoder_weights=weights[0], head_weights=weights[1], learning_rate=1e-3, seed=1)
+    def start(method, seed):
+        weights = session._initial_weights(method, seed)
+        session.trainer.reset(encoder_weights=weights[0], head_weights=weights[1], learning_rate=1e-3, seed=seed)
+
+    start("scratch", seed=1)
     encoded.clear()
-    session.warmup_features("scratch", first)
-    scratch = session.warmup_features("scratch", second)
-    assert encoded == [120, 140]  # a fresh encoder per run: nothing kept
+    session.frozen_features(first)
+    scratch = session.frozen_features(second)
+    assert encoded == [120, 80]  # a fresh encoder is not the pretext's: its own rows, each once
     np.testing.assert_allclose(scratch, direct(second), rtol=1e-4, atol=1e-5)
     assert not np.allclose(scratch, features)
+
+    start("scratch", seed=2)  # another seed, another encoder: nothing shared
+    encoded.clear()
+    np.testing.assert_allclose(session.frozen_features(second), direct(second), rtol=1e-4, atol=1e-5)
+    assert encoded == [140]
+    start("scratch", seed=1)  # the same seed builds the same encoder again: all kept
+    encoded.clear()
+    np.testing.assert_array_equal(session.frozen_features(second), scratch)
+    assert encoded == []
+    start("rotation", seed=3)
+    np.testing.assert_array_equal(session.frozen_features(second), features)
+    assert encoded == []
 
 
 def test_features_of_turned_images_are_kept_apart_from_the_images_as_they_are(synthetic, profile, pretext):
@@ -209,12 +224,12 @@ def test_features_of_turned_images_are_kept_apart_from_the_images_as_they_are(sy
     weights = session._initial_weights("rotation", seed=0)
     session.trainer.reset(encoder_weights=weights[0], head_weights=weights[1], learning_rate=1e-3, seed=0)
     rows = np.arange(40)
-    upright = session.warmup_features("rotation", rows)
-    turned = session.warmup_features("rotation", rows, quarter_turns=1)
+    upright = session.frozen_features(rows)
+    turned = session.frozen_features(rows, quarter_turns=1)
     batches = labelled_batches(session.images, rows, session.targets[rows], 32, seed=0, training=False, quarter_turns=1)
     np.testing.assert_allclose(turned, session.trainer.encode(batches), rtol=1e-4, atol=1e-5)
     assert not np.allclose(turned, upright, atol=1e-3)  # the pretext's features see the orientation
-    np.testing.assert_array_equal(session.warmup_features("rotation", rows), upright)  # the cache was not overwritten
+    np.testing.assert_array_equal(session.frozen_features(rows), upright)  # the kept features were not overwritten
 
 
 DETERMINISM_SCRIPT = """
@@ -332,14 +347,14 @@ def test_a_ridge_head_is_fitted_on_the_training_images_in_each_turn(ridge_turns,
     }
     session = FinetuneSession(images, table, resolve_profile("smoke", settings), log=lambda line: None)
     fits, turns_encoded = [], []
-    fit_head, warmup_features = session.fit_head, session.warmup_features
+    fit_head, frozen_features = session.fit_head, session.frozen_features
     monkeypatch.setattr(
         session, "fit_head",
         lambda features, targets, groups=None: fits.append((features, targets, groups)) or fit_head(features, targets, groups),
     )
     monkeypatch.setattr(
-        session, "warmup_features",
-        lambda method, rows, quarter_turns=0: turns_encoded.append(quarter_turns) or warmup_features(method, rows, quarter_turns),
+        session, "frozen_features",
+        lambda rows, quarter_turns=0: turns_encoded.append(quarter_turns) or frozen_features(rows, quarter_turns),
     )
     metrics = session.run("scratch", 1.0, 0, tmp_path)
     train = session.split(0, 1.0).train[1.0]
@@ -408,10 +423,10 @@ def test_without_epochs_the_encoder_is_untouched_and_predicts_from_its_kept_feat
         split = session.split(0, 1.0)
         calibration = session.calibration_rows(split, profile.seed)
         # The features' predictions are the network's own.
-        np.testing.assert_allclose(session._predict(split.test, method), session._predict(split.test), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(session._predict(split.test, frozen=True), session._predict(split.test), rtol=1e-4, atol=1e-5)
         if profile.warmup_epochs:
             continue  # the warm-up reads features or images of its own; the counts below are the fit's
-        if method == "rotation":  # each row once per turn: the fit's four, then the test fold's two (calibration rows are training rows)
-            assert encoded == [n_train] * 4 + [len(split.test)] * 2
-        else:  # a fresh encoder encodes every row it needs, every run
-            assert encoded[:8] == [n_train] * 4 + [len(split.test)] * 2 + [len(calibration)] * 2
+        # Each row once per turn: the fit's four, then the test fold's two (calibration rows
+        # are training rows at 100 %), for the pretext's encoder and a fresh one alike.
+        assert np.isin(calibration, split.train[1.0]).all()
+        assert encoded == [n_train] * 4 + [len(split.test)] * 2

@@ -51,8 +51,9 @@ def test_smoke_reproduction_reports_failures_keeps_results_and_resumes(tmp_path,
     nbformat.write(finetune, broken / NOTEBOOKS["finetune"])
     out = tmp_path / "run"
     lines = []
+    on_features = {"warmup_on_features": "true"}  # the warm-up reads kept features, which the notebooks share
 
-    report = reproduce("smoke", out=str(out), notebooks=broken, kernel="python3", log=lines.append)
+    report = reproduce("smoke", out=str(out), notebooks=broken, kernel="python3", overrides=on_features, log=lines.append)
 
     assert [label for label, _, _ in report.failed] == ["03_finetune_fractions (fraction=0.25)"]
     failed_notebook = report.failed[0][1]
@@ -61,11 +62,13 @@ def test_smoke_reproduction_reports_failures_keeps_results_and_resumes(tmp_path,
     finished = sorted(out.glob("finetune/*/fraction_1/repetition_*/metrics.json"))
     assert len(finished) == 2 * 2  # rotation and scratch, 2 repetitions: the other fraction is intact
     stamps = {path: path.stat().st_mtime_ns for path in finished}
+    assert len(list((out / "features").glob("features_*.npz"))) == 1 + 2  # the pretext's encoder, a fresh one per repetition
 
     lines.clear()
-    report = reproduce("smoke", out=str(out), kernel="python3", log=lines.append)
+    report = reproduce("smoke", out=str(out), kernel="python3", overrides=on_features, log=lines.append)
 
     assert report.ok, report.failed
+    assert not (out / "features").exists() and any("removed" in line and "features" in line for line in lines)
     assert set(report.skipped) == {"01_data_exploration", "02_rotation_pretext", "03_finetune_fractions (fraction=1.0)"}
     assert {path: path.stat().st_mtime_ns for path in finished} == stamps  # finished results untouched
     table = pd.read_csv(out / "table.csv")
