@@ -147,9 +147,9 @@ def planned_work(profile, session, n_images: int) -> dict:
     :func:`drnb.finetune.plan_steps`; the images encoded for a warm-up on features; the
     validation images scored after each full epoch; the images the cut points are fitted on;
     the test fold (each of these three ``test_time_turns`` times). Features for a warm-up on
-    features or a ridge-fitted head (in each of ``ridge_turns`` turns), and, for a profile that
+    features or a ridge-fitted head (in each of ``ridge_turns`` views), and, for a profile that
     never trains its encoder (``finetune_epochs=0``), the features its predictions read, are
-    encoded once per row, turn and starting encoder over the whole sweep, as the notebooks
+    encoded once per row, view and starting encoder over the whole sweep, as the notebooks
     share them (:mod:`drnb.features`): one encoder for the methods that start every run from
     the same weights, one per repetition for a fresh encoder (the same seeded initialisation,
     re-estimated on the same calibration images, at every fraction); a fresh encoder's
@@ -166,7 +166,7 @@ def planned_work(profile, session, n_images: int) -> dict:
     import math
 
     from drnb.distribute import scaled_batch_and_rate
-    from drnb.finetune import SHARED_START_METHODS, evenly_spaced_turns, plan_steps, runnable_methods
+    from drnb.finetune import SHARED_START_METHODS, plan_steps, runnable_methods, symmetry_views
     from drnb.splits import split_holdout
 
     # The session's groups are the pretext's (patients and near duplicates) in the stratified split mode.
@@ -186,11 +186,11 @@ def planned_work(profile, session, n_images: int) -> dict:
     on_features = profile.warmup_on_features and profile.warmup_epochs
     ridge_turns = profile.ridge_turns if profile.head_init == "ridge" else 0
     fit_count = max(ridge_turns, 1 if on_features else 0)  # the unturned features serve both
-    fit_turns = evenly_spaced_turns(fit_count) if fit_count else ()
-    test_turns = evenly_spaced_turns(profile.test_time_turns)
+    fit_views = symmetry_views(fit_count) if fit_count else ()
+    test_views = symmetry_views(profile.test_time_turns)
     frozen = not profile.trains_encoder  # predictions read the features too
     fresh = sum(method not in SHARED_START_METHODS for method in methods)
-    encoded = {}  # (starting encoder, turn) -> rows encoded, over every notebook of the sweep
+    encoded = {}  # (starting encoder, view) -> rows encoded, over every notebook of the sweep
     for fraction in profile.fractions:
         for repetition in range(profile.repetitions):
             split = session.split(repetition, fraction)
@@ -201,16 +201,16 @@ def planned_work(profile, session, n_images: int) -> dict:
             scored = [split.test] + [split.validation_for(fraction)] * profile.finetune_epochs
             if profile.cut_points == "prior":
                 scored.append(calibration)
-            predicted = sum(len(rows) for rows in scored) * len(test_turns)  # each image in every turn averaged
+            predicted = sum(len(rows) for rows in scored) * len(test_views)  # each image in every view averaged
             if profile.recalibrate_batchnorm:  # fresh encoders only
                 work["finetune_predict"] += fresh * len(calibration)
             for method in methods:
                 encoder = method if method in SHARED_START_METHODS else (method, repetition)
-                for turn in fit_turns:
-                    encoded.setdefault((encoder, turn), set()).update(train.tolist())
+                for view in fit_views:
+                    encoded.setdefault((encoder, view), set()).update(train.tolist())
                 if frozen:
-                    for turn in test_turns:
-                        encoded.setdefault((encoder, turn), set()).update(np.concatenate(scored).tolist())
+                    for view in test_views:
+                        encoded.setdefault((encoder, view), set()).update(np.concatenate(scored).tolist())
             # A run that trains its encoder predicts through the network; a frozen one reads features.
             work["finetune_predict"] += 0 if frozen else len(methods) * predicted
             warmup_images = profile.warmup_epochs * warmup_steps * batch

@@ -2,8 +2,9 @@
 
 A run that fits its head on frozen features (``head_init="ridge"``, ``warmup_on_features``),
 or never trains its encoder (``finetune_epochs=0``), reads each image's pooled features in
-each quarter turn it uses. Those features depend on nothing but the encoder's weights, the
-image and the turn, so :class:`FeatureStore` keeps them under a key made of exactly these
+each view it uses (a quarter turn, or a quarter turn of its mirror image). Those features
+depend on nothing but the encoder's weights, the image and the view, so
+:class:`FeatureStore` keeps them under a key made of exactly these
 (:func:`encoder_fingerprint`): runs whose encoders are identical read each other's features,
 and any change of weights gives a new key. Identical encoders are common in a sweep: every
 ``rotation`` run starts from the pretext encoder, and a ``scratch`` run of repetition r is the
@@ -11,8 +12,8 @@ same seeded initialisation, its batch norm re-estimated on the same calibration 
 every fraction's notebook.
 
 Given a folder, the store also keeps what it encoded there, one ``features_<key>.npz`` per
-encoder and turn (``features`` float32 (N, F), ``encoded`` bool (N,)), so the notebooks of a
-sweep, which share no memory, encode each image once per encoder and turn between them. A
+encoder and view (``features`` float32 (N, F), ``encoded`` bool (N,)), so the notebooks of a
+sweep, which share no memory, encode each image once per encoder and view between them. A
 file is written to a temporary name and renamed, so a reader never sees half of one; a file
 that cannot be read is reported and encoded again.
 """
@@ -59,7 +60,7 @@ def encoder_fingerprint(encoder, *, context: str = "") -> str:
 
 
 class FeatureStore:
-    """Features of ``n_rows`` images, per (encoder key, quarter turn), encoded only once.
+    """Features of ``n_rows`` images, per (encoder key, view), encoded only once.
 
     Parameters
     ----------
@@ -80,20 +81,22 @@ class FeatureStore:
         self._kept: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         self._unsaved: set[tuple[str, int]] = set()
 
-    def path(self, encoder_key: str, quarter_turns: int) -> Path | None:
-        """The file of one encoder and turn (None without a directory)."""
+    def path(self, encoder_key: str, view: int) -> Path | None:
+        """The file of one encoder and view (None without a directory)."""
         if self.directory is None:
             return None
-        return self.directory / f"{FILE_PREFIX}{encoder_key}_turn{quarter_turns}.npz"
+        return self.directory / f"{FILE_PREFIX}{encoder_key}_view{view}.npz"
 
-    def features(self, encoder_key: str, quarter_turns: int, rows, encode: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    def features(self, encoder_key: str, view: int, rows, encode: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         """``rows``' features, calling ``encode`` for the rows not kept yet.
 
         Parameters
         ----------
         encoder_key : str
             From :func:`encoder_fingerprint`.
-        quarter_turns : {0, 1, 2, 3}
+        view : int
+            Which symmetry of the square the images are shown in (0-7, see
+            :func:`drnb.finetune.symmetry_views`).
         rows : array-like
             int (M,) indices in ``[0, n_rows)``, in any order, repeats allowed.
         encode : callable
@@ -108,7 +111,7 @@ class FeatureStore:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.ndim != 1 or (len(rows) and (rows.min() < 0 or rows.max() >= self.n_rows)):
             raise ValueError(f"rows: expected a 1-D array of indices in [0, {self.n_rows})")
-        key = (encoder_key, int(quarter_turns))
+        key = (encoder_key, int(view))
         if key not in self._kept:
             self._kept[key] = self._read(key) or (None, np.zeros(self.n_rows, bool))
         features, encoded = self._kept[key]
@@ -126,7 +129,7 @@ class FeatureStore:
         return features[rows]
 
     def save(self) -> list[Path]:
-        """Write every encoder and turn that gained rows since the last save; return the files.
+        """Write every encoder and view that gained rows since the last save; return the files.
 
         Rows another process wrote to the same file meanwhile are kept too.
         """

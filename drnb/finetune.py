@@ -67,12 +67,13 @@ MODEL_FILE = "model.keras"
 SHARED_START_METHODS = ("rotation", "imagenet")
 
 
-def evenly_spaced_turns(count: int) -> range:
-    """The ``count`` (1, 2 or 4) evenly spaced quarter turns, in units of 90 degrees: 1 -> (0,),
-    2 -> (0, 2), 4 -> (0, 1, 2, 3)."""
-    if count not in (1, 2, 4):
-        raise ValueError(f"count={count!r}: expected 1, 2 or 4 evenly spaced quarter turns")
-    return range(0, 4, 4 // count)
+def symmetry_views(count: int) -> range:
+    """The views (see :func:`drnb.pipeline.labelled_batches`) of ``count`` symmetries of the
+    square: 1 -> (0,), the image as it is; 2 -> (0, 2), turned by 0 and 180 degrees; 4 -> 0-3,
+    every quarter turn; 8 -> 0-7, every quarter turn of the image and of its mirror image."""
+    if count not in (1, 2, 4, 8):
+        raise ValueError(f"count={count!r}: expected 1, 2, 4 or 8 views")
+    return range(8) if count == 8 else range(0, 4, 4 // count)
 
 
 def run_directory(root: str | os.PathLike, method: str, fraction: float, repetition: int) -> Path:
@@ -247,23 +248,21 @@ class FinetuneSession:
             )
         return pretrained.get_weights()
 
-    def _inference_batches(self, rows: np.ndarray, quarter_turns: int = 0) -> tf.data.Dataset:
-        """``rows``' images in order, turned by ``quarter_turns`` x 90 degrees, in batches (with their targets)."""
-        return labelled_batches(
-            self.images, rows, self.targets[rows], self.batch_size, seed=0, training=False, quarter_turns=quarter_turns
-        )
+    def _inference_batches(self, rows: np.ndarray, view: int = 0) -> tf.data.Dataset:
+        """``rows``' images in order, in ``view`` (0-7, see :func:`symmetry_views`), in batches (with their targets)."""
+        return labelled_batches(self.images, rows, self.targets[rows], self.batch_size, seed=0, training=False, view=view)
 
     def _predict(self, indices: np.ndarray, frozen: bool = False) -> np.ndarray:
         """Outputs for ``indices``' images, float32 (len(indices), outputs): averaged over the
-        profile's ``test_time_turns`` evenly spaced quarter turns of each image (1: the image as it is).
+        profile's ``test_time_turns`` views of each image (:func:`symmetry_views`; 1: the image as it is).
 
         ``frozen``: the run's encoder still has its starting weights, so the head reads the
         features :meth:`frozen_features` keeps, or encodes, for it.
         """
-        turns = evenly_spaced_turns(self.profile.test_time_turns)
+        views = symmetry_views(self.profile.test_time_turns)
         if frozen:
-            return np.mean([self.trainer.head_outputs(self.frozen_features(indices, k)) for k in turns], axis=0)
-        return np.mean([self.trainer.predict(self._inference_batches(indices, k)) for k in turns], axis=0)
+            return np.mean([self.trainer.head_outputs(self.frozen_features(indices, view)) for view in views], axis=0)
+        return np.mean([self.trainer.predict(self._inference_batches(indices, view)) for view in views], axis=0)
 
     def run(self, method: str, fraction: float, repetition: int, out_dir: str | os.PathLike, *, save_model: bool = False) -> dict:
         """Fine-tune and evaluate one run; write its files into ``out_dir``; return its metrics.
@@ -304,9 +303,10 @@ class FinetuneSession:
             self.recalibrate_batchnorm(calibration)
         features, ridge_penalty = None, None
         if profile.head_init == "ridge":
-            # Each turn of an image is a sample with its grade: the fit learns to ignore how
-            # the photograph is oriented, which the rotation pretext's features encode.
-            turned = [self.frozen_features(train_indices, k) for k in evenly_spaced_turns(profile.ridge_turns)]
+            # Each view of an image (a turn, or a turn of its mirror image) is a sample with its
+            # grade: the fit learns to ignore how the photograph is oriented, which the
+            # rotation pretext's features encode.
+            turned = [self.frozen_features(train_indices, view) for view in symmetry_views(profile.ridge_turns)]
             features = turned[0]  # the images as they are, for a warm-up on features too
             image_of_row = np.tile(np.arange(len(train_indices)), len(turned))  # an image's turns leave together
             ridge_penalty = self.fit_head(
@@ -382,7 +382,7 @@ class FinetuneSession:
         self.features.save()
         return metrics
 
-    def frozen_features(self, rows: np.ndarray, quarter_turns: int = 0) -> np.ndarray:
+    def frozen_features(self, rows: np.ndarray, view: int = 0) -> np.ndarray:
         """The encoder's pooled features of ``rows`` as its weights are now, for a warm-up on
         features, a ridge head's fit, or the predictions of a run that never trains its encoder.
 
@@ -397,20 +397,19 @@ class FinetuneSession:
         ----------
         rows : numpy.ndarray
             int (M,), row indices into the session's images.
-        quarter_turns : {0, 1, 2, 3}
-            The images are turned by this many times 90 degrees first.
+        view : int in 0..7
+            The images are shown turned (0-3 quarter turns) or mirrored and turned (4-7; see
+            :func:`symmetry_views`).
 
         Returns
         -------
         numpy.ndarray
             float32 (M, F), in the order of ``rows``.
         """
-        if quarter_turns not in (0, 1, 2, 3):
-            raise ValueError(f"quarter_turns={quarter_turns!r}: expected 0, 1, 2 or 3 quarter turns")
+        if view not in range(8):
+            raise ValueError(f"view={view!r}: expected 0-3 (quarter turns) or 4-7 (mirrored, then turned)")
         key = encoder_fingerprint(self.trainer.encoder, context=self._images_key)
-        return self.features.features(
-            key, quarter_turns, rows, lambda missing: self.trainer.encode(self._inference_batches(missing, quarter_turns))
-        )
+        return self.features.features(key, view, rows, lambda missing: self.trainer.encode(self._inference_batches(missing, view)))
 
     def fit_head(self, features: np.ndarray, grades: np.ndarray, image_of_row: np.ndarray | None = None) -> float:
         """Set the linear regression head to the ridge regression of ``grades`` on ``features``

@@ -223,7 +223,7 @@ def labelled_batches(
     seed: int,
     training: bool,
     augment_options: dict | None = None,
-    quarter_turns: int = 0,
+    view: int = 0,
 ) -> tf.data.Dataset:
     """Batches of (image, target) for fine-tuning or evaluation.
 
@@ -242,17 +242,21 @@ def labelled_batches(
     training : bool
         Shuffle, repeat forever, drop the last partial batch and augment; otherwise one
         ordered pass.
-    quarter_turns : int
-        Evaluation only: every image turned anticlockwise by ``90 * quarter_turns`` degrees
-        (test-time augmentation; drnb's mask is the same under every quarter turn).
+    view : int in 0..7
+        Evaluation only: which symmetry of the square every image is shown in (test-time
+        augmentation; drnb's mask is the same under all of them). 0-3: turned anticlockwise
+        by ``90 * view`` degrees; 4-7: mirrored left to right, then turned by ``view - 4``
+        quarter turns.
 
     Returns
     -------
     tf.data.Dataset
         of (float32 (B, S, S, 3) in [0, 255], float32 (B, T)).
     """
-    if training and quarter_turns:
-        raise ValueError(f"quarter_turns={quarter_turns}: for evaluation only; training batches are augmented at random")
+    if view not in range(8):
+        raise ValueError(f"view={view!r}: expected 0-3 (quarter turns) or 4-7 (mirrored, then turned)")
+    if training and view:
+        raise ValueError(f"view={view}: for evaluation only; training batches are augmented at random")
     indices = np.asarray(indices, np.int64)
     targets = np.asarray(targets, np.float32)
     if training:
@@ -271,12 +275,14 @@ def labelled_batches(
             num_parallel_calls=tf.data.AUTOTUNE,
         )
     else:
-        turns = quarter_turns % 4
+        turns, mirrored = view % 4, view >= 4
+
+        def shown(batch_indices):
+            batch = tf.gather(images, batch_indices)
+            return tf.image.rot90(tf.reverse(batch, axis=[2]) if mirrored else batch, k=turns)
+
         dataset = dataset.map(
-            lambda batch_indices, batch_targets: (
-                tf.cast(tf.image.rot90(tf.gather(images, batch_indices), k=turns), tf.float32),
-                batch_targets,
-            ),
+            lambda batch_indices, batch_targets: (tf.cast(shown(batch_indices), tf.float32), batch_targets),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
     return dataset.prefetch(tf.data.AUTOTUNE)

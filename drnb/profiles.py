@@ -88,7 +88,7 @@ class Profile:
     cut_points: str = "fixed"  # outputs -> grades: "fixed" (0.5 per ordinal output; argmax) or "prior" (drnb.targets)
     # Training-pool images (never test) the prior cut points are fitted on, and batch norm re-estimated on.
     calibration_images: int = 256
-    test_time_turns: int = 1  # predictions averaged over 1, 2 (0 and 180 degrees) or 4 quarter turns of each image
+    test_time_turns: int = 1  # predictions averaged over 1, 2 (0 and 180 degrees) or 4 quarter turns of each image, or 8 (also mirrored)
     finetune_hidden: tuple[int, ...] = (1024,)  # "simple multiclass" head widths
     finetune_dropout: float = 0.5  # dropout after each hidden fine-tuning layer
     finetune_batch_size: int = 32  # images per batch
@@ -97,7 +97,8 @@ class Profile:
     # on the frozen encoder's features, fitted in closed form (drnb.ridge; LP-FT).
     head_init: str = "random"
     # head_init="ridge": the head is fitted on each training image's frozen features at 1, 2 or 4
-    # evenly spaced quarter turns, each a sample with the image's grade (predictions: test_time_turns).
+    # evenly spaced quarter turns, or 8 (the four of the image and of its mirror image), each a
+    # sample with the image's grade (predictions: test_time_turns).
     ridge_turns: int = 1
     # head_init="ridge": the penalty is chosen by the least left-out squared "error" or the best
     # left-out "correlation" with the grades (for outputs graded by rank: cut_points="prior").
@@ -158,10 +159,10 @@ class Profile:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected an epoch count >= 0")
         for name in ("test_time_turns", "ridge_turns"):
-            if getattr(self, name) not in (1, 2, 4):
+            if getattr(self, name) not in (1, 2, 4, 8):
                 raise ValueError(
-                    f"{name}={getattr(self, name)!r}: expected 1 (each image as it is), 2 (0 and 180 degrees) "
-                    "or 4 (every quarter turn)"
+                    f"{name}={getattr(self, name)!r}: expected 1 (each image as it is), 2 (0 and 180 degrees), "
+                    "4 (every quarter turn) or 8 (every quarter turn of the image and of its mirror image)"
                 )
         if self.ridge_turns > 1 and self.head_init != "ridge":
             raise ValueError(f"ridge_turns={self.ridge_turns} turns the images a ridge head is fitted on: expected head_init='ridge'")

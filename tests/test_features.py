@@ -1,4 +1,4 @@
-"""Frozen features kept per encoder and turn, in memory and between processes (drnb.features)."""
+"""Frozen features kept per encoder and view, in memory and between processes (drnb.features)."""
 
 
 import keras
@@ -12,21 +12,21 @@ N_ROWS, WIDTH = 30, 5
 
 
 class CountingEncoder:
-    """Stands in for an encoder: row r's features are r + turn/10 + the key's offset, and every call is kept."""
+    """Stands in for an encoder: row r's features are r + view/10 + the key's offset, and every call is kept."""
 
     def __init__(self, offset=0.0):
         self.calls, self.offset = [], offset
 
-    def __call__(self, turn):
+    def __call__(self, view):
         def encode(missing):
             self.calls.append(missing.tolist())
-            return np.repeat(missing[:, None] + turn / 10 + self.offset, WIDTH, axis=1).astype(np.float32)
+            return np.repeat(missing[:, None] + view / 10 + self.offset, WIDTH, axis=1).astype(np.float32)
 
         return encode
 
 
-def expected(rows, turn, offset=0.0):
-    return np.repeat(np.asarray(rows)[:, None] + turn / 10 + offset, WIDTH, axis=1).astype(np.float32)
+def expected(rows, view, offset=0.0):
+    return np.repeat(np.asarray(rows)[:, None] + view / 10 + offset, WIDTH, axis=1).astype(np.float32)
 
 
 def test_only_rows_not_kept_yet_are_encoded_in_any_order_and_with_repeats():
@@ -34,7 +34,7 @@ def test_only_rows_not_kept_yet_are_encoded_in_any_order_and_with_repeats():
     np.testing.assert_array_equal(store.features("a", 0, [5, 3, 5], encoder(0)), expected([5, 3, 5], 0))
     np.testing.assert_array_equal(store.features("a", 0, [7, 3, 1], encoder(0)), expected([7, 3, 1], 0))
     assert encoder.calls == [[3, 5], [1, 7]]  # sorted and unique, each row once
-    np.testing.assert_array_equal(store.features("a", 1, [3], encoder(1)), expected([3], 1))  # another turn
+    np.testing.assert_array_equal(store.features("a", 1, [3], encoder(1)), expected([3], 1))  # another view
     np.testing.assert_array_equal(store.features("b", 0, [3], encoder(0)), expected([3], 0))  # another encoder
     assert encoder.calls[2:] == [[3], [3]]
     np.testing.assert_array_equal(store.features("a", 0, [], encoder(0)), np.zeros((0, WIDTH), np.float32))
@@ -43,9 +43,9 @@ def test_only_rows_not_kept_yet_are_encoded_in_any_order_and_with_repeats():
 def test_saved_features_are_read_by_another_store_without_encoding(tmp_path):
     first, encoder = FeatureStore(N_ROWS, tmp_path), CountingEncoder()
     first.features("key", 2, np.arange(10), encoder(2))
-    assert first.save() == [tmp_path / "features_key_turn2.npz"]
+    assert first.save() == [tmp_path / "features_key_view2.npz"]
     assert first.save() == []  # nothing new since
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["features_key_turn2.npz"]  # no temporary file left
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["features_key_view2.npz"]  # no temporary file left
 
     second, later = FeatureStore(N_ROWS, tmp_path), CountingEncoder()
     np.testing.assert_array_equal(second.features("key", 2, [9, 0, 12], later(2)), expected([9, 0, 12], 2))
@@ -64,15 +64,15 @@ def test_a_save_keeps_what_another_process_wrote_meanwhile(tmp_path):
 
 
 def test_an_unreadable_or_mismatched_file_is_reported_and_encoded_again(tmp_path):
-    (tmp_path / "features_broken_turn0.npz").write_bytes(b"not a zip file")
-    np.savez(tmp_path / "features_other_turn0.npz", features=np.zeros((N_ROWS + 1, WIDTH), np.float32), encoded=np.ones(N_ROWS + 1, bool))
+    (tmp_path / "features_broken_view0.npz").write_bytes(b"not a zip file")
+    np.savez(tmp_path / "features_other_view0.npz", features=np.zeros((N_ROWS + 1, WIDTH), np.float32), encoded=np.ones(N_ROWS + 1, bool))
     messages = []
     store, encoder = FeatureStore(N_ROWS, tmp_path, log=messages.append), CountingEncoder()
     np.testing.assert_array_equal(store.features("broken", 0, [4], encoder(0)), expected([4], 0))
     np.testing.assert_array_equal(store.features("other", 0, [4], encoder(0)), expected([4], 0))
     assert encoder.calls == [[4], [4]]
-    assert "features_broken_turn0.npz" in messages[0] and "encoded again" in messages[0]
-    assert "features_other_turn0.npz" in messages[1] and f"expected float32 ({N_ROWS}, F)" in messages[1]
+    assert "features_broken_view0.npz" in messages[0] and "encoded again" in messages[0]
+    assert "features_other_view0.npz" in messages[1] and f"expected float32 ({N_ROWS}, F)" in messages[1]
     store.save()  # replaced by readable files
     assert FeatureStore(N_ROWS, tmp_path).features("broken", 0, [4], CountingEncoder()(0))[0, 0] == pytest.approx(4)
 
@@ -134,7 +134,7 @@ def test_a_later_notebooks_session_reads_the_features_an_earlier_one_kept(tmp_pa
     first = session(features)
     for method in ("rotation", "scratch"):
         first.run(method, 0.25, 0, tmp_path / "first" / method)
-    assert len(list(features.glob("features_*_turn*.npz"))) == 2 * 2  # two encoders, two turns each
+    assert len(list(features.glob("features_*_view*.npz"))) == 2 * 2  # two encoders, two turns each
 
     second, alone = session(features), session(None)
     for method in ("rotation", "scratch"):

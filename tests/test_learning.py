@@ -225,8 +225,8 @@ def test_features_of_turned_images_are_kept_apart_from_the_images_as_they_are(sy
     session.trainer.reset(encoder_weights=weights[0], head_weights=weights[1], learning_rate=1e-3, seed=0)
     rows = np.arange(40)
     upright = session.frozen_features(rows)
-    turned = session.frozen_features(rows, quarter_turns=1)
-    batches = labelled_batches(session.images, rows, session.targets[rows], 32, seed=0, training=False, quarter_turns=1)
+    turned = session.frozen_features(rows, view=1)
+    batches = labelled_batches(session.images, rows, session.targets[rows], 32, seed=0, training=False, view=1)
     np.testing.assert_allclose(turned, session.trainer.encode(batches), rtol=1e-4, atol=1e-5)
     assert not np.allclose(turned, upright, atol=1e-3)  # the pretext's features see the orientation
     np.testing.assert_array_equal(session.frozen_features(rows), upright)  # the kept features were not overwritten
@@ -287,9 +287,11 @@ def test_test_time_turns_average_the_predictions_of_each_image_turned(small_sess
     model = small_session.trainer.model
     images = small_session.images.numpy()[rows].astype(np.float32)
     turned = [model.predict(np.rot90(images, k, axes=(1, 2)), verbose=0) for k in range(4)]
+    mirrored = [model.predict(np.rot90(images[:, :, ::-1], k, axes=(1, 2)), verbose=0) for k in range(4)]
     np.testing.assert_allclose(small_session._predict(rows), turned[0], atol=1e-5)
     assert not np.allclose(turned[0], turned[1], atol=1e-4)  # the untrained network is not rotation-invariant
-    for turns, expected in ((2, (turned[0] + turned[2]) / 2), (4, np.mean(turned, axis=0))):
+    assert not np.allclose(turned[0], mirrored[0], atol=1e-4)  # nor mirror-invariant
+    for turns, expected in ((2, (turned[0] + turned[2]) / 2), (4, np.mean(turned, axis=0)), (8, np.mean(turned + mirrored, axis=0))):
         small_session.profile = small_session.profile.derive(test_time_turns=turns)
         try:
             np.testing.assert_allclose(small_session._predict(rows), expected, atol=1e-5)
@@ -297,7 +299,15 @@ def test_test_time_turns_average_the_predictions_of_each_image_turned(small_sess
             small_session.profile = small_session.profile.derive(test_time_turns=1)
 
 
-def test_test_time_turns_must_be_1_2_or_4():
+def test_symmetry_views_are_evenly_spaced_turns_then_the_mirror_images_turns():
+    from drnb.finetune import symmetry_views
+
+    assert [list(symmetry_views(count)) for count in (1, 2, 4, 8)] == [[0], [0, 2], [0, 1, 2, 3], list(range(8))]
+    with pytest.raises(ValueError, match="count=3: expected 1, 2, 4 or 8 views"):
+        symmetry_views(3)
+
+
+def test_test_time_turns_must_be_1_2_4_or_8():
     with pytest.raises(ValueError, match="test_time_turns=3: expected 1"):
         resolve_profile("quick", {"test_time_turns": "3"})
 
@@ -334,7 +344,7 @@ def test_a_fresh_encoders_batchnorm_is_recalibrated_on_the_calibration_rows(smal
     np.testing.assert_array_equal(calls[0], calibration)
 
 
-@pytest.mark.parametrize("ridge_turns", [1, 4])
+@pytest.mark.parametrize("ridge_turns", [1, 4, 8])
 def test_a_ridge_head_is_fitted_on_the_training_images_in_each_turn(ridge_turns, tmp_path, monkeypatch):
     from drnb.ridge import fit_ridge
 
@@ -354,11 +364,11 @@ def test_a_ridge_head_is_fitted_on_the_training_images_in_each_turn(ridge_turns,
     )
     monkeypatch.setattr(
         session, "frozen_features",
-        lambda rows, quarter_turns=0: turns_encoded.append(quarter_turns) or frozen_features(rows, quarter_turns),
+        lambda rows, view=0: turns_encoded.append(view) or frozen_features(rows, view),
     )
     metrics = session.run("scratch", 1.0, 0, tmp_path)
     train = session.split(0, 1.0).train[1.0]
-    assert turns_encoded == list(range(0, 4, 4 // ridge_turns))
+    assert turns_encoded == ([0] if ridge_turns == 1 else list(range(ridge_turns)))  # 4-7: the mirror image's turns
     features, targets, images = fits[0]
     assert features.shape == (ridge_turns * len(train), session.trainer.encoder.output_shape[-1])
     np.testing.assert_array_equal(targets, np.tile(grades[train], ridge_turns))

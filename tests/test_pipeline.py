@@ -91,15 +91,20 @@ def test_labelled_batches_evaluation_is_one_ordered_pass():
     assert values.tolist() == [4.0, 2.0, 0.0]
 
 
-def test_evaluation_batches_can_turn_every_image_by_quarter_turns(asymmetric_images):
+def test_evaluation_batches_show_every_image_in_one_of_the_eight_views(asymmetric_images):
     images = asymmetric_images[:3].astype(np.uint8)
     targets = np.eye(3, dtype=np.float32)
-    for k in range(4):
-        batches = labelled_batches(tf.constant(images), np.arange(3), targets, 2, seed=0, training=False, quarter_turns=k)
-        turned = np.concatenate([b[0].numpy() for b in batches])
-        np.testing.assert_array_equal(turned, np.rot90(images, k, axes=(1, 2)).astype(np.float32))
-    with pytest.raises(ValueError, match="quarter_turns=1: for evaluation only"):
-        labelled_batches(tf.constant(images), np.arange(3), targets, 2, seed=0, training=True, quarter_turns=1)
+    shown = []
+    for view in range(8):
+        batches = labelled_batches(tf.constant(images), np.arange(3), targets, 2, seed=0, training=False, view=view)
+        shown.append(np.concatenate([b[0].numpy() for b in batches]))
+        source = images[:, :, ::-1] if view >= 4 else images  # 4-7: mirrored left to right first
+        np.testing.assert_array_equal(shown[-1], np.rot90(source, view % 4, axes=(1, 2)).astype(np.float32))
+    assert len({view.tobytes() for view in shown}) == 8  # an asymmetric image looks different in each
+    with pytest.raises(ValueError, match="view=1: for evaluation only"):
+        labelled_batches(tf.constant(images), np.arange(3), targets, 2, seed=0, training=True, view=1)
+    with pytest.raises(ValueError, match="view=8: expected 0-3"):
+        labelled_batches(tf.constant(images), np.arange(3), targets, 2, seed=0, training=False, view=8)
 
 
 def test_quarter_turn_augmentation_turns_each_image_like_np_rot90(asymmetric_images):
