@@ -268,14 +268,14 @@ PROFILES: dict[str, Profile] = {
         finetune_learning_rate=5e-5,  # the study's rate, for --set finetune_epochs=8 (LP-FT)
         target="regression",
         head_init="ridge",
-        ridge_turns=4,
+        ridge_turns=8,  # every quarter turn of each training image and of its mirror image
         ridge_criterion="correlation",
-        test_time_turns=4,  # the turns the head was fitted on; rotation reads them from its kept features
+        test_time_turns=8,  # the views the head was fitted on, read from the kept features
         recalibrate_batchnorm=True,
         warmup_epochs=0,
         # Linear evaluation: every fine-tuning schedule that fits the hour scored below the
         # fitted head alone (README, "why these settings"). finetune_epochs=8 with
-        # test_time_turns=2 is the profile before: 32 steps at 5e-5 from the fit.
+        # ridge_turns=4 and test_time_turns=2 is an earlier profile: 32 steps at 5e-5 from the fit.
         finetune_epochs=0,
         finetune_min_steps=32,
         finetune_max_steps=32,

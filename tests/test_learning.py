@@ -386,7 +386,7 @@ def test_a_ridge_head_is_fitted_on_the_training_images_in_each_turn(ridge_turns,
     ({"ridge_criterion": "kappa"}, "ridge_criterion='kappa': expected one of"),
     ({"ridge_turns": "1", "head_init": "random"}, "ridge_criterion='correlation' chooses a ridge head's penalty"),
 ])
-def test_ridge_turns_must_be_1_2_or_4_and_need_a_ridge_head(overrides, message):
+def test_ridge_turns_must_be_1_2_4_or_8_and_need_a_ridge_head(overrides, message):
     with pytest.raises(ValueError, match=message):
         resolve_profile("quick", overrides)
 

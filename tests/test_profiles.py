@@ -135,7 +135,7 @@ def test_quick_pools_every_stage_and_a_run_folder_from_before_keeps_the_last(tmp
 def test_quick_starts_a_regression_head_from_a_ridge_fit_and_old_run_folders_do_not(tmp_path):
     quick = PROFILES["quick"]
     assert (quick.target, quick.head_init, quick.finetune_hidden, quick.recalibrate_batchnorm) == ("regression", "ridge", (), True)
-    assert (quick.ridge_turns, quick.test_time_turns) == (4, 4)  # fitted and predicted on every quarter turn
+    assert (quick.ridge_turns, quick.test_time_turns) == (8, 8)  # fitted and predicted on every symmetry of the square
     assert (quick.ridge_criterion, PROFILES["paper"].ridge_criterion) == ("correlation", "error")
     assert (PROFILES["paper"].head_init, PROFILES["paper"].recalibrate_batchnorm) == ("random", False)  # as the study
     assert (PROFILES["paper"].ridge_turns, PROFILES["paper"].test_time_turns) == (1, 1)

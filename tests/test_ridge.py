@@ -134,3 +134,20 @@ def test_the_correlation_criterion_picks_the_penalty_whose_left_out_predictions_
     assert fit.penalty == max(correlations, key=correlations.get)
     with pytest.raises(ValueError, match="criterion='kappa': expected one of"):
         fit_ridge(features, grades, criterion="kappa")
+
+
+@pytest.mark.parametrize("rows, width", [(200, 12), (9, 12)])  # from the Gram matrix; LAPACK's SVD when not tall
+def test_thin_svd_reconstructs_the_matrix_and_drops_directions_it_does_not_span(rows, width):
+    from drnb.ridge import thin_svd
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, (rows, width)) * np.logspace(-2, 2, width)
+    x[:, 5] = 0  # a constant feature, standardised
+    x[:, 7] = 2 * x[:, 3]  # and a copy: rank width - 2
+    u, s, vt = thin_svd(x)
+    rank = min(rows, width - 2)
+    assert s.shape == (rank,) and np.all(np.diff(s) <= 0) and s[-1] > 0
+    np.testing.assert_allclose(u @ np.diag(s) @ vt, x, atol=1e-9 * np.abs(x).max())
+    np.testing.assert_allclose(u.T @ u, np.eye(rank), atol=1e-9)
+    np.testing.assert_allclose(vt @ vt.T, np.eye(rank), atol=1e-9)
+    np.testing.assert_allclose(s, np.linalg.svd(x, compute_uv=False)[:rank], rtol=1e-9)
