@@ -119,3 +119,28 @@ def benchmark_module():
 def study_module():
     """``benchmarks/accelerator_study.py`` as a module."""
     return _benchmark_script("accelerator_study")
+
+
+@pytest.fixture(scope="session")
+def tiny_fundus_set():
+    """80 synthetic 32-px photographs: images uint8 (80, 32, 32, 3), grades int (80,) in 0-4,
+    and their dataset table (no files, no patients)."""
+    import pandas as pd
+
+    from drnb.synthetic import make_fundus_images
+
+    images, grades = make_fundus_images(80, size=32, seed=1)
+    table = pd.DataFrame({"image_id": [str(i) for i in range(80)], "path": "", "grade": grades, "patient_id": None, "split": None})
+    return images, grades, table
+
+
+@pytest.fixture
+def linear_settings():
+    """``--set`` values that make the smoke profile evaluate both methods linearly, as quick
+    does: a ridge-fitted regression head on frozen features, no epoch, cut points by the prior."""
+    return {
+        "methods": "rotation,scratch", "bootstrap_resamples": "0", "calibration_images": "40", "target": "regression",
+        "finetune_hidden": "", "head_init": "ridge", "ridge_turns": "4", "test_time_turns": "2", "cut_points": "prior",
+        "warmup_epochs": "0", "finetune_epochs": "0", "min_steps": "0", "validation_fraction": "0",
+        "recalibrate_batchnorm": "true",
+    }

@@ -3,7 +3,6 @@
 
 import keras
 import numpy as np
-import pandas as pd
 import pytest
 
 from drnb.features import FeatureStore, array_fingerprint, encoder_fingerprint
@@ -103,24 +102,16 @@ def test_the_fingerprint_follows_every_weight_and_the_context():
     assert array_fingerprint([np.zeros(4, np.uint8)]) != array_fingerprint([np.zeros((2, 2), np.uint8)])
 
 
-def test_a_later_notebooks_session_reads_the_features_an_earlier_one_kept(tmp_path):
+def test_a_later_notebooks_session_reads_the_features_an_earlier_one_kept(tmp_path, tiny_fundus_set, linear_settings):
     """Two sessions (two fraction notebooks) of a linear profile: the second encodes only rows
     the first did not, and scores exactly what a session without kept features scores."""
     from drnb.finetune import FinetuneSession
     from drnb.models import profile_encoder
     from drnb.pretext import save_atomically
     from drnb.profiles import resolve_profile
-    from drnb.synthetic import make_fundus_images
 
-    images, grades = make_fundus_images(80, size=32, seed=1)
-    table = pd.DataFrame({"image_id": [str(i) for i in range(80)], "path": "", "grade": grades, "patient_id": None, "split": None})
-    settings = {
-        "methods": "rotation,scratch", "bootstrap_resamples": "0", "calibration_images": "40", "target": "regression",
-        "finetune_hidden": "", "head_init": "ridge", "ridge_turns": "2", "test_time_turns": "2", "cut_points": "prior",
-        "warmup_epochs": "0", "finetune_epochs": "0", "min_steps": "0", "validation_fraction": "0",
-        "recalibrate_batchnorm": "true", "fractions": "0.25,1.0",
-    }
-    profile = resolve_profile("smoke", settings)
+    images, _, table = tiny_fundus_set
+    profile = resolve_profile("smoke", {**linear_settings, "ridge_turns": "2", "fractions": "0.25,1.0"})
     encoder_path = tmp_path / "encoder.keras"
     save_atomically(profile_encoder(profile), encoder_path)
 

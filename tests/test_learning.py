@@ -396,19 +396,14 @@ def test_ridge_turns_must_be_1_2_4_or_8_and_need_a_ridge_head(overrides, message
     {"warmup_epochs": "1"},  # the head also trains, on the images, with the encoder frozen
     {"warmup_epochs": "1", "warmup_on_features": "true"},  # ... or on the kept features
 ])
-def test_without_epochs_the_encoder_is_untouched_and_predicts_from_its_kept_features(warmup, tmp_path, monkeypatch):
+def test_without_epochs_the_encoder_is_untouched_and_predicts_from_its_kept_features(
+    warmup, tmp_path, monkeypatch, tiny_fundus_set, linear_settings
+):
     from drnb.models import profile_encoder
     from drnb.pretext import save_atomically
 
-    images, grades = make_fundus_images(80, size=32, seed=1)
-    table = pd.DataFrame({"image_id": [str(i) for i in range(80)], "path": "", "grade": grades, "patient_id": None, "split": None})
-    settings = {
-        "methods": "rotation,scratch", "bootstrap_resamples": "0", "calibration_images": "40", "target": "regression",
-        "finetune_hidden": "", "head_init": "ridge", "ridge_turns": "4", "test_time_turns": "2", "cut_points": "prior",
-        "finetune_epochs": "0", "min_steps": "0", "validation_fraction": "0", "recalibrate_batchnorm": "true",
-        **warmup,
-    }
-    profile = resolve_profile("smoke", settings)
+    images, _, table = tiny_fundus_set
+    profile = resolve_profile("smoke", {**linear_settings, **warmup})
     encoder_path = tmp_path / "encoder.keras"  # an untrained encoder stands in for the pretext's
     save_atomically(profile_encoder(profile), encoder_path)
     session = FinetuneSession(images, table, profile, encoder_path=encoder_path, log=lambda line: None)
