@@ -3,26 +3,29 @@
 A run that fits its head on frozen features (``head_init="ridge"``, ``warmup_on_features``),
 or never trains its encoder (``finetune_epochs=0``), reads each image's pooled features in
 each view it uses (a quarter turn, or a quarter turn of its mirror image). Those features
-depend on nothing but the encoder's weights, the image and the view, so
-:class:`FeatureStore` keeps them under a key made of exactly these
+depend on nothing but the encoder (its architecture, weights and precision), the image and
+the view, so :class:`FeatureStore` keeps them under a key made of exactly these
 (:func:`encoder_fingerprint`): runs whose encoders are identical read each other's features,
 and any change of weights gives a new key. Identical encoders are common in a sweep: every
 ``rotation`` run starts from the pretext encoder, and a ``scratch`` run of repetition r is the
 same seeded initialisation, its batch norm re-estimated on the same calibration images, in
 every fraction's notebook.
 
-Given a folder, the store also keeps what it encoded there, one ``features_<key>.npz`` per
-encoder and view (``features`` float32 (N, F), ``encoded`` bool (N,)), so the notebooks of a
+Given a folder, the store also keeps what it encoded there, one
+``features_<key>_view<v>.npz`` per encoder and view (``features`` float32 (N, F), ``encoded`` bool (N,)), so the notebooks of a
 sweep, which share no memory, encode each image once per encoder and view between them. A
 file is written to a temporary name and renamed, so a reader never sees half of one; a file
-that cannot be read is reported and encoded again.
+that cannot be read is reported and encoded again, and one that cannot be written is
+reported and left (the run's results do not depend on it).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -32,6 +35,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 FILE_PREFIX = "features_"
+# Part of every key: bump it when what a view shows, or how features are computed, changes.
+FORMAT_VERSION = 1
 
 
 def array_fingerprint(arrays, *, digest_size: int = 12) -> str:
@@ -45,8 +50,10 @@ def array_fingerprint(arrays, *, digest_size: int = 12) -> str:
 
 
 def encoder_fingerprint(encoder, *, context: str = "") -> str:
-    """A key for the features ``encoder`` computes now: its weights, input shape and the
-    precision policy of its layers, plus ``context`` (e.g. which images it encodes).
+    """A key for the features ``encoder`` computes now: its architecture (each layer's class
+    and configuration, in order, without the names Keras numbers per process), its weights
+    and the precision policy of its layers, plus ``context`` (e.g. which images it encodes)
+    and :data:`FORMAT_VERSION`.
 
     Parameters
     ----------
@@ -56,7 +63,15 @@ def encoder_fingerprint(encoder, *, context: str = "") -> str:
     """
     policy = getattr(getattr(encoder, "dtype_policy", None), "name", "")
     weights = [np.asarray(weight) for weight in encoder.get_weights()]
-    return array_fingerprint([np.frombuffer(f"{context}|{encoder.input_shape}|{policy}".encode(), np.uint8), *weights])
+    from drnb.models import leaf_layers
+
+    layers = [
+        [type(layer).__name__, {key: value for key, value in layer.get_config().items() if key != "name"}]
+        for layer in leaf_layers(encoder)
+    ]
+    architecture = json.dumps([str(encoder.input_shape), layers], sort_keys=True, default=str)
+    described = f"{FORMAT_VERSION}|{context}|{policy}|{architecture}"
+    return array_fingerprint([np.frombuffer(described.encode(), np.uint8), *weights])
 
 
 class FeatureStore:
@@ -115,6 +130,8 @@ class FeatureStore:
         if key not in self._kept:
             self._kept[key] = self._read(key) or (None, np.zeros(self.n_rows, bool))
         features, encoded = self._kept[key]
+        if not len(rows):
+            return np.zeros((0, 0 if features is None else features.shape[1]), np.float32)
         missing = np.unique(rows[~encoded[rows]])
         if len(missing):
             fresh = np.asarray(encode(missing), dtype=np.float32)
@@ -131,7 +148,9 @@ class FeatureStore:
     def save(self) -> list[Path]:
         """Write every encoder and view that gained rows since the last save; return the files.
 
-        Rows another process wrote to the same file meanwhile are kept too.
+        Rows another process saved to the same file before this save are merged in; two
+        saves at the same moment may lose each other's rows, which are then encoded again.
+        A file that cannot be written is reported and skipped.
         """
         written = []
         for key in sorted(self._unsaved):
@@ -144,12 +163,20 @@ class FeatureStore:
                 theirs = on_disk[1] & ~encoded
                 features[theirs] = on_disk[0][theirs]
                 encoded |= theirs
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            with open(temporary, "wb") as handle:
-                np.savez(handle, features=features, encoded=encoded)
-            os.replace(temporary, path)
-            written.append(path)
+            temporary = None
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                with os.fdopen(handle, "wb") as file:
+                    np.savez(file, features=features, encoded=encoded)
+                os.replace(temporary, path)
+                temporary = None
+                written.append(path)
+            except OSError as error:
+                self.log(f"features: cannot write {path} ({error}); later notebooks will encode its rows again")
+            finally:
+                if temporary is not None:
+                    Path(temporary).unlink(missing_ok=True)
         self._unsaved.clear()
         return written
 

@@ -190,7 +190,8 @@ class FinetuneSession:
         )
         self._splits: dict[tuple, RepetitionSplit] = {}
         self.features = FeatureStore(len(images), feature_dir, log=log)
-        self._images_key = array_fingerprint([images])  # features are kept for these images only
+        self._images = images
+        self._images_key = None  # a fingerprint of the images, on first use: features are kept for these only
 
     def available_methods(self) -> list[str]:
         """The profile's methods that can run here (see :func:`runnable_methods`); logs what is skipped."""
@@ -406,8 +407,10 @@ class FinetuneSession:
         numpy.ndarray
             float32 (M, F), in the order of ``rows``.
         """
-        if view not in range(8):
+        if not isinstance(view, (int, np.integer)) or view not in range(8):
             raise ValueError(f"view={view!r}: expected 0-3 (quarter turns) or 4-7 (mirrored, then turned)")
+        if self._images_key is None:
+            self._images_key = array_fingerprint([self._images])
         key = encoder_fingerprint(self.trainer.encoder, context=self._images_key)
         return self.features.features(key, view, rows, lambda missing: self.trainer.encode(self._inference_batches(missing, view)))
 

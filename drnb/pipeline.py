@@ -253,7 +253,7 @@ def labelled_batches(
     tf.data.Dataset
         of (float32 (B, S, S, 3) in [0, 255], float32 (B, T)).
     """
-    if view not in range(8):
+    if not isinstance(view, (int, np.integer)) or view not in range(8):
         raise ValueError(f"view={view!r}: expected 0-3 (quarter turns) or 4-7 (mirrored, then turned)")
     if training and view:
         raise ValueError(f"view={view}: for evaluation only; training batches are augmented at random")

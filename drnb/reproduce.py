@@ -240,8 +240,11 @@ def reproduce(
     report.seconds = time.perf_counter() - start
     if not report.failed and paths.features.exists():
         # A cache for the fraction notebooks of this sweep: every run of it has finished.
-        shutil.rmtree(paths.features)
-        log(f"removed {paths.features}: the frozen features the fraction notebooks shared")
+        try:
+            shutil.rmtree(paths.features)
+            log(f"removed {paths.features}: the frozen features the fraction notebooks shared")
+        except OSError as error:
+            log(f"could not remove {paths.features} ({error}); it is a cache and may be deleted")
     if paths.table_md.exists() and not report.failed:
         log(f"table: {paths.table_md}\nplot:  {paths.plot}\nall results: {paths.results}")
     return report

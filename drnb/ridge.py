@@ -146,9 +146,10 @@ def thin_svd(x: np.ndarray, *, relative_floor: float = 1e-12) -> tuple[np.ndarra
     With many more rows than columns (a fit on every view of a few thousand images: M up to
     8 x 2,900 rows of F = 726 features) it comes from the eigendecomposition of the (F, F)
     Gram matrix, a fraction of the cost of LAPACK's (M, F) SVD. Directions whose squared
-    singular value is below ``relative_floor`` times the largest are dropped: a ridge fit
-    shrinks them to nothing anyway (on standardised features every penalty searched is at
-    least 0.1), and their left singular vectors cannot be recovered from the Gram matrix.
+    singular value is below ``relative_floor`` times the largest are dropped: their left
+    singular vectors cannot be recovered from the Gram matrix, and a ridge fit shrinks them
+    to nothing unless its penalty is far below ``relative_floor`` times the largest squared
+    singular value (the default penalties, from 0.1 on standardised features, are not).
 
     Parameters
     ----------

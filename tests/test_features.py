@@ -76,6 +76,25 @@ def test_an_unreadable_or_mismatched_file_is_reported_and_encoded_again(tmp_path
     assert FeatureStore(N_ROWS, tmp_path).features("broken", 0, [4], CountingEncoder()(0))[0, 0] == pytest.approx(4)
 
 
+def test_a_file_that_cannot_be_written_is_reported_and_the_run_goes_on(tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the features folder should be")
+    messages = []
+    store = FeatureStore(N_ROWS, blocked, log=messages.append)
+    np.testing.assert_array_equal(store.features("key", 0, [1], CountingEncoder()(0)), expected([1], 0))
+    assert store.save() == []
+    assert "cannot write" in messages[0] and "features_key_view0.npz" in messages[0]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["not-a-folder"]  # nothing half-written left
+
+
+def test_no_rows_asked_no_encoding():
+    store, encoder = FeatureStore(N_ROWS), CountingEncoder()
+    assert store.features("new", 0, [], encoder(0)).shape == (0, 0)  # nothing encoded yet: no width known
+    store.features("new", 0, [2], encoder(0))
+    assert store.features("new", 0, [], encoder(0)).shape == (0, WIDTH)
+    assert encoder.calls == [[2]]
+
+
 def test_bad_rows_and_bad_encodings_are_errors():
     store = FeatureStore(N_ROWS)
     with pytest.raises(ValueError, match=r"indices in \[0, 30\)"):
@@ -92,6 +111,11 @@ def test_the_fingerprint_follows_every_weight_and_the_context():
         return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
 
     same_a, same_b, other = encoder(0), encoder(0), encoder(1)
+    # The same weights in another architecture (an activation adds no weight) are another encoder.
+    keras.utils.set_random_seed(0)
+    activated = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="relu")])
+    assert [w.tolist() for w in activated.get_weights()] == [w.tolist() for w in same_a.get_weights()]
+    assert encoder_fingerprint(activated) != encoder_fingerprint(same_a)
     assert encoder_fingerprint(same_a) == encoder_fingerprint(same_b)
     assert encoder_fingerprint(same_a) != encoder_fingerprint(other)
     assert encoder_fingerprint(same_a, context="images 1") != encoder_fingerprint(same_a, context="images 2")

@@ -103,8 +103,9 @@ def test_evaluation_batches_show_every_image_in_one_of_the_eight_views(asymmetri
     assert len({view.tobytes() for view in shown}) == 8  # an asymmetric image looks different in each
     with pytest.raises(ValueError, match="view=1: for evaluation only"):
         labelled_batches(tf.constant(images), np.arange(3), targets, 2, seed=0, training=True, view=1)
-    with pytest.raises(ValueError, match="view=8: expected 0-3"):
-        labelled_batches(tf.constant(images), np.arange(3), targets, 2, seed=0, training=False, view=8)
+    for bad in (8, 1.0):
+        with pytest.raises(ValueError, match=f"view={bad!r}: expected 0-3"):
+            labelled_batches(tf.constant(images), np.arange(3), targets, 2, seed=0, training=False, view=bad)
 
 
 def test_quarter_turn_augmentation_turns_each_image_like_np_rot90(asymmetric_images):
