@@ -163,3 +163,30 @@ def test_a_later_notebooks_session_reads_the_features_an_earlier_one_kept(tmp_pa
     new_rows = len(np.setdiff1d(split.train[1.0], first_rows))
     assert new_rows > 0 and second.encoded == [new_rows] * 4
     assert sum(alone.encoded) == 2 * 2 * (len(split.train[1.0]) + len(split.test))
+
+
+FINGERPRINT_SCRIPT = """
+import sys
+from drnb.distribute import seed_weights
+from drnb.features import encoder_fingerprint
+from drnb.models import profile_encoder, rotation_head
+from drnb.profiles import PROFILES
+profile = PROFILES["smoke"]
+for _ in range(int(sys.argv[1])):  # models built before it shift the names Keras numbers per process
+    rotation_head(profile_encoder(profile).output_shape[-1], profile)
+seed_weights(3)
+print(encoder_fingerprint(profile_encoder(profile), context="images"))
+"""
+
+
+def test_the_same_seeded_encoder_has_the_same_key_in_another_process():
+    """What lets the notebooks of a sweep, one process each, share a fresh encoder's features."""
+    import subprocess
+    import sys
+
+    keys = [
+        subprocess.run([sys.executable, "-c", FINGERPRINT_SCRIPT, str(built_before)], capture_output=True, text=True, check=True, timeout=300)
+        .stdout.strip().splitlines()[-1]
+        for built_before in (0, 2)
+    ]
+    assert len(keys[0]) == 24 and keys[0] == keys[1]
