@@ -12,8 +12,9 @@ same seeded initialisation, its batch norm re-estimated on the same calibration 
 every fraction's notebook.
 
 Given a folder, the store also keeps what it encoded there, one
-``features_<key>_view<v>.npz`` per encoder and view (``features`` float32 (N, F), ``encoded`` bool (N,)), so the notebooks of a
-sweep, which share no memory, encode each image once per encoder and view between them. A
+``features_<key>_view<v>.npz`` per encoder and view (``features`` float32 (N, F), ``encoded``
+bool (N,)), so the notebooks of a sweep, which share no memory, encode each image once per
+encoder and view between them. A
 file is written to a temporary name and renamed, so a reader never sees half of one; a file
 that cannot be read is reported and encoded again, and one that cannot be written is
 reported and left (the run's results do not depend on it).
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import tempfile
 import zipfile
@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from drnb.models import leaf_layers
 
 FILE_PREFIX = "features_"
 # Part of every key: bump it when what a view shows, or how features are computed, changes.
@@ -63,8 +63,6 @@ def encoder_fingerprint(encoder, *, context: str = "") -> str:
     """
     policy = getattr(getattr(encoder, "dtype_policy", None), "name", "")
     weights = [np.asarray(weight) for weight in encoder.get_weights()]
-    from drnb.models import leaf_layers
-
     layers = [
         [type(layer).__name__, {key: value for key, value in layer.get_config().items() if key != "name"}]
         for layer in leaf_layers(encoder)

@@ -14,7 +14,7 @@ A run, given a repetition's split (:mod:`drnb.splits`):
    (no augmentation), which makes a warm-up step nearly free on a CPU. Frozen features are
    kept under the encoder that made them (:mod:`drnb.features`): runs whose encoders start
    identical (every ``rotation`` run; a ``scratch`` run of one repetition in each fraction's
-   notebook) encode each image once per turn between them
+   notebook) encode each image once per view between them
    (:meth:`FinetuneSession.frozen_features`);
 3. after each epoch scores quadratic weighted kappa on the validation split (carved from
    the training pool, never the test fold) and keeps the best weights;
@@ -51,7 +51,7 @@ from drnb.duplicates import photograph_groups
 from drnb.features import FeatureStore, array_fingerprint, encoder_fingerprint
 from drnb.metrics import evaluate_predictions, quadratic_weighted_kappa
 from drnb.models import grade_head, imagenet_weights_available, profile_encoder, recalibrate_batchnorm
-from drnb.pipeline import labelled_batches, shuffled_positions
+from drnb.pipeline import check_view, labelled_batches, shuffled_positions
 from drnb.pretext import load_encoder, save_atomically
 from drnb.profiles import Profile
 from drnb.ridge import fit_ridge
@@ -149,7 +149,7 @@ class FinetuneSession:
         The pretext encoder; needed for the ``rotation`` method.
     feature_dir : path, optional
         Where frozen features are kept between sessions (:class:`drnb.features.FeatureStore`),
-        so that the notebooks of a sweep encode each image once per encoder and turn; None
+        so that the notebooks of a sweep encode each image once per encoder and view; None
         keeps them for this session only.
     strategy : tf.distribute.Strategy, optional
     log : callable
@@ -390,7 +390,7 @@ class FinetuneSession:
         Call it with the trainer reset to the run's starting weights (and a fresh encoder's
         batch norm re-estimated). Features are kept under a fingerprint of those weights
         (:mod:`drnb.features`) and only rows not encoded yet are encoded: every rotation run
-        reads one set per turn, and a scratch run of repetition r, whose fresh encoder is the
+        reads one set per view, and a scratch run of repetition r, whose fresh encoder is the
         same in every fraction's notebook, reads what the notebooks before it kept in the
         session's ``feature_dir``.
 
@@ -407,8 +407,7 @@ class FinetuneSession:
         numpy.ndarray
             float32 (M, F), in the order of ``rows``.
         """
-        if not isinstance(view, (int, np.integer)) or view not in range(8):
-            raise ValueError(f"view={view!r}: expected 0-3 (quarter turns) or 4-7 (mirrored, then turned)")
+        view = check_view(view)  # before a key is made for it
         if self._images_key is None:
             self._images_key = array_fingerprint([self._images])
         key = encoder_fingerprint(self.trainer.encoder, context=self._images_key)

@@ -214,6 +214,14 @@ def augment(
     return images
 
 
+def check_view(view) -> int:
+    """``view`` if it names a symmetry of the square (an int 0-7, see :func:`labelled_batches`),
+    else ValueError."""
+    if not isinstance(view, (int, np.integer)) or view not in range(8):
+        raise ValueError(f"view={view!r}: expected 0-3 (quarter turns) or 4-7 (mirrored, then turned)")
+    return int(view)
+
+
 def labelled_batches(
     images: tf.Tensor,
     indices: np.ndarray,
@@ -253,8 +261,7 @@ def labelled_batches(
     tf.data.Dataset
         of (float32 (B, S, S, 3) in [0, 255], float32 (B, T)).
     """
-    if not isinstance(view, (int, np.integer)) or view not in range(8):
-        raise ValueError(f"view={view!r}: expected 0-3 (quarter turns) or 4-7 (mirrored, then turned)")
+    view = check_view(view)
     if training and view:
         raise ValueError(f"view={view}: for evaluation only; training batches are augmented at random")
     indices = np.asarray(indices, np.int64)
