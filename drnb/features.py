@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -33,6 +32,7 @@ from typing import Callable
 import numpy as np
 
 from drnb.models import leaf_layers
+from drnb.runs import write_atomically
 
 FILE_PREFIX = "features_"
 # Part of every key: bump it when what a view shows, or how features are computed, changes.
@@ -161,20 +161,11 @@ class FeatureStore:
                 theirs = on_disk[1] & ~encoded
                 features[theirs] = on_disk[0][theirs]
                 encoded |= theirs
-            temporary = None
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-                with os.fdopen(handle, "wb") as file:
-                    np.savez(file, features=features, encoded=encoded)
-                os.replace(temporary, path)
-                temporary = None
+                write_atomically(path, lambda file: np.savez(file, features=features, encoded=encoded))
                 written.append(path)
             except OSError as error:
                 self.log(f"features: cannot write {path} ({error}); later notebooks will encode its rows again")
-            finally:
-                if temporary is not None:
-                    Path(temporary).unlink(missing_ok=True)
         self._unsaved.clear()
         return written
 

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from drnb.profiles import Profile, load_profile, resolve_profile
 
@@ -202,13 +204,24 @@ def write_data_summary(paths: RunPaths, table, images, duplicates=None) -> dict:
     return summary
 
 
-def write_text_atomically(path: str | os.PathLike, text: str) -> None:
-    """Write a text file so that a crash leaves the old file or the new one, never half of one."""
+def write_atomically(path: str | os.PathLike, write: Callable) -> None:
+    """Write a file through ``write(binary_file)`` so that a crash or an error leaves the old
+    file or the new one, never half of one, and no temporary file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write a UTF-8 text file atomically (see :func:`write_atomically`)."""
+    write_atomically(path, lambda file: file.write(text.encode("utf-8")))
 
 
 def write_json(path: str | os.PathLike, values: dict) -> None:
