@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from accelerator_study import square_symmetries
-from run_benchmarks import add_profile_arguments, forward_flops, large_photograph_seconds, profile_from
+from run_benchmarks import add_profile_arguments, forward_flops, large_photograph_seconds, profile_from, ridge_fit_timing
 
 
 def accelerator_name() -> str | None:
@@ -258,6 +258,9 @@ def main() -> None:
         predict_tracing_seconds=rates["tracing_seconds"], predict_images_per_second=rates["bare_images_per_second"],
         predict_fit_images_per_second=predict_rate(classifier, pictures, batch),
     )
+
+    # A ridge-fitted head is fitted with NumPy on this machine's CPU cores.
+    record(**ridge_fit_timing(encoder.output_shape[-1], max(profile.ridge_turns, 1), profile.ridge_criterion))
 
     # A notebook's kernel imports drnb on this backend; the TensorFlow path's import is measured by run_benchmarks.py.
     start = time.perf_counter()

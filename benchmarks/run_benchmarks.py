@@ -137,6 +137,29 @@ def large_photograph_seconds(repeats: int = 3, image_size: int = 128) -> float:
         return min(_timed(lambda: preprocess_image(read_image(path), config)) for _ in range(repeats))
 
 
+RIDGE_TIMING_ROWS = (2_048, 16_384)
+
+
+def ridge_fit_timing(n_features: int, views: int, criterion: str, rows=RIDGE_TIMING_ROWS) -> dict:
+    """A ridge head's fit (:func:`drnb.ridge.fit_ridge`, each image's ``views`` rows left out
+    together) on random features of the encoder's width, timed at two sizes: its cost is about
+    fixed plus linear in the rows (the (F, F) Gram matrix and the left-out blocks), so the two
+    give ``ridge_fit_seconds`` (per fit) and ``ridge_seconds_per_row``."""
+    from drnb.ridge import fit_ridge
+
+    rng = np.random.default_rng(0)
+    seconds = []
+    for count in rows:
+        images = count // views
+        features = rng.normal(size=(images * views, n_features)).astype(np.float32)
+        grades = np.tile(rng.integers(0, 5, images), views).astype(np.float32)
+        start = time.perf_counter()
+        fit_ridge(features, grades, groups=np.tile(np.arange(images), views), criterion=criterion)
+        seconds.append(time.perf_counter() - start)
+    per_row = max((seconds[1] - seconds[0]) / (rows[1] - rows[0]), 1e-12)
+    return {"ridge_fit_seconds": max(seconds[0] - per_row * rows[0], 0.0), "ridge_seconds_per_row": per_row}
+
+
 def planned_work(profile, session, n_images: int) -> dict:
     """What a ``drnb reproduce`` sweep of ``profile`` trains and predicts, counted, not guessed.
 
@@ -153,15 +176,17 @@ def planned_work(profile, session, n_images: int) -> dict:
     share them (:mod:`drnb.features`): one encoder for the methods that start every run from
     the same weights, one per repetition for a fresh encoder (the same seeded initialisation,
     re-estimated on the same calibration images, at every fraction); a fresh encoder's
-    batch-norm re-estimate passes the calibration images once per run.
+    batch-norm re-estimate passes the calibration images once per run. A ridge-fitted head is
+    one fit per run on its training subset's rows in every view.
 
     Returns
     -------
     dict
         Image counts per kind of work (``pretext_train``, ``pretext_predict``,
-        ``finetune_full``, ``finetune_head``, ``finetune_features``, ``finetune_predict``),
-        the number of fine-tuning runs, of runs that build a fresh encoder and of
-        notebooks, and ``images`` (``n_images``).
+        ``finetune_full``, ``finetune_head``, ``finetune_features``, ``finetune_encode``
+        (features), ``finetune_predict`` (through the network)), the ridge fits and their
+        rows (``ridge_fits``, ``ridge_rows``), the number of fine-tuning runs, of runs that
+        build a fresh encoder and of notebooks, and ``images`` (``n_images``).
     """
     import math
 
@@ -180,7 +205,8 @@ def planned_work(profile, session, n_images: int) -> dict:
     work = {
         "pretext_train": profile.pretext_epochs * pretext_steps * pretext_batch,
         "pretext_predict": scored_epochs * 4 * (len(holdout) or min(len(pretext_train), 64)),
-        "finetune_full": 0, "finetune_head": 0, "finetune_features": 0, "finetune_predict": 0,
+        "finetune_full": 0, "finetune_head": 0, "finetune_features": 0, "finetune_encode": 0, "finetune_predict": 0,
+        "ridge_fits": 0, "ridge_rows": 0,
     }
     methods = runnable_methods(profile)
     on_features = profile.warmup_on_features and profile.warmup_epochs
@@ -216,7 +242,10 @@ def planned_work(profile, session, n_images: int) -> dict:
             warmup_images = profile.warmup_epochs * warmup_steps * batch
             work["finetune_features" if on_features else "finetune_head"] += len(methods) * warmup_images
             work["finetune_full"] += len(methods) * profile.finetune_epochs * finetune_steps * batch
-    work["finetune_predict"] += sum(len(rows) for rows in encoded.values())
+            if ridge_turns:
+                work["ridge_fits"] += len(methods)
+                work["ridge_rows"] += len(methods) * ridge_turns * len(train)
+    work["finetune_encode"] = sum(len(rows) for rows in encoded.values())
     work["runs"] = len(methods) * len(profile.fractions) * profile.repetitions
     work["fresh_encoders"] = sum(method != "rotation" for method in methods) * len(profile.fractions) * profile.repetitions
     work["notebooks"] = 3 + len(profile.fractions)
@@ -233,11 +262,13 @@ def predicted_sweep_seconds(work: dict, rates: dict, fixed: dict) -> dict:
         From :func:`planned_work`.
     rates : dict
         Images/s: ``preprocess`` (from files), ``pretext_train``, ``finetune_full``,
-        ``finetune_head``, ``finetune_features`` and ``predict`` (inference).
+        ``finetune_head``, ``finetune_features``, ``encode`` (features, in any view) and
+        ``predict`` (inference); rows/s of a ridge fit, ``ridge_rows``.
     fixed : dict
         Seconds: ``kernel`` (a notebook's kernel start and imports), ``load`` (reading the
         cached images), ``pretext_tracing`` and ``finetune_tracing`` (once per notebook that
-        trains), ``fresh_model`` (building a fresh encoder and head for a run).
+        trains), ``fresh_model`` (building a fresh encoder and head for a run), ``ridge_fit``
+        (a ridge fit's cost beyond its rows).
 
     Returns
     -------
@@ -257,7 +288,9 @@ def predicted_sweep_seconds(work: dict, rates: dict, fixed: dict) -> dict:
         + work["finetune_full"] / rates["finetune_full"]
         + work["finetune_head"] / rates["finetune_head"]
         + work["finetune_features"] / rates["finetune_features"]
+        + work["finetune_encode"] / rates["encode"]
         + work["finetune_predict"] / rates["predict"]
+        + work["ridge_fits"] * fixed["ridge_fit"] + work["ridge_rows"] / rates["ridge_rows"]
     )
     stages = {"data": data, "pretext": pretext, "finetune": finetune, "analysis": fixed["kernel"]}
     stages["total"] = sum(stages.values())
@@ -283,6 +316,9 @@ def sweep_rates(figures: dict, warmup_on_features: bool = False) -> dict:
         raise ValueError(f"the figures have none of {list(names)}: was the measurement cut short?")
 
     rates = {"preprocess": first_of("preprocess_uncached_images_per_second"), "predict": first_of("predict_images_per_second")}
+    # Features through the views' pipeline where measured (here), else the network's inference rate.
+    rates["encode"] = first_of("encode_images_per_second", "predict_images_per_second")
+    rates["ridge_rows"] = 1 / first_of("ridge_seconds_per_row")
     for phase, key in (("pretext", "pretext_train"), ("finetune_full", "finetune_full"), ("finetune_head", "finetune_head")):
         rates[key] = first_of(*(f"{phase}_{kind}_images_per_second" for kind in ("drnb", "fit", "bare")))
     # Only a warm-up on features has a rate of its own; without one, no image is counted at it.
@@ -310,6 +346,7 @@ def predicted_figures(figures: dict, profile, session, n_images: int) -> dict:
         "finetune_tracing": figures["finetune_full_tracing_seconds"] * profile.trains_encoder
         + warmup_tracing * (profile.warmup_epochs > 0) + figures["predict_tracing_seconds"],
         "fresh_model": figures["fresh_model_seconds"],
+        "ridge_fit": figures["ridge_fit_seconds"],
     }
     stages = predicted_sweep_seconds(planned_work(profile, session, n_images), rates, fixed)
     predicted = {f"predicted_{stage}_minutes": seconds / 60 for stage, seconds in stages.items()}
@@ -485,6 +522,13 @@ def main() -> None:
     start = time.perf_counter()
     session.trainer.predict(predict_data)
     figures["predict_images_per_second"] = len(features) / (time.perf_counter() - start)
+    # A linear evaluation's features: every view of the square's symmetries, as the runs encode them.
+    rows = indices[: 4 * batch]
+    session.trainer.encode(session._inference_batches(rows, 5))  # traces the view's pipeline
+    start = time.perf_counter()
+    encoded = sum(len(session.trainer.encode(session._inference_batches(rows, view))) for view in range(8))
+    figures["encode_images_per_second"] = encoded / (time.perf_counter() - start)
+    figures.update(ridge_fit_timing(features.shape[1], max(profile.ridge_turns, 1), profile.ridge_criterion))
     feature_data = session.trainer.batches(feature_batches(features, targets[: len(features)], batch, seed=0))
     start = time.perf_counter()
     session.trainer.train(feature_data, 1, phase="features")  # traces the step

@@ -82,7 +82,13 @@ class FeatureStore:
     directory : path, optional
         Where to keep the features between processes; None keeps them in memory only.
     log : callable
-        Receives a line when a file cannot be read.
+        Receives a line when a file cannot be read or written.
+
+    Attributes
+    ----------
+    rows_encoded, rows_reused : int
+        (row, view) pairs passed to ``encode``, and those served from what was kept, since
+        the store was made: a sweep whose runs share encoders should mostly reuse.
     """
 
     def __init__(self, n_rows: int, directory: str | os.PathLike | None = None, *, log=print):
@@ -93,6 +99,9 @@ class FeatureStore:
         self.log = log
         self._kept: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         self._unsaved: set[tuple[str, int]] = set()
+        self._unwritable: set[tuple[str, int]] = set()  # their files failed: kept in memory only
+        self.rows_encoded = 0
+        self.rows_reused = 0
 
     def path(self, encoder_key: str, view: int) -> Path | None:
         """The file of one encoder and view (None without a directory)."""
@@ -130,7 +139,10 @@ class FeatureStore:
         features, encoded = self._kept[key]
         if not len(rows):
             return np.zeros((0, 0 if features is None else features.shape[1]), np.float32)
-        missing = np.unique(rows[~encoded[rows]])
+        unique = np.unique(rows)
+        missing = unique[~encoded[unique]]
+        self.rows_reused += len(unique) - len(missing)
+        self.rows_encoded += len(missing)
         if len(missing):
             fresh = np.asarray(encode(missing), dtype=np.float32)
             if fresh.ndim != 2 or len(fresh) != len(missing):
@@ -148,7 +160,9 @@ class FeatureStore:
 
         Rows another process saved to the same file before this save are merged in; two
         saves at the same moment may lose each other's rows, which are then encoded again.
-        A file that cannot be written is reported and skipped.
+        A file that cannot be written is reported and skipped. With a directory, what is on
+        disk then leaves memory (it is read again when asked for), so a notebook holds one
+        run's features at a time, not every encoder's of the sweep.
         """
         written = []
         for key in sorted(self._unsaved):
@@ -164,9 +178,13 @@ class FeatureStore:
             try:
                 write_atomically(path, lambda file: np.savez(file, features=features, encoded=encoded))
                 written.append(path)
+                self._unwritable.discard(key)
             except OSError as error:
+                self._unwritable.add(key)
                 self.log(f"features: cannot write {path} ({error}); later notebooks will encode its rows again")
         self._unsaved.clear()
+        if self.directory is not None:
+            self._kept = {key: kept for key, kept in self._kept.items() if key in self._unwritable}
         return written
 
     def _read(self, key) -> tuple[np.ndarray, np.ndarray] | None:

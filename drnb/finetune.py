@@ -283,6 +283,7 @@ class FinetuneSession:
             )
         seed = profile.seed + repetition
         start = time.perf_counter()  # the run's seconds: everything it does, from its start weights to its scores
+        encoded_before, reused_before = self.features.rows_encoded, self.features.rows_reused
         encoder_weights, head_weights = self._initial_weights(method, seed)
         self.trainer.reset(
             encoder_weights=encoder_weights, head_weights=head_weights, learning_rate=self.learning_rate, seed=seed
@@ -374,6 +375,10 @@ class FinetuneSession:
             n_test=int(len(split.test)),
             steps=int(sum(steps for _, steps in schedule)),
             best_epoch=int(best["epoch"]),
+            # (image, view) pairs this run encoded, and those it read from what earlier runs
+            # with the same starting encoder kept (drnb.features).
+            features_encoded=self.features.rows_encoded - encoded_before,
+            features_reused=self.features.rows_reused - reused_before,
             seconds=time.perf_counter() - start,
         )
         if save_model:
@@ -548,5 +553,12 @@ def run_fraction(
                     f"[{done}/{total}] {method} fraction {fraction:g} repetition {repetition}: qw kappa {metrics['qw_kappa']:.3f}, "
                     f"accuracy {metrics['accuracy']:.3f}, {metrics['n_train']} train images, "
                     f"{metrics['seconds']:.0f} s (elapsed {time.perf_counter() - start:.0f} s)"
+                    + _features_note(metrics)
                 )
     return pd.DataFrame(rows)
+
+
+def _features_note(metrics: dict) -> str:
+    """How many (image, view) features a run encoded and how many it read from earlier runs."""
+    encoded, reused = metrics.get("features_encoded", 0), metrics.get("features_reused", 0)
+    return f"; features: {encoded} encoded, {reused} reused" if encoded or reused else ""

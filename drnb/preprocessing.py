@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from drnb.datasets import NPZ_SEPARATOR, read_image
+from drnb.runs import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -344,10 +345,8 @@ def preprocess_table(
         raise ValueError("no image of the dataset could be preprocessed")
     images = np.stack([results[i] for i in kept])
 
-    cache_root.mkdir(parents=True, exist_ok=True)
-    # Write to temporary names and rename, so an interrupted run never leaves a half cache.
+    # Written to temporary names and renamed, so an interrupted run never leaves a half cache.
     for path, array in ((images_path, images), (kept_path, kept)):
-        temporary = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(temporary, array)
-        os.replace(temporary, path)
+        with atomic_path(path, suffix=".npy") as temporary:
+            np.save(temporary, array)
     return images, table.iloc[kept].reset_index(drop=True)

@@ -29,7 +29,7 @@ from drnb.duplicates import photograph_groups
 from drnb.models import profile_encoder, rotation_head
 from drnb.pipeline import rotation_batches
 from drnb.profiles import Profile
-from drnb.runs import write_json
+from drnb.runs import atomic_path, write_json
 from drnb.splits import split_holdout
 from drnb.training import Trainer, cosine_rate
 
@@ -196,11 +196,10 @@ def train_pretext(
 
 
 def save_atomically(model: keras.Model, path: Path) -> None:
-    """Save ``model`` in the ``.keras`` format so that an interrupted save leaves no file at ``path``."""
-    # Keras insists on the .keras suffix, so the temporary file keeps it.
-    temporary = path.with_name(f".{path.stem}.tmp{os.getpid()}.keras")
-    model.save(temporary)
-    os.replace(temporary, path)
+    """Save ``model`` in the ``.keras`` format so that an interrupted save leaves the old file
+    at ``path``, or none, and no temporary file (:func:`drnb.runs.atomic_path`)."""
+    with atomic_path(path, suffix=".keras") as temporary:  # Keras insists on the suffix
+        model.save(temporary)
 
 
 def load_encoder(path: str | os.PathLike) -> keras.Model:

@@ -18,12 +18,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from drnb.profiles import Profile, load_profile, resolve_profile
 
@@ -204,19 +205,31 @@ def write_data_summary(paths: RunPaths, table, images, duplicates=None) -> dict:
     return summary
 
 
-def write_atomically(path: str | os.PathLike, write: Callable) -> None:
-    """Write a file through ``write(binary_file)`` so that a crash or an error leaves the old
-    file or the new one, never half of one, and no temporary file behind."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path beside ``path`` to write a file to, which replaces ``path`` when the
+    ``with`` block ends without an error and is removed when it raises.
+
+    A reader therefore sees the old file or the new one, never half of one, and no temporary
+    file is left behind. ``suffix`` ends the temporary name, for writers that insist on one
+    (Keras on ``.keras``, ``numpy.save`` on ``.npy``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
     try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
+        yield Path(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_atomically(path: str | os.PathLike, write: Callable) -> None:
+    """Write a file through ``write(binary_file)`` at an :func:`atomic_path`."""
+    with atomic_path(path) as temporary, open(temporary, "wb") as file:
+        write(file)
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:

@@ -70,7 +70,7 @@ class CountingBatches:
 
 def count_trainer_work(trainer) -> dict:
     """Wrap ``trainer``'s train, encode and predict so that they count the images they process."""
-    counts = {"head": 0, "full": 0, "features": 0, "predict": 0}
+    counts = {"head": 0, "full": 0, "features": 0, "encode": 0, "predict": 0}
     train, encode, predict = trainer.train, trainer.encode, trainer.predict
 
     def counting_train(batches, steps, *, phase="full", **kwargs):
@@ -79,15 +79,16 @@ def count_trainer_work(trainer) -> dict:
         counts[phase] += counting.images
         return log
 
-    def counting_inference(function):
+    def counting_inference(function, kind):
         def wrapped(dataset):
             outputs = function(dataset)
-            counts["predict"] += len(outputs)
+            counts[kind] += len(outputs)
             return outputs
 
         return wrapped
 
-    trainer.train, trainer.encode, trainer.predict = counting_train, counting_inference(encode), counting_inference(predict)
+    trainer.train = counting_train
+    trainer.encode, trainer.predict = counting_inference(encode, "encode"), counting_inference(predict, "predict")
     return counts
 
 
@@ -123,8 +124,11 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
             for _ in profile.fractions
         ]
         work = benchmark_module.planned_work(profile, sessions[0], len(images))
-        counts = {"head": 0, "full": 0, "features": 0, "predict": 0}
+        counts = {"head": 0, "full": 0, "features": 0, "encode": 0, "predict": 0}
+        fitted_rows = []
         for fraction, session in zip(profile.fractions, sessions):
+            fit_head = session.fit_head
+            session.fit_head = lambda features, *rest, fit_head=fit_head: fitted_rows.append(len(features)) or fit_head(features, *rest)
             session_counts = count_trainer_work(session.trainer)
             recalibrate = session.recalibrate_batchnorm
             session.recalibrate_batchnorm = lambda rows, counts=session_counts, recalibrate=recalibrate: (
@@ -140,6 +144,10 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
         assert counts["features"] == work["finetune_features"]
         assert (work["finetune_features"] > 0) == profile.warmup_on_features
         assert counts["predict"] == work["finetune_predict"] > 0
+        assert counts["encode"] == work["finetune_encode"]
+        assert (work["finetune_encode"] > 0) == (profile.warmup_on_features or profile.head_init == "ridge")
+        assert work["ridge_fits"] == len(fitted_rows) and work["ridge_rows"] == sum(fitted_rows)
+        assert (work["ridge_fits"] > 0) == (profile.head_init == "ridge")
         runs = len(profile.fractions) * profile.repetitions
         assert work["runs"] == 2 * runs and work["fresh_encoders"] == runs
         assert work["notebooks"] == 5 and work["images"] == 80
@@ -156,16 +164,37 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
 def test_predicted_sweep_adds_each_stage_at_its_rate(benchmark_module):
     work = {
         "images": 100, "notebooks": 5, "fresh_encoders": 4, "pretext_train": 1200, "pretext_predict": 40,
-        "finetune_full": 3000, "finetune_head": 600, "finetune_features": 0, "finetune_predict": 500,
+        "finetune_full": 3000, "finetune_head": 600, "finetune_features": 0, "finetune_encode": 800, "finetune_predict": 500,
+        "ridge_fits": 6, "ridge_rows": 9000,
     }
-    rates = {"preprocess": 50, "pretext_train": 100, "finetune_full": 100, "finetune_head": 300, "finetune_features": 1000, "predict": 20}
-    fixed = {"kernel": 10, "load": 1, "pretext_tracing": 4, "finetune_tracing": 3, "fresh_model": 0.5}
+    rates = {
+        "preprocess": 50, "pretext_train": 100, "finetune_full": 100, "finetune_head": 300, "finetune_features": 1000,
+        "encode": 40, "predict": 20, "ridge_rows": 3000,
+    }
+    fixed = {"kernel": 10, "load": 1, "pretext_tracing": 4, "finetune_tracing": 3, "fresh_model": 0.5, "ridge_fit": 0.25}
     stages = benchmark_module.predicted_sweep_seconds(work, rates, fixed)
     assert stages["data"] == 10 + 2
     assert stages["pretext"] == 10 + 1 + 4 + 12 + 2
-    assert stages["finetune"] == 2 * (10 + 1 + 3) + 4 * 0.5 + 30 + 2 + 25
+    assert stages["finetune"] == 2 * (10 + 1 + 3) + 4 * 0.5 + 30 + 2 + 20 + 25 + 6 * 0.25 + 3
     assert stages["analysis"] == 10
-    assert stages["total"] == pytest.approx(12 + 29 + 87 + 10)
+    assert stages["total"] == pytest.approx(12 + 29 + 111.5 + 10)
+
+
+def test_ridge_timing_splits_a_fit_into_fixed_seconds_and_seconds_per_row(benchmark_module, monkeypatch):
+    import drnb.ridge
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(benchmark_module.time, "perf_counter", lambda: clock["now"])
+    fitted = []
+
+    def fake_fit(features, grades, *, groups, criterion):  # 0.5 s + 1 ms per row, on the fake clock
+        fitted.append((features.shape, len(np.unique(groups)), criterion))
+        clock["now"] += 0.5 + 0.001 * len(features)
+
+    monkeypatch.setattr(drnb.ridge, "fit_ridge", fake_fit)
+    timing = benchmark_module.ridge_fit_timing(12, 4, "correlation", rows=(40, 400))
+    assert timing == pytest.approx({"ridge_fit_seconds": 0.5, "ridge_seconds_per_row": 0.001})
+    assert fitted == [((40, 12), 10, "correlation"), ((400, 12), 100, "correlation")]  # an image's four views together
 
 
 def test_sweep_rates_prefer_drnb_then_fit_then_one_batch_at_a_time(benchmark_module):
@@ -174,9 +203,12 @@ def test_sweep_rates_prefer_drnb_then_fit_then_one_batch_at_a_time(benchmark_mod
         "pretext_drnb_images_per_second": 1, "pretext_fit_images_per_second": 2, "pretext_bare_images_per_second": 3,
         "finetune_full_fit_images_per_second": 4, "finetune_full_bare_images_per_second": 5,
         "finetune_head_bare_images_per_second": 6, "finetune_features_images_per_second": 7,
+        "ridge_seconds_per_row": 0.001,
     }
     rates = benchmark_module.sweep_rates(figures)
     assert (rates["pretext_train"], rates["finetune_full"], rates["finetune_head"]) == (1, 4, 6)
+    assert rates["encode"] == 20 and rates["ridge_rows"] == pytest.approx(1000)  # no view pipeline timed: inference's rate
+    assert benchmark_module.sweep_rates({**figures, "encode_images_per_second": 30})["encode"] == 30
     assert rates["finetune_features"] == float("inf")  # no warm-up on features: no image counted at it
     assert benchmark_module.sweep_rates(figures, warmup_on_features=True)["finetune_features"] == 7
     del figures["finetune_full_fit_images_per_second"], figures["finetune_full_bare_images_per_second"]

@@ -37,6 +37,27 @@ def test_only_rows_not_kept_yet_are_encoded_in_any_order_and_with_repeats():
     np.testing.assert_array_equal(store.features("b", 0, [3], encoder(0)), expected([3], 0))  # another encoder
     assert encoder.calls[2:] == [[3], [3]]
     np.testing.assert_array_equal(store.features("a", 0, [], encoder(0)), np.zeros((0, WIDTH), np.float32))
+    assert (store.rows_encoded, store.rows_reused) == (6, 1)  # row 3 of encoder a, view 0, the second time
+
+
+def test_a_save_frees_the_memory_of_what_is_on_disk_and_keeps_what_could_not_be_written(tmp_path):
+    saved, encoder = FeatureStore(N_ROWS, tmp_path / "features"), CountingEncoder()
+    saved.features("key", 0, [1, 2], encoder(0))
+    (path,) = saved.save()
+    np.testing.assert_array_equal(saved.features("key", 0, [2, 1], encoder(0)), expected([2, 1], 0))  # read back
+    assert encoder.calls == [[1, 2]]
+    assert saved.save() == []  # nothing new to write, and what was read back leaves memory again
+    path.unlink()  # neither in memory nor on disk any more: encoded again
+    saved.features("key", 0, [1], encoder(0))
+    assert encoder.calls == [[1, 2], [1]]
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the features folder should be")
+    unwritable, encoder = FeatureStore(N_ROWS, blocked, log=lambda line: None), CountingEncoder()
+    unwritable.features("key", 0, [1, 2], encoder(0))
+    assert unwritable.save() == []
+    np.testing.assert_array_equal(unwritable.features("key", 0, [1, 2], encoder(0)), expected([1, 2], 0))
+    assert encoder.calls == [[1, 2]]  # still in memory
 
 
 def test_saved_features_are_read_by_another_store_without_encoding(tmp_path):
@@ -163,6 +184,13 @@ def test_a_later_notebooks_session_reads_the_features_an_earlier_one_kept(tmp_pa
     new_rows = len(np.setdiff1d(split.train[1.0], first_rows))
     assert new_rows > 0 and second.encoded == [new_rows] * 4
     assert sum(alone.encoded) == 2 * 2 * (len(split.train[1.0]) + len(split.test))
+    # Each run reports what it encoded and what it read (its calibration rows come from the
+    # 100 % subset, which the fit encoded just before), per turn.
+    calibration = len(second.calibration_rows(split, profile.seed))
+    assert kept["features_encoded"] == 2 * new_rows
+    assert kept["features_reused"] == 2 * (len(split.train[1.0]) - new_rows + len(split.test) + calibration)
+    assert fresh["features_encoded"] == 2 * (len(split.train[1.0]) + len(split.test))
+    assert fresh["features_reused"] == 2 * calibration
 
 
 FINGERPRINT_SCRIPT = """
