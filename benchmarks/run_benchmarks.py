@@ -192,6 +192,7 @@ def planned_work(profile, session, n_images: int) -> dict:
 
     from drnb.distribute import scaled_batch_and_rate
     from drnb.finetune import SHARED_START_METHODS, plan_steps, runnable_methods, symmetry_views
+    from drnb.pretext import pretext_epochs
     from drnb.splits import split_holdout
 
     # The session's groups are the pretext's (patients and near duplicates) in the stratified split mode.
@@ -201,9 +202,10 @@ def planned_work(profile, session, n_images: int) -> dict:
     pretext_batch, _ = scaled_batch_and_rate(profile.pretext_batch_size, profile.pretext_learning_rate, session.strategy)
     pretext_steps = max(1, math.ceil(len(pretext_train) * views / pretext_batch))
     # Held-out rotations are scored every pretext_eval_every epochs and after the last.
-    scored_epochs = math.ceil(profile.pretext_epochs / profile.pretext_eval_every)
+    epochs = pretext_epochs(profile, pretext_steps)
+    scored_epochs = math.ceil(epochs / profile.pretext_eval_every)
     work = {
-        "pretext_train": profile.pretext_epochs * pretext_steps * pretext_batch,
+        "pretext_train": epochs * pretext_steps * pretext_batch,
         "pretext_predict": scored_epochs * 4 * (len(holdout) or min(len(pretext_train), 64)),
         "finetune_full": 0, "finetune_head": 0, "finetune_features": 0, "finetune_encode": 0, "finetune_predict": 0,
         "ridge_fits": 0, "ridge_rows": 0,

@@ -72,6 +72,7 @@ class Profile:
     pretext_batch_size: int = 64  # rotated images per batch
     pretext_learning_rate: float = 1e-3  # Adam
     pretext_epochs: int = 10  # passes over the pretext images (all4: each pass shows every rotation)
+    pretext_min_steps: int = 0  # at least this many pretext steps: a small set gets more passes; 0: no floor
     pretext_lr_schedule: str = "constant"  # "constant", or "cosine" decay from the rate towards 0, step by step over all epochs
     pretext_holdout_fraction: float = 0.1  # images held out to measure rotation accuracy
     pretext_eval_every: int = 1  # score the held-out rotations after every this many epochs, and after the last
@@ -195,7 +196,7 @@ class Profile:
                 f"duplicate_threshold={self.duplicate_threshold!r}: expected a cosine similarity in [0.5, 1], "
                 "or 0 to split image by image"
             )
-        for name in ("min_steps", "finetune_min_steps", "finetune_max_steps"):
+        for name in ("min_steps", "finetune_min_steps", "finetune_max_steps", "pretext_min_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a step count >= 0 (0: none)")
         if self.finetune_max_steps and self.finetune_max_steps < max(self.finetune_min_steps, self.finetune_epochs):
@@ -262,6 +263,7 @@ PROFILES: dict[str, Profile] = {
         pretext_batch_size=128,
         pretext_learning_rate=2e-3,
         pretext_epochs=3,
+        pretext_min_steps=300,  # what 3 passes make on ~3,300 images; a smaller set gets more passes
         validation_fraction=0.0,
         finetune_hidden=(),
         finetune_batch_size=32,
