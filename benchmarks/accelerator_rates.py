@@ -40,7 +40,9 @@ from pathlib import Path
 import numpy as np
 
 from accelerator_study import square_symmetries
-from run_benchmarks import add_profile_arguments, forward_flops, large_photograph_seconds, profile_from, ridge_fit_timing
+from run_benchmarks import (
+    add_profile_arguments, format_figure, forward_flops, large_photograph_seconds, profile_from, ridge_fit_timing,
+)
 
 
 def accelerator_name() -> str | None:
@@ -196,7 +198,7 @@ def main() -> None:
         """Print figures as they come and keep the JSON current, so a run cut short keeps what it measured."""
         figures.update(values)
         for key, value in values.items():
-            print(f"{key:<44}  {value:.3f}" if isinstance(value, float) else f"{key:<44}  {value}", flush=True)
+            print(f"{key:<44}  {format_figure(value)}", flush=True)
         out.write_text(json.dumps(figures, indent=2))
 
     record(

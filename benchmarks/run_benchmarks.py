@@ -433,11 +433,19 @@ def predict_from_rates(args) -> None:
     _report(predicted, args.json or Path(__file__).parent / "results" / f"{profile.name}-{profile.dataset}-predicted.json")
 
 
+def format_figure(value) -> str:
+    """A figure as printed: floats to three decimals, or three significant digits when smaller
+    than 0.01 (seconds per row), anything else as it is."""
+    if isinstance(value, float):
+        return f"{value:.3f}" if value == 0 or abs(value) >= 0.01 else f"{value:.3g}"
+    return str(value)
+
+
 def _report(figures: dict, path) -> None:
     """Print the figures as a table and write them as JSON to ``path``."""
     width = max(map(len, figures))
     for key, value in figures.items():
-        print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+        print(f"{key:<{width}}  {format_figure(value)}")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(figures, indent=2))

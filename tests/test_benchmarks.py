@@ -180,6 +180,10 @@ def test_predicted_sweep_adds_each_stage_at_its_rate(benchmark_module):
     assert stages["total"] == pytest.approx(12 + 29 + 111.5 + 10)
 
 
+def test_small_figures_keep_significant_digits(benchmark_module):
+    assert [benchmark_module.format_figure(v) for v in (0.0, 2.5, 0.000205468, 7, "CPU")] == ["0.000", "2.500", "0.000205", "7", "CPU"]
+
+
 def test_ridge_timing_splits_a_fit_into_fixed_seconds_and_seconds_per_row(benchmark_module, monkeypatch):
     import drnb.ridge
 
