@@ -262,7 +262,7 @@ def main() -> None:
     )
 
     # A ridge-fitted head is fitted with NumPy on this machine's CPU cores.
-    record(**ridge_fit_timing(encoder.output_shape[-1], max(profile.ridge_turns, 1), profile.ridge_criterion))
+    record(**ridge_fit_timing(encoder.output_shape[-1], profile.ridge_turns, profile.ridge_criterion))
 
     # A notebook's kernel imports drnb on this backend; the TensorFlow path's import is measured by run_benchmarks.py.
     start = time.perf_counter()

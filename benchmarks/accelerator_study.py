@@ -367,13 +367,13 @@ class Study:
         copies = 4 if profile.rotation_mode == "all4" else 1
         stream = BatchStream(train_rows, profile.pretext_batch_size // copies, profile.seed)
         turns_rng = np.random.default_rng([profile.seed, 1])
-        epochs = []
+        epochs, planned = [], profile.planned_pretext_epochs(len(train_rows) * copies)
 
         def heldout_accuracy() -> float:
             predicted = predict_whole_batches(pretext, heldout_images, profile.pretext_batch_size).argmax(axis=1)
             return float((predicted == heldout_turns).mean())
 
-        for epoch in range(1, profile.pretext_epochs + 1):
+        for epoch in range(1, planned + 1):
             if not next_epoch_fits(time.perf_counter(), deadline, [row["seconds"] for row in epochs]):
                 break
             rows = np.repeat(stream.epoch(), copies)
@@ -382,7 +382,7 @@ class Study:
             start = time.perf_counter()
             fitted = pretext.fit(batch, turns, batch_size=profile.pretext_batch_size, epochs=1, shuffle=False, verbose=0)
             row = {"epoch": epoch, "loss": float(fitted.history["loss"][-1]), "seconds": time.perf_counter() - start}
-            if epoch % profile.pretext_eval_every == 0 or epoch == profile.pretext_epochs:
+            if epoch % profile.pretext_eval_every == 0 or epoch == planned:
                 row["heldout_rotation_accuracy"] = heldout_accuracy()
             epochs.append(row)
             record(pretext={"history": epochs})  # replaced by the summary below; kept if the call is cut short
@@ -391,9 +391,9 @@ class Study:
             epochs[-1]["heldout_rotation_accuracy"] = heldout_accuracy()
         steady = float(np.median([row["seconds"] for row in epochs[1:]])) if len(epochs) > 1 else None
         summary = {
-            "epochs": len(epochs), "profile_epochs": profile.pretext_epochs, "train_images": len(train_rows),
+            "epochs": len(epochs), "profile_epochs": planned, "train_images": len(train_rows),
             "heldout_images": len(heldout_rows), "seconds": time.perf_counter() - start_all,
-            "stopped_by": "epochs" if len(epochs) == profile.pretext_epochs else "time",
+            "stopped_by": "epochs" if len(epochs) == planned else "time",
             "images_per_second": stream.steps * stream.batch_size * copies / steady if steady else None,
             "heldout_rotation_accuracy": epochs[-1]["heldout_rotation_accuracy"] if epochs else None,
             "history": epochs,
@@ -426,7 +426,8 @@ def main() -> None:
 
     from drnb.models import precision_policy
     from drnb.preprocessing import preprocess_table
-    from drnb.runs import load_table, preprocess_config, write_text_atomically
+    from drnb.files import write_text_atomically
+    from drnb.runs import load_table, preprocess_config
     from drnb.splits import validate_fraction
 
     profile = profile_from(args, args.set)

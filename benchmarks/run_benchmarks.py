@@ -140,11 +140,28 @@ def large_photograph_seconds(repeats: int = 3, image_size: int = 128) -> float:
 RIDGE_TIMING_ROWS = (2_048, 16_384)
 
 
-def ridge_fit_timing(n_features: int, views: int, criterion: str, rows=RIDGE_TIMING_ROWS) -> dict:
-    """A ridge head's fit (:func:`drnb.ridge.fit_ridge`, each image's ``views`` rows left out
-    together) on random features of the encoder's width, timed at two sizes: its cost is about
-    fixed plus linear in the rows (the (F, F) Gram matrix and the left-out blocks), so the two
-    give ``ridge_fit_seconds`` (per fit) and ``ridge_seconds_per_row``."""
+def ridge_fit_timing(n_features: int, views: int, criterion: str, rows: tuple[int, int] = RIDGE_TIMING_ROWS) -> dict:
+    """A ridge head's fit (:func:`drnb.ridge.fit_ridge`) timed on random features at two sizes.
+
+    Its cost is about fixed plus linear in the rows (the (F, F) Gram matrix and the left-out
+    blocks), so two sizes give both parts.
+
+    Parameters
+    ----------
+    n_features : int
+        The encoder's pooled width F.
+    views : int
+        Rows per image (the profile's ``ridge_turns``), left out together as in the runs.
+    criterion : str
+        The profile's ``ridge_criterion``.
+    rows : (int, int)
+        The two sizes timed, in rows.
+
+    Returns
+    -------
+    dict
+        ``ridge_fit_seconds`` (per fit, >= 0) and ``ridge_seconds_per_row``.
+    """
     from drnb.ridge import fit_ridge
 
     rng = np.random.default_rng(0)
@@ -192,7 +209,6 @@ def planned_work(profile, session, n_images: int) -> dict:
 
     from drnb.distribute import scaled_batch_and_rate
     from drnb.finetune import SHARED_START_METHODS, plan_steps, runnable_methods, symmetry_views
-    from drnb.pretext import pretext_epochs
     from drnb.splits import split_holdout
 
     # The session's groups are the pretext's (patients and near duplicates) in the stratified split mode.
@@ -202,7 +218,7 @@ def planned_work(profile, session, n_images: int) -> dict:
     pretext_batch, _ = scaled_batch_and_rate(profile.pretext_batch_size, profile.pretext_learning_rate, session.strategy)
     pretext_steps = max(1, math.ceil(len(pretext_train) * views / pretext_batch))
     # Held-out rotations are scored every pretext_eval_every epochs and after the last.
-    epochs = pretext_epochs(profile, pretext_steps)
+    epochs = profile.planned_pretext_epochs(len(pretext_train) * views)
     scored_epochs = math.ceil(epochs / profile.pretext_eval_every)
     work = {
         "pretext_train": epochs * pretext_steps * pretext_batch,
@@ -320,7 +336,8 @@ def sweep_rates(figures: dict, warmup_on_features: bool = False) -> dict:
     rates = {"preprocess": first_of("preprocess_uncached_images_per_second"), "predict": first_of("predict_images_per_second")}
     # Features through the views' pipeline where measured (here), else the network's inference rate.
     rates["encode"] = first_of("encode_images_per_second", "predict_images_per_second")
-    rates["ridge_rows"] = 1 / first_of("ridge_seconds_per_row")
+    # Figures measured before ridge fits were timed have none; see check_ridge_timing.
+    rates["ridge_rows"] = 1 / figures["ridge_seconds_per_row"] if "ridge_seconds_per_row" in figures else float("inf")
     for phase, key in (("pretext", "pretext_train"), ("finetune_full", "finetune_full"), ("finetune_head", "finetune_head")):
         rates[key] = first_of(*(f"{phase}_{kind}_images_per_second" for kind in ("drnb", "fit", "bare")))
     # Only a warm-up on features has a rate of its own; without one, no image is counted at it.
@@ -328,7 +345,22 @@ def sweep_rates(figures: dict, warmup_on_features: bool = False) -> dict:
     return rates
 
 
-def predicted_figures(figures: dict, profile, session, n_images: int) -> dict:
+def check_ridge_timing(work: dict, figures: dict, source: str) -> None:
+    """Refuse to predict a sweep that fits ridge heads from figures that never timed a fit.
+
+    Raises
+    ------
+    ValueError
+        Naming ``source`` (where the figures come from) and the fits they would leave out.
+    """
+    if work["ridge_fits"] and "ridge_seconds_per_row" not in figures:
+        raise ValueError(
+            f"{source} has no ridge fit timing (ridge_seconds_per_row), but the sweep fits {work['ridge_fits']} ridge "
+            "heads: measure the rates again with this version of the benchmark"
+        )
+
+
+def predicted_figures(figures: dict, profile, session, n_images: int, source: str = "the figures") -> dict:
     """The sweep's predicted minutes per stage from measured rates and fixed costs, and the
     total if the photographs were APTOS-sized PNGs (decoded on every core of the machine
     measured)."""
@@ -348,9 +380,11 @@ def predicted_figures(figures: dict, profile, session, n_images: int) -> dict:
         "finetune_tracing": figures["finetune_full_tracing_seconds"] * profile.trains_encoder
         + warmup_tracing * (profile.warmup_epochs > 0) + figures["predict_tracing_seconds"],
         "fresh_model": figures["fresh_model_seconds"],
-        "ridge_fit": figures["ridge_fit_seconds"],
+        "ridge_fit": figures.get("ridge_fit_seconds", 0.0),
     }
-    stages = predicted_sweep_seconds(planned_work(profile, session, n_images), rates, fixed)
+    work = planned_work(profile, session, n_images)
+    check_ridge_timing(work, figures, source)
+    stages = predicted_sweep_seconds(work, rates, fixed)
     predicted = {f"predicted_{stage}_minutes": seconds / 60 for stage, seconds in stages.items()}
     decoding = n_images / rates["preprocess"]
     # Figures from another machine name its cores ("cpu_cores", or "(16 CPU cores)" in "devices").
@@ -429,7 +463,7 @@ def predict_from_rates(args) -> None:
     images, table = load_images(profile, log=lambda line: None)
     session = FinetuneSession(images, table, profile, log=lambda line: None)
     predicted = {"rates_from": str(args.rates), "measured_on": figures.get("devices", "?"), "dataset": profile.dataset,
-                 "images": len(images), **predicted_figures(figures, profile, session, len(images))}
+                 "images": len(images), **predicted_figures(figures, profile, session, len(images), source=str(args.rates))}
     _report(predicted, args.json or Path(__file__).parent / "results" / f"{profile.name}-{profile.dataset}-predicted.json")
 
 
@@ -538,7 +572,7 @@ def main() -> None:
     start = time.perf_counter()
     encoded = sum(len(session.trainer.encode(session._inference_batches(rows, view))) for view in range(8))
     figures["encode_images_per_second"] = encoded / (time.perf_counter() - start)
-    figures.update(ridge_fit_timing(features.shape[1], max(profile.ridge_turns, 1), profile.ridge_criterion))
+    figures.update(ridge_fit_timing(features.shape[1], profile.ridge_turns, profile.ridge_criterion))
     feature_data = session.trainer.batches(feature_batches(features, targets[: len(features)], batch, seed=0))
     start = time.perf_counter()
     session.trainer.train(feature_data, 1, phase="features")  # traces the step

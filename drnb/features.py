@@ -31,8 +31,8 @@ from typing import Callable
 
 import numpy as np
 
+from drnb.files import write_atomically
 from drnb.models import leaf_layers
-from drnb.runs import write_atomically
 
 FILE_PREFIX = "features_"
 # Part of every key: bump it when what a view shows, or how features are computed, changes.
@@ -87,8 +87,9 @@ class FeatureStore:
     Attributes
     ----------
     rows_encoded, rows_reused : int
-        (row, view) pairs passed to ``encode``, and those served from what was kept, since
-        the store was made: a sweep whose runs share encoders should mostly reuse.
+        Since the store was made: the distinct rows of each request passed to ``encode``, and
+        those served from what was kept (by earlier requests, or read from the folder). A
+        sweep whose runs share encoders should mostly reuse.
     """
 
     def __init__(self, n_rows: int, directory: str | os.PathLike | None = None, *, log=print):
@@ -141,8 +142,6 @@ class FeatureStore:
             return np.zeros((0, 0 if features is None else features.shape[1]), np.float32)
         unique = np.unique(rows)
         missing = unique[~encoded[unique]]
-        self.rows_reused += len(unique) - len(missing)
-        self.rows_encoded += len(missing)
         if len(missing):
             fresh = np.asarray(encode(missing), dtype=np.float32)
             if fresh.ndim != 2 or len(fresh) != len(missing):
@@ -153,6 +152,8 @@ class FeatureStore:
             features[missing] = fresh
             encoded[missing] = True
             self._unsaved.add(key)
+        self.rows_encoded += len(missing)
+        self.rows_reused += len(unique) - len(missing)
         return features[rows]
 
     def save(self) -> list[Path]:

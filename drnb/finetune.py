@@ -49,13 +49,13 @@ import tensorflow as tf
 from drnb.distribute import configure_precision, scaled_batch_and_rate, seed_everything, seed_weights, select_strategy
 from drnb.duplicates import photograph_groups
 from drnb.features import FeatureStore, array_fingerprint, encoder_fingerprint
+from drnb.files import write_json
 from drnb.metrics import evaluate_predictions, quadratic_weighted_kappa
 from drnb.models import grade_head, imagenet_weights_available, profile_encoder, recalibrate_batchnorm
 from drnb.pipeline import check_view, labelled_batches, shuffled_positions
 from drnb.pretext import load_encoder, save_atomically
 from drnb.profiles import Profile
 from drnb.ridge import fit_ridge
-from drnb.runs import write_json
 from drnb.splits import RepetitionSplit, make_repetition_split, validate_fraction
 from drnb.targets import TARGET_LOSSES, decode, decode_with_cut_points, encode, expected_grade, ordinal_decode, prior_cut_points
 from drnb.training import Trainer, cosine_rate
@@ -375,8 +375,9 @@ class FinetuneSession:
             n_test=int(len(split.test)),
             steps=int(sum(steps for _, steps in schedule)),
             best_epoch=int(best["epoch"]),
-            # (image, view) pairs this run encoded, and those it read from what earlier runs
-            # with the same starting encoder kept (drnb.features).
+            # (image, view) features this run encoded, and those it read from what was kept
+            # (drnb.features): by earlier runs with the same starting encoder, or earlier in
+            # this run (its calibration images are training images, encoded for the fit).
             features_encoded=self.features.rows_encoded - encoded_before,
             features_reused=self.features.rows_reused - reused_before,
             seconds=time.perf_counter() - start,

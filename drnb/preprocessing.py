@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from drnb.datasets import NPZ_SEPARATOR, read_image
-from drnb.runs import atomic_path
+from drnb.files import atomic_path
 
 logger = logging.getLogger(__name__)
 

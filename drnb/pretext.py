@@ -26,10 +26,10 @@ import tensorflow as tf
 
 from drnb.distribute import configure_precision, scaled_batch_and_rate, seed_everything, select_strategy
 from drnb.duplicates import photograph_groups
+from drnb.files import atomic_path, write_json
 from drnb.models import profile_encoder, rotation_head
 from drnb.pipeline import rotation_batches
 from drnb.profiles import Profile
-from drnb.runs import atomic_path, write_json
 from drnb.splits import split_holdout
 from drnb.training import Trainer, cosine_rate
 
@@ -122,11 +122,11 @@ def train_pretext(
     image_tensor = tf.constant(images)
     rotated_per_epoch = len(train_indices) * (4 if profile.rotation_mode == "all4" else 1)
     steps_per_epoch = max(1, math.ceil(rotated_per_epoch / batch_size))
-    epochs = pretext_epochs(profile, steps_per_epoch)
+    epochs = profile.planned_pretext_epochs(rotated_per_epoch)
     if epochs > profile.pretext_epochs:
         log(
-            f"pretext: {epochs} epochs instead of {profile.pretext_epochs}, for at least "
-            f"pretext_min_steps={profile.pretext_min_steps} steps of {steps_per_epoch} per epoch"
+            f"pretext: {epochs} epochs instead of {profile.pretext_epochs}, to show at least pretext_min_steps="
+            f"{profile.pretext_min_steps} batches of {profile.pretext_batch_size} rotated images ({rotated_per_epoch} per epoch)"
         )
     dataset = rotation_batches(
         image_tensor,
@@ -201,21 +201,9 @@ def train_pretext(
     return result
 
 
-def pretext_epochs(profile: Profile, steps_per_epoch: int) -> int:
-    """The pretext's passes: ``pretext_epochs``, or more when that many passes make fewer than
-    ``pretext_min_steps`` optimizer steps of ``steps_per_epoch`` (a small set).
-
-    What the pretext needs is a number of gradient steps, not of passes: three passes over
-    3,300 photographs are 300 steps of 128 rotated images, over IDRiD's 460 about 45.
-    """
-    if steps_per_epoch < 1:
-        raise ValueError(f"steps_per_epoch={steps_per_epoch!r}: expected a positive step count")
-    return max(profile.pretext_epochs, math.ceil(profile.pretext_min_steps / steps_per_epoch))
-
-
 def save_atomically(model: keras.Model, path: Path) -> None:
     """Save ``model`` in the ``.keras`` format so that an interrupted save leaves the old file
-    at ``path``, or none, and no temporary file (:func:`drnb.runs.atomic_path`)."""
+    at ``path``, or none, and no temporary file (:func:`drnb.files.atomic_path`)."""
     with atomic_path(path, suffix=".keras") as temporary:  # Keras insists on the suffix
         model.save(temporary)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass
 
@@ -72,7 +73,7 @@ class Profile:
     pretext_batch_size: int = 64  # rotated images per batch
     pretext_learning_rate: float = 1e-3  # Adam
     pretext_epochs: int = 10  # passes over the pretext images (all4: each pass shows every rotation)
-    pretext_min_steps: int = 0  # at least this many pretext steps: a small set gets more passes; 0: no floor
+    pretext_min_steps: int = 0  # show at least this many batches of pretext_batch_size: a small set gets more passes; 0: no floor
     pretext_lr_schedule: str = "constant"  # "constant", or "cosine" decay from the rate towards 0, step by step over all epochs
     pretext_holdout_fraction: float = 0.1  # images held out to measure rotation accuracy
     pretext_eval_every: int = 1  # score the held-out rotations after every this many epochs, and after the last
@@ -220,6 +221,31 @@ class Profile:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    def planned_pretext_epochs(self, rotated_per_epoch: int) -> int:
+        """The pretext's passes: ``pretext_epochs``, or more for a small set, so that the
+        pretext shows at least ``pretext_min_steps`` batches of ``pretext_batch_size`` rotated
+        images.
+
+        What the pretext needs is a number of gradient steps, not of passes: three passes over
+        3,300 photographs are 300 batches of 128 rotated images, over IDRiD's 460 about 45.
+        The floor counts batches of the profile's batch size, one replica's, so it asks for
+        the same images on any number of replicas.
+
+        Parameters
+        ----------
+        rotated_per_epoch : int
+            Rotated images in one pass: the pretext images, times 4 with ``rotation_mode="all4"``.
+
+        Returns
+        -------
+        int
+            At least ``pretext_epochs``.
+        """
+        if rotated_per_epoch < 1:
+            raise ValueError(f"rotated_per_epoch={rotated_per_epoch!r}: expected a positive number of images")
+        floor = math.ceil(self.pretext_min_steps * self.pretext_batch_size / rotated_per_epoch)
+        return max(self.pretext_epochs, floor)
 
     def derive(self, **changes) -> "Profile":
         """A copy with some fields changed (validated again)."""

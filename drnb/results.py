@@ -126,7 +126,7 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 def write_tables(results: pd.DataFrame, table: pd.DataFrame, paths) -> None:
     """Write ``results.csv``, ``table.csv`` and ``table.md`` of a run folder (:class:`drnb.runs.RunPaths`)."""
-    from drnb.runs import write_text_atomically
+    from drnb.files import write_text_atomically
 
     write_text_atomically(paths.results, results.to_csv(index=False))
     write_text_atomically(paths.table_csv, table.to_csv(index=False))

@@ -18,14 +18,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
+from drnb.files import write_json, write_text_atomically
 from drnb.profiles import Profile, load_profile, resolve_profile
 
 PROFILE_FILE = "profile.json"
@@ -203,44 +200,3 @@ def write_data_summary(paths: RunPaths, table, images, duplicates=None) -> dict:
     write_text_atomically(paths.data / "dataset.csv", table.to_csv(index=False))
     write_json(paths.data / "summary.json", summary)
     return summary
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Path]:
-    """A temporary path beside ``path`` to write a file to, which replaces ``path`` when the
-    ``with`` block ends without an error and is removed when it raises.
-
-    A reader therefore sees the old file or the new one, never half of one, and no temporary
-    file is left behind. ``suffix`` ends the temporary name, for writers that insist on one
-    (Keras on ``.keras``, ``numpy.save`` on ``.npy``).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        yield Path(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def write_atomically(path: str | os.PathLike, write: Callable) -> None:
-    """Write a file through ``write(binary_file)`` at an :func:`atomic_path`."""
-    with atomic_path(path) as temporary, open(temporary, "wb") as file:
-        write(file)
-
-
-def write_text_atomically(path: str | os.PathLike, text: str) -> None:
-    """Write a UTF-8 text file atomically (see :func:`write_atomically`)."""
-    write_atomically(path, lambda file: file.write(text.encode("utf-8")))
-
-
-def write_json(path: str | os.PathLike, values: dict) -> None:
-    """Write a JSON file atomically (NumPy scalars become plain numbers)."""
-    write_text_atomically(path, json.dumps(values, indent=2, default=_plain))
-
-
-def _plain(value):
-    return value.item() if hasattr(value, "item") else str(value)

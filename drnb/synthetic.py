@@ -52,6 +52,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
+from drnb.files import atomic_path, write_text_atomically
+
 APTOS_GRADE_COUNTS = (1805, 370, 999, 193, 295)
 """Images per grade (0-4) in the APTOS 2019 ``train.csv``: the default class balance."""
 
@@ -961,20 +963,14 @@ def write_synthetic_dataset(
     for id_code, (grade, image) in zip(
         id_codes, _iter_fundus_images(n, size, seed, weights, clipped_share)
     ):
-        partial_path = image_dir / f"{id_code}.png.partial"
-        # Level 1 writes about 2.5x faster than the default for files ~30% larger.
-        Image.fromarray(image).save(partial_path, format="PNG", compress_level=1)
-        os.replace(partial_path, image_dir / f"{id_code}.png")
+        with atomic_path(image_dir / f"{id_code}.png") as partial_path:
+            # Level 1 writes about 2.5x faster than the default for files ~30% larger.
+            Image.fromarray(image).save(partial_path, format="PNG", compress_level=1)
         grades.append(grade)
 
-    partial_csv = directory / "train.csv.partial"
-    with open(partial_csv, "w", newline="") as handle:
+    with atomic_path(csv_path) as partial_csv, open(partial_csv, "x", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id_code", "diagnosis"])
         writer.writerows(zip(id_codes, grades))
-    os.replace(partial_csv, csv_path)
-
-    partial_manifest = directory / "synthetic.json.partial"
-    partial_manifest.write_text(json.dumps(parameters, indent=2) + "\n")
-    os.replace(partial_manifest, manifest_path)
+    write_text_atomically(manifest_path, json.dumps(parameters, indent=2) + "\n")
     return directory

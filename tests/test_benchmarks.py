@@ -213,6 +213,11 @@ def test_sweep_rates_prefer_drnb_then_fit_then_one_batch_at_a_time(benchmark_mod
     assert (rates["pretext_train"], rates["finetune_full"], rates["finetune_head"]) == (1, 4, 6)
     assert rates["encode"] == 20 and rates["ridge_rows"] == pytest.approx(1000)  # no view pipeline timed: inference's rate
     assert benchmark_module.sweep_rates({**figures, "encode_images_per_second": 30})["encode"] == 30
+    del figures["ridge_seconds_per_row"]  # figures from before fits were timed serve a sweep without any
+    assert benchmark_module.sweep_rates(figures)["ridge_rows"] == float("inf")
+    benchmark_module.check_ridge_timing({"ridge_fits": 0}, figures, "old.json")
+    with pytest.raises(ValueError, match=r"old.json has no ridge fit timing .* fits 50 ridge heads"):
+        benchmark_module.check_ridge_timing({"ridge_fits": 50}, figures, "old.json")
     assert rates["finetune_features"] == float("inf")  # no warm-up on features: no image counted at it
     assert benchmark_module.sweep_rates(figures, warmup_on_features=True)["finetune_features"] == 7
     del figures["finetune_full_fit_images_per_second"], figures["finetune_full_bare_images_per_second"]

@@ -92,22 +92,20 @@ def test_heldout_rotations_are_scored_every_few_epochs_and_after_the_last(synthe
 
 
 def test_a_small_set_gets_more_pretext_passes_up_to_the_minimum_steps(synthetic, tmp_path, benchmark_module):
-    from drnb.pretext import pretext_epochs
-
-    images = synthetic[0][:60, ::2, ::2]  # 32 px: 54 images after the hold-out, 7 steps of 32 per pass
+    images = synthetic[0][:60, ::2, ::2]  # 32 px: 54 images after the hold-out, 216 rotated per pass
     profile = resolve_profile("smoke", {"image_size": 32, "pretext_epochs": 1, "pretext_min_steps": 20, "pretext_batch_size": 32})
     lines = []
     result = train_pretext(images, profile, tmp_path / "pretext", log=lines.append)
-    assert len(result.history) == 3 and result.history["heldout_rotation_accuracy"].notna().iloc[-1]  # ceil(20 / 7)
+    assert len(result.history) == 3 and result.history["heldout_rotation_accuracy"].notna().iloc[-1]  # ceil(20 * 32 / 216)
     assert json.loads((tmp_path / "pretext" / "metrics.json").read_text())["epochs"] == 3
     assert any("3 epochs instead of 1" in line and "pretext_min_steps=20" in line for line in lines)
     session = FinetuneSession(images, synthetic[1].iloc[:60], profile, log=lambda line: None)
-    assert benchmark_module.planned_work(profile, session, len(images))["pretext_train"] == 3 * 7 * 32
-    # The floor only ever adds passes, and a set large enough keeps the profile's epochs.
-    assert pretext_epochs(profile, 7) == 3 and pretext_epochs(profile, 25) == 1
-    assert pretext_epochs(profile.derive(pretext_epochs=5), 7) == 5
-    with pytest.raises(ValueError, match="steps_per_epoch=0"):
-        pretext_epochs(profile, 0)
+    assert benchmark_module.planned_work(profile, session, len(images))["pretext_train"] == 3 * 7 * 32  # 7 steps per pass
+    # The floor only ever adds passes; a set large enough keeps the profile's epochs.
+    assert profile.planned_pretext_epochs(216) == 3 and profile.planned_pretext_epochs(640) == 1
+    assert profile.derive(pretext_epochs=5).planned_pretext_epochs(216) == 5
+    with pytest.raises(ValueError, match="rotated_per_epoch=0"):
+        profile.planned_pretext_epochs(0)
     with pytest.raises(ValueError, match="pretext_min_steps=-1"):
         resolve_profile("smoke", {"pretext_min_steps": "-1"})
 
