@@ -37,7 +37,7 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ending = path.suffix or ".tmp" if suffix is None else suffix
+    ending = (path.suffix or ".tmp") if suffix is None else suffix
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}{ending}")
     try:
         yield temporary
