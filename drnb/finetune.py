@@ -560,6 +560,6 @@ def run_fraction(
 
 
 def _features_note(metrics: dict) -> str:
-    """How many (image, view) features a run encoded and how many it read from earlier runs."""
-    encoded, reused = metrics.get("features_encoded", 0), metrics.get("features_reused", 0)
+    """How many (image, view) features a run encoded and how many it read from what was kept."""
+    encoded, reused = metrics["features_encoded"], metrics["features_reused"]
     return f"; features: {encoded} encoded, {reused} reused" if encoded or reused else ""

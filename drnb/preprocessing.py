@@ -347,6 +347,6 @@ def preprocess_table(
 
     # Written to temporary names and renamed, so an interrupted run never leaves a half cache.
     for path, array in ((images_path, images), (kept_path, kept)):
-        with atomic_path(path, suffix=".npy") as temporary:
+        with atomic_path(path) as temporary:  # ends in .npy, as the cache's names do
             np.save(temporary, array)
     return images, table.iloc[kept].reset_index(drop=True)
