@@ -191,10 +191,11 @@ def planned_work(profile, session, n_images: int) -> dict:
     never trains its encoder (``finetune_epochs=0``), the features its predictions read, are
     encoded once per row, view and starting encoder over the whole sweep, as the notebooks
     share them (:mod:`drnb.features`): one encoder for the methods that start every run from
-    the same weights, one per repetition for a fresh encoder (the same seeded initialisation,
-    re-estimated on the same calibration images, at every fraction); a fresh encoder's
-    batch-norm re-estimate passes the calibration images once per run. A ridge-fitted head is
-    one fit per run on its training subset's rows in every view.
+    the same weights (:func:`drnb.finetune.starts_shared`), one per repetition for a fresh
+    encoder (the same seeded initialisation, re-estimated on the same calibration images, at
+    every fraction); a fresh encoder's batch-norm re-estimate passes the calibration images
+    once per run, a shared fresh encoder's once per notebook. A ridge-fitted head is one fit
+    per run on its training subset's rows in every view.
 
     Returns
     -------
@@ -208,7 +209,7 @@ def planned_work(profile, session, n_images: int) -> dict:
     import math
 
     from drnb.distribute import scaled_batch_and_rate
-    from drnb.finetune import SHARED_START_METHODS, plan_steps, runnable_methods, symmetry_views
+    from drnb.finetune import SHARED_START_METHODS, plan_steps, runnable_methods, starts_shared, symmetry_views
     from drnb.splits import split_holdout
 
     # The session's groups are the pretext's (patients and near duplicates) in the stratified split mode.
@@ -233,7 +234,12 @@ def planned_work(profile, session, n_images: int) -> dict:
     fit_views = symmetry_views(fit_count) if fit_count else ()
     test_views = symmetry_views(profile.test_time_turns)
     frozen = not profile.trains_encoder  # predictions read the features too
-    fresh = sum(method not in SHARED_START_METHODS for method in methods)
+    fresh = sum(not starts_shared(method, profile) for method in methods)  # a fresh encoder per run
+    # A fresh encoder every run of a method shares (scratch_encoder="shared"): built, and its
+    # batch norm re-estimated, once per notebook.
+    shared_fresh = sum(starts_shared(method, profile) and method not in SHARED_START_METHODS for method in methods)
+    if profile.recalibrate_batchnorm:
+        work["finetune_predict"] += shared_fresh * len(profile.fractions) * len(session.unlabelled_calibration_rows())
     encoded = {}  # (starting encoder, view) -> rows encoded, over every notebook of the sweep
     for fraction in profile.fractions:
         for repetition in range(profile.repetitions):
@@ -249,7 +255,7 @@ def planned_work(profile, session, n_images: int) -> dict:
             if profile.recalibrate_batchnorm:  # fresh encoders only
                 work["finetune_predict"] += fresh * len(calibration)
             for method in methods:
-                encoder = method if method in SHARED_START_METHODS else (method, repetition)
+                encoder = method if starts_shared(method, profile) else (method, repetition)
                 for view in fit_views:
                     encoded.setdefault((encoder, view), set()).update(train.tolist())
                 if frozen:
@@ -265,7 +271,8 @@ def planned_work(profile, session, n_images: int) -> dict:
                 work["ridge_rows"] += len(methods) * ridge_turns * len(train)
     work["finetune_encode"] = sum(len(rows) for rows in encoded.values())
     work["runs"] = len(methods) * len(profile.fractions) * profile.repetitions
-    work["fresh_encoders"] = sum(method != "rotation" for method in methods) * len(profile.fractions) * profile.repetitions
+    built_per_run = sum(method != "rotation" for method in methods) - shared_fresh  # ImageNet's too
+    work["fresh_encoders"] = (built_per_run * profile.repetitions + shared_fresh) * len(profile.fractions)
     work["notebooks"] = 3 + len(profile.fractions)
     work["images"] = n_images
     return work

@@ -5,7 +5,9 @@ A run, given a repetition's split (:mod:`drnb.splits`):
 1. starts the encoder from the method's weights (``rotation``: the pretext encoder;
    ``scratch``: a fresh random initialisation; ``imagenet``: DenseNet121's ImageNet
    weights) and a fresh head, both seeded by ``seed + repetition`` so that methods are
-   compared on the same split, head initialisation and batch order;
+   compared on the same split, head initialisation and batch order (with
+   ``scratch_encoder="shared"`` every scratch run starts from one fresh encoder, seeded by
+   ``seed``, as every rotation run starts from the one pretext encoder);
 2. warms up for ``warmup_epochs`` with the encoder frozen (batch norm in inference mode),
    then trains everything for ``finetune_epochs`` with a fresh optimizer state (0: the
    encoder is never trained, as in the linear evaluation of self-supervised learning, and
@@ -14,7 +16,8 @@ A run, given a repetition's split (:mod:`drnb.splits`):
    (no augmentation), which makes a warm-up step nearly free on a CPU. Frozen features are
    kept under the encoder that made them (:mod:`drnb.features`): runs whose encoders start
    identical (every ``rotation`` run; a ``scratch`` run of one repetition in each fraction's
-   notebook) encode each image once per view between them
+   notebook, or every ``scratch`` run with a shared fresh encoder) encode each image once per
+   view between them
    (:meth:`FinetuneSession.frozen_features`);
 3. after each epoch scores quadratic weighted kappa on the validation split (carved from
    the training pool, never the test fold) and keeps the best weights;
@@ -65,6 +68,14 @@ MODEL_FILE = "model.keras"
 # Methods whose runs all start from the same trained encoder weights; the others start from a
 # fresh initialisation, whose batch-norm statistics may need re-estimating.
 SHARED_START_METHODS = ("rotation", "imagenet")
+
+
+def starts_shared(method: str, profile: Profile) -> bool:
+    """Whether every run of ``method`` starts from the same encoder weights, batch norm included:
+    the pretext's or ImageNet's, or with ``scratch_encoder="shared"`` one fresh encoder
+    (:meth:`FinetuneSession.shared_fresh_encoder`); else a run starts from a fresh encoder
+    of its repetition, its batch norm re-estimated on the run's calibration images."""
+    return method in SHARED_START_METHODS or (method == "scratch" and profile.scratch_encoder == "shared")
 
 
 def symmetry_views(count: int) -> range:
@@ -181,6 +192,7 @@ class FinetuneSession:
         self.targets = encode(self.grades, profile.target)
         self.encoder_path = Path(encoder_path) if encoder_path else None
         self._pretrained = None
+        self._shared_fresh = None
         with self.strategy.scope():
             encoder = profile_encoder(profile)
             head = grade_head(encoder.output_shape[-1], profile)
@@ -225,7 +237,8 @@ class FinetuneSession:
         """(encoder weights, head weights) a run of ``method`` starts from.
 
         The head is built first after seeding, so every method of a repetition starts from
-        the same head; only ``scratch`` and ``imagenet`` need a fresh encoder.
+        the same head; only ``scratch`` and ``imagenet`` need a fresh encoder, and
+        ``scratch`` with ``scratch_encoder="shared"`` the session's one.
         """
         seed_weights(seed)
         head_weights = grade_head(self.trainer.encoder.output_shape[-1], self.profile).get_weights()
@@ -233,8 +246,48 @@ class FinetuneSession:
             if self._pretrained is None:
                 self._pretrained = self._load_pretrained()
             return self._pretrained, head_weights
+        if method == "scratch" and self.profile.scratch_encoder == "shared":
+            return self.shared_fresh_encoder(), head_weights
         fresh_encoder = profile_encoder(self.profile, weights="imagenet" if method == "imagenet" else None)
         return fresh_encoder.get_weights(), head_weights
+
+    def shared_fresh_encoder(self) -> list:
+        """The weights every scratch run starts from with ``scratch_encoder="shared"`` (made once).
+
+        A fresh encoder seeded with the profile's ``seed``, whatever the repetition, as every
+        rotation run starts from the one pretext encoder; with ``recalibrate_batchnorm`` its
+        batch norm is re-estimated on :meth:`unlabelled_calibration_rows`. Every fraction's
+        notebook builds the same weights, to the bit, so the runs of the whole sweep share
+        their kept features (:meth:`frozen_features`). Leaves the trainer's encoder holding
+        them; a run resets it anyway.
+
+        Returns
+        -------
+        list of numpy.ndarray
+            As from ``get_weights``.
+        """
+        if self._shared_fresh is None:
+            seed_weights(self.profile.seed)
+            self.trainer.encoder.set_weights(profile_encoder(self.profile).get_weights())
+            if self.profile.recalibrate_batchnorm:
+                self.recalibrate_batchnorm(self.unlabelled_calibration_rows())
+            self._shared_fresh = self.trainer.encoder.get_weights()
+        return self._shared_fresh
+
+    def unlabelled_calibration_rows(self) -> np.ndarray:
+        """Rows a shared fresh encoder's batch norm is re-estimated on: ``calibration_images``
+        rows of the whole set, drawn with the profile's ``seed``.
+
+        Test folds included, as the pretext trains on them: no grade is read, and a
+        statistic every repetition can share cannot leave out every repetition's test fold.
+
+        Returns
+        -------
+        numpy.ndarray
+            int64 (min(calibration_images, images),), sorted.
+        """
+        count = min(self.profile.calibration_images, len(self.grades))
+        return np.sort(np.random.default_rng(self.profile.seed).choice(len(self.grades), count, replace=False)).astype(np.int64)
 
     def _load_pretrained(self) -> list:
         if self.encoder_path is None:
@@ -299,7 +352,7 @@ class FinetuneSession:
         )
         warmup_steps, finetune_steps = plan_steps(len(train_indices), batch, profile)
         calibration = self.calibration_rows(split, seed)
-        if profile.recalibrate_batchnorm and method not in SHARED_START_METHODS:
+        if profile.recalibrate_batchnorm and not starts_shared(method, profile):
             # A fresh encoder's moving statistics are still 0 and 1: its head would be fitted
             # on features the full phase, normalising each batch by itself, never produces.
             self.recalibrate_batchnorm(calibration)
@@ -397,8 +450,8 @@ class FinetuneSession:
         batch norm re-estimated). Features are kept under a fingerprint of those weights
         (:mod:`drnb.features`) and only rows not encoded yet are encoded: every rotation run
         reads one set per view, and a scratch run of repetition r, whose fresh encoder is the
-        same in every fraction's notebook, reads what the notebooks before it kept in the
-        session's ``feature_dir``.
+        same in every fraction's notebook (or, shared, in every run), reads what the notebooks
+        before it kept in the session's ``feature_dir``.
 
         Parameters
         ----------

@@ -40,6 +40,7 @@ ROTATION_MODES = ("all4", "random1")
 METHODS = ("rotation", "scratch", "imagenet")
 LR_SCHEDULES = ("constant", "cosine")
 HEAD_INITS = ("random", "ridge")
+SCRATCH_ENCODERS = ("per_repetition", "shared")
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,12 @@ class Profile:
     # A fresh encoder's (scratch) batch-norm statistics re-estimated on the run's calibration
     # images before its head is fitted or warmed up (drnb.models.recalibrate_batchnorm).
     recalibrate_batchnorm: bool = False
+    # Where scratch runs start: "per_repetition", a fresh encoder seeded with seed + repetition
+    # (its batch norm, when re-estimated, on the run's calibration images); or "shared", one
+    # fresh encoder seeded with seed for every run, as every rotation run starts from the one
+    # pretext encoder (its batch norm, when re-estimated, on calibration_images images of the
+    # whole set, unlabelled, as the pretext sees them).
+    scratch_encoder: str = "per_repetition"
     lr_schedule: str = "constant"  # full phase: "constant", or "cosine" decay from the rate towards 0, per epoch
     finetune_zoom: float = 0.1  # centred zoom range 1 +- zoom
     bootstrap_resamples: int = 1000  # for the 95% CI of each run's kappa
@@ -138,6 +145,7 @@ class Profile:
         _check_choice("pretext_lr_schedule", self.pretext_lr_schedule, LR_SCHEDULES)
         _check_choice("head_init", self.head_init, HEAD_INITS)
         _check_choice("ridge_criterion", self.ridge_criterion, RIDGE_CRITERIA)
+        _check_choice("scratch_encoder", self.scratch_encoder, SCRATCH_ENCODERS)
         if self.head_init == "ridge" and (self.target != "regression" or self.finetune_hidden):
             raise ValueError(
                 f"head_init='ridge' fits a linear regression head: expected target='regression' and "

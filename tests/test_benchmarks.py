@@ -113,6 +113,9 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
          "min_steps": "0", "validation_fraction": "0"},
         # ... or the head alone trains, on the images.
         {**ridge, "warmup_epochs": "1", "finetune_epochs": "0", "min_steps": "0", "validation_fraction": "0"},
+        # Nothing trains, and every scratch run starts from one fresh encoder.
+        {**ridge, "test_time_turns": "2", "cut_points": "prior", "warmup_epochs": "0", "finetune_epochs": "0",
+         "min_steps": "0", "validation_fraction": "0", "scratch_encoder": "shared"},
     )):
         # Two fractions, two notebooks (one session each) that share their kept features
         # through one folder, as a sweep's do: the second encodes only rows the first did not.
@@ -149,7 +152,8 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
         assert work["ridge_fits"] == len(fitted_rows) and work["ridge_rows"] == sum(fitted_rows)
         assert (work["ridge_fits"] > 0) == (profile.head_init == "ridge")
         runs = len(profile.fractions) * profile.repetitions
-        assert work["runs"] == 2 * runs and work["fresh_encoders"] == runs
+        shared = profile.scratch_encoder == "shared"
+        assert work["runs"] == 2 * runs and work["fresh_encoders"] == (len(profile.fractions) if shared else runs)
         assert work["notebooks"] == 5 and work["images"] == 80
         if profile.test_time_turns == 4:  # test fold, validation after each full epoch and calibration, each in four turns
             scored = sum(

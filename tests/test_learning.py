@@ -363,6 +363,47 @@ def test_a_fresh_encoders_batchnorm_is_recalibrated_on_the_calibration_rows(smal
     np.testing.assert_array_equal(calls[0], calibration)
 
 
+def test_a_shared_fresh_encoder_starts_every_scratch_run_and_is_recalibrated_once_unlabelled(tmp_path, monkeypatch):
+    images, grades = make_fundus_images(80, size=32, seed=1)
+    table = pd.DataFrame({"image_id": [str(i) for i in range(80)], "path": "", "grade": grades, "patient_id": None, "split": None})
+    settings = {"methods": "scratch", "bootstrap_resamples": "0", "calibration_images": "40", "recalibrate_batchnorm": "true"}
+
+    def session_for(scratch_encoder):
+        profile = resolve_profile("smoke", {**settings, "scratch_encoder": scratch_encoder})
+        return FinetuneSession(images, table, profile, log=lambda line: None)
+
+    per_repetition, shared = session_for("per_repetition"), session_for("shared")
+    starts = [per_repetition._initial_weights("scratch", seed)[0] for seed in (0, 1)]
+    assert any(not np.array_equal(a, b) for a, b in zip(*starts))  # one fresh encoder per repetition
+    shared_starts = [shared._initial_weights("scratch", seed)[0] for seed in (0, 1)]
+    for a, b in zip(*shared_starts):
+        np.testing.assert_array_equal(a, b)
+    # The same weights, to the bit, in another notebook's session: the sweep shares its features.
+    for a, b in zip(shared_starts[0], session_for("shared").shared_fresh_encoder()):
+        np.testing.assert_array_equal(a, b)
+    # Its batch norm was re-estimated: the moving statistics are no longer the initial 0 and 1.
+    means = [w for w, v in zip(shared_starts[0], shared.trainer.encoder.weights) if "moving_mean" in v.path]
+    assert means and all(np.abs(m).max() > 0 for m in means)
+
+    rows = shared.unlabelled_calibration_rows()
+    assert len(rows) == 40 and np.all(np.diff(rows) > 0)
+    split = shared.split(0, 1.0)
+    assert np.intersect1d(rows, split.test).size  # the whole set, no labels read: not one repetition's pool
+    calls = []
+    fresh = session_for("shared")
+    recalibrate = fresh.recalibrate_batchnorm
+    monkeypatch.setattr(fresh, "recalibrate_batchnorm", lambda rows: calls.append(np.array(rows)) or recalibrate(rows))
+    for repetition in (0, 1):
+        fresh.run("scratch", 1.0, repetition, tmp_path / str(repetition))
+    assert len(calls) == 1  # once for the session, not per run
+    np.testing.assert_array_equal(calls[0], rows)
+
+
+def test_scratch_encoder_must_be_per_repetition_or_shared():
+    with pytest.raises(ValueError, match="scratch_encoder='each'"):
+        resolve_profile("smoke", {"scratch_encoder": "each"})
+
+
 @pytest.mark.parametrize("ridge_turns", [1, 4, 8])
 def test_a_ridge_head_is_fitted_on_the_training_images_in_each_turn(ridge_turns, tmp_path, monkeypatch):
     from drnb.ridge import fit_ridge
