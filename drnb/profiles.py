@@ -308,6 +308,7 @@ PROFILES: dict[str, Profile] = {
         ridge_criterion="correlation",
         test_time_turns=8,  # the views the head was fitted on, read from the kept features
         recalibrate_batchnorm=True,
+        scratch_encoder="shared",  # one fresh encoder for every scratch run, as rotation's one pretext
         warmup_epochs=0,
         # Linear evaluation: every fine-tuning schedule that fits the hour scored below the
         # fitted head alone (README, "why these settings"). finetune_epochs=8 with

@@ -139,14 +139,16 @@ def test_quick_starts_a_regression_head_from_a_ridge_fit_and_old_run_folders_do_
     assert (quick.ridge_criterion, PROFILES["paper"].ridge_criterion) == ("correlation", "error")
     assert (PROFILES["paper"].head_init, PROFILES["paper"].recalibrate_batchnorm) == ("random", False)  # as the study
     assert (PROFILES["paper"].ridge_turns, PROFILES["paper"].test_time_turns) == (1, 1)
+    assert (quick.scratch_encoder, PROFILES["paper"].scratch_encoder) == ("shared", "per_repetition")
     values = json.loads(quick.to_json())
-    for name in ("head_init", "recalibrate_batchnorm", "ridge_turns", "ridge_criterion", "test_time_turns"):
+    for name in ("head_init", "recalibrate_batchnorm", "ridge_turns", "ridge_criterion", "test_time_turns", "scratch_encoder"):
         del values[name]
     values.update(target="ordinal", finetune_hidden=[256], finetune_epochs=8)  # what a quick run folder from before holds
     (tmp_path / "profile.json").write_text(json.dumps(values))
     old = load_profile(tmp_path / "profile.json")
     assert (old.head_init, old.recalibrate_batchnorm, old.ridge_turns, old.test_time_turns) == ("random", False, 1, 1)
     assert old.ridge_criterion == "error"
+    assert old.scratch_encoder == "per_repetition"  # a resumed sweep keeps its scratch runs' encoders
 
 
 @pytest.mark.parametrize("overrides", [{"target": "ordinal"}, {"finetune_hidden": "64"}])
