@@ -61,6 +61,7 @@ UNSUPPORTED = {  # setting -> the only value this script implements
     "ridge_turns": 1,
     "ridge_criterion": "error",
     "recalibrate_batchnorm": False,
+    "scratch_encoder": "per_repetition",
 }
 
 

@@ -193,9 +193,10 @@ def planned_work(profile, session, n_images: int) -> dict:
     share them (:mod:`drnb.features`): one encoder for the methods that start every run from
     the same weights (:func:`drnb.finetune.starts_shared`), one per repetition for a fresh
     encoder (the same seeded initialisation, re-estimated on the same calibration images, at
-    every fraction); a fresh encoder's batch-norm re-estimate passes the calibration images
-    once per run, a shared fresh encoder's once per notebook. A ridge-fitted head is one fit
-    per run on its training subset's rows in every view.
+    every fraction); a fresh encoder's batch-norm re-estimate passes the run's calibration
+    images once per run, a shared fresh encoder's its unlabelled calibration images once per
+    notebook. A ridge-fitted head is one fit per run on its training subset's rows in every
+    view.
 
     Returns
     -------
@@ -203,8 +204,9 @@ def planned_work(profile, session, n_images: int) -> dict:
         Image counts per kind of work (``pretext_train``, ``pretext_predict``,
         ``finetune_full``, ``finetune_head``, ``finetune_features``, ``finetune_encode``
         (features), ``finetune_predict`` (through the network)), the ridge fits and their
-        rows (``ridge_fits``, ``ridge_rows``), the number of fine-tuning runs, of runs that
-        build a fresh encoder and of notebooks, and ``images`` (``n_images``).
+        rows (``ridge_fits``, ``ridge_rows``), the number of fine-tuning runs, of fresh
+        encoders built (``fresh_encoders``: one per run, or one per notebook for a shared
+        scratch encoder) and of notebooks, and ``images`` (``n_images``).
     """
     import math
 

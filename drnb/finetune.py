@@ -65,8 +65,9 @@ from drnb.training import Trainer, cosine_rate
 
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.keras"
-# Methods whose runs all start from the same trained encoder weights; the others start from a
-# fresh initialisation, whose batch-norm statistics may need re-estimating.
+# Methods whose runs all start from the same trained encoder weights; scratch runs start from a
+# fresh initialisation, whose batch-norm statistics may need re-estimating, and share it only
+# with scratch_encoder="shared" (see starts_shared).
 SHARED_START_METHODS = ("rotation", "imagenet")
 
 
@@ -74,7 +75,8 @@ def starts_shared(method: str, profile: Profile) -> bool:
     """Whether every run of ``method`` starts from the same encoder weights, batch norm included:
     the pretext's or ImageNet's, or with ``scratch_encoder="shared"`` one fresh encoder
     (:meth:`FinetuneSession.shared_fresh_encoder`); else a run starts from a fresh encoder
-    of its repetition, its batch norm re-estimated on the run's calibration images."""
+    of its repetition (its batch norm, with ``recalibrate_batchnorm``, re-estimated on the
+    run's calibration images)."""
     return method in SHARED_START_METHODS or (method == "scratch" and profile.scratch_encoder == "shared")
 
 
@@ -257,8 +259,8 @@ class FinetuneSession:
         A fresh encoder seeded with the profile's ``seed``, whatever the repetition, as every
         rotation run starts from the one pretext encoder; with ``recalibrate_batchnorm`` its
         batch norm is re-estimated on :meth:`unlabelled_calibration_rows`. Every fraction's
-        notebook builds the same weights, to the bit, so the runs of the whole sweep share
-        their kept features (:meth:`frozen_features`). Leaves the trainer's encoder holding
+        notebook builds the same weights (to the bit on a CPU, or with ``deterministic``), so
+        the runs of the whole sweep share their kept features (:meth:`frozen_features`). Leaves the trainer's encoder holding
         them; a run resets it anyway.
 
         Returns

@@ -89,7 +89,8 @@ class Profile:
     validation_fraction: float = 0.1  # of the training pool, for model selection only
     target: str = "ordinal"  # "ordinal" (cumulative sigmoid code), "softmax" or "regression" (one linear output)
     cut_points: str = "fixed"  # outputs -> grades: "fixed" (0.5 per ordinal output; argmax) or "prior" (drnb.targets)
-    # Training-pool images (never test) the prior cut points are fitted on, and batch norm re-estimated on.
+    # Training-pool images (never test) the prior cut points are fitted on, and a fresh encoder's
+    # batch norm re-estimated on (a shared one's: as many images of the whole set, unlabelled).
     calibration_images: int = 256
     test_time_turns: int = 1  # predictions averaged over 1, 2 (0 and 180 degrees) or 4 quarter turns of each image, or 8 (also mirrored)
     finetune_hidden: tuple[int, ...] = (1024,)  # "simple multiclass" head widths
@@ -116,7 +117,8 @@ class Profile:
     finetune_min_steps: int = 0  # at least this many steps with everything training (epochs stretched); 0: no floor
     finetune_max_steps: int = 0  # at most this many steps with everything training (epochs shortened); 0: no cap
     # A fresh encoder's (scratch) batch-norm statistics re-estimated on the run's calibration
-    # images before its head is fitted or warmed up (drnb.models.recalibrate_batchnorm).
+    # images (a shared fresh encoder's once, see scratch_encoder) before its head is fitted or
+    # warmed up (drnb.models.recalibrate_batchnorm).
     recalibrate_batchnorm: bool = False
     # Where scratch runs start: "per_repetition", a fresh encoder seeded with seed + repetition
     # (its batch norm, when re-estimated, on the run's calibration images); or "shared", one

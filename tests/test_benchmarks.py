@@ -92,7 +92,8 @@ def count_trainer_work(trainer) -> dict:
     return counts
 
 
-def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark_module):
+def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark_module, monkeypatch):
+    import drnb.finetune
     from drnb.finetune import FinetuneSession
     from drnb.models import profile_encoder
     from drnb.pretext import save_atomically
@@ -128,7 +129,8 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
         ]
         work = benchmark_module.planned_work(profile, sessions[0], len(images))
         counts = {"head": 0, "full": 0, "features": 0, "encode": 0, "predict": 0}
-        fitted_rows = []
+        fitted_rows, built = [], []
+        monkeypatch.setattr(drnb.finetune, "profile_encoder", lambda *a, **k: built.append(1) or profile_encoder(*a, **k))
         for fraction, session in zip(profile.fractions, sessions):
             fit_head = session.fit_head
             session.fit_head = lambda features, *rest, fit_head=fit_head: fitted_rows.append(len(features)) or fit_head(features, *rest)
@@ -152,8 +154,8 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
         assert work["ridge_fits"] == len(fitted_rows) and work["ridge_rows"] == sum(fitted_rows)
         assert (work["ridge_fits"] > 0) == (profile.head_init == "ridge")
         runs = len(profile.fractions) * profile.repetitions
-        shared = profile.scratch_encoder == "shared"
-        assert work["runs"] == 2 * runs and work["fresh_encoders"] == (len(profile.fractions) if shared else runs)
+        assert work["runs"] == 2 * runs and work["fresh_encoders"] == len(built)
+        assert len(built) == (len(profile.fractions) if profile.scratch_encoder == "shared" else runs)
         assert work["notebooks"] == 5 and work["images"] == 80
         if profile.test_time_turns == 4:  # test fold, validation after each full epoch and calibration, each in four turns
             scored = sum(
@@ -357,6 +359,8 @@ def test_study_script_names_the_setting_it_does_not_implement(study_module):
     study_module.check_supported(resolve_profile("paper"))
     with pytest.raises(ValueError, match="finetune_min_steps=32: accelerator_study.py implements only finetune_min_steps=0"):
         study_module.check_supported(resolve_profile("quick"))
+    with pytest.raises(ValueError, match="scratch_encoder='shared'"):
+        study_module.check_supported(resolve_profile("paper", {"scratch_encoder": "shared"}))
 
 
 @pytest.mark.slow

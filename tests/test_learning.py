@@ -373,14 +373,21 @@ def test_a_shared_fresh_encoder_starts_every_scratch_run_and_is_recalibrated_onc
         return FinetuneSession(images, table, profile, log=lambda line: None)
 
     per_repetition, shared = session_for("per_repetition"), session_for("shared")
-    starts = [per_repetition._initial_weights("scratch", seed)[0] for seed in (0, 1)]
-    assert any(not np.array_equal(a, b) for a, b in zip(*starts))  # one fresh encoder per repetition
-    shared_starts = [shared._initial_weights("scratch", seed)[0] for seed in (0, 1)]
-    for a, b in zip(*shared_starts):
+    starts = [per_repetition._initial_weights("scratch", seed) for seed in (0, 1)]
+    assert any(not np.array_equal(a, b) for a, b in zip(starts[0][0], starts[1][0]))  # one fresh encoder per repetition
+    shared_starts = [shared._initial_weights("scratch", seed) for seed in (0, 1)]
+    # The head still follows the repetition's seed, as in every method: only the encoder is shared.
+    for (_, head), (_, per_repetition_head) in zip(shared_starts, starts):
+        for a, b in zip(head, per_repetition_head):
+            np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(shared_starts[0][1], shared_starts[1][1]))
+    # The same encoder weights, to the bit, in another notebook's session, whichever repetition
+    # it starts with: the sweep shares its features.
+    other = session_for("shared")
+    for a, b in zip(shared_starts[0][0], other._initial_weights("scratch", 3)[0]):
         np.testing.assert_array_equal(a, b)
-    # The same weights, to the bit, in another notebook's session: the sweep shares its features.
-    for a, b in zip(shared_starts[0], session_for("shared").shared_fresh_encoder()):
-        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(shared_starts[0][0], starts[0][0]))
+    shared_starts = [start for start, _ in shared_starts]
     # Its batch norm was re-estimated: the moving statistics are no longer the initial 0 and 1.
     means = [w for w, v in zip(shared_starts[0], shared.trainer.encoder.weights) if "moving_mean" in v.path]
     assert means and all(np.abs(m).max() > 0 for m in means)
@@ -397,11 +404,6 @@ def test_a_shared_fresh_encoder_starts_every_scratch_run_and_is_recalibrated_onc
         fresh.run("scratch", 1.0, repetition, tmp_path / str(repetition))
     assert len(calls) == 1  # once for the session, not per run
     np.testing.assert_array_equal(calls[0], rows)
-
-
-def test_scratch_encoder_must_be_per_repetition_or_shared():
-    with pytest.raises(ValueError, match="scratch_encoder='each'"):
-        resolve_profile("smoke", {"scratch_encoder": "each"})
 
 
 @pytest.mark.parametrize("ridge_turns", [1, 4, 8])

@@ -171,3 +171,8 @@ def test_quick_evaluates_its_encoders_linearly_and_can_fine_tune_as_before():
     assert plan_steps(145, 32, quick) == (0, 0)
     with pytest.raises(ValueError, match="min_steps=10: expected 0 when warmup_epochs=0 and finetune_epochs=0"):
         quick.derive(min_steps=10)
+
+
+def test_scratch_encoder_must_be_per_repetition_or_shared():
+    with pytest.raises(ValueError, match="scratch_encoder='each'"):
+        resolve_profile("smoke", {"scratch_encoder": "each"})
