@@ -260,8 +260,8 @@ class FinetuneSession:
         rotation run starts from the one pretext encoder; with ``recalibrate_batchnorm`` its
         batch norm is re-estimated on :meth:`unlabelled_calibration_rows`. Every fraction's
         notebook builds the same weights (to the bit on a CPU, or with ``deterministic``), so
-        the runs of the whole sweep share their kept features (:meth:`frozen_features`). Leaves the trainer's encoder holding
-        them; a run resets it anyway.
+        the runs of the whole sweep share their kept features (:meth:`frozen_features`).
+        Leaves the trainer's encoder holding them; a run resets it anyway.
 
         Returns
         -------
