@@ -365,7 +365,7 @@ class Study:
         heldout_turns = np.tile(np.arange(4), len(heldout_rows))
         heldout_images = square_symmetries(self.images[np.repeat(heldout_rows, 4)], heldout_turns)
         # all4: a batch holds batch/4 photographs, each in its four rotations (RotNet); random1: one random turn each.
-        copies = 4 if profile.rotation_mode == "all4" else 1
+        copies = profile.rotated_copies
         stream = BatchStream(train_rows, profile.pretext_batch_size // copies, profile.seed)
         turns_rng = np.random.default_rng([profile.seed, 1])
         epochs, planned = [], profile.planned_pretext_epochs(len(train_rows) * copies)

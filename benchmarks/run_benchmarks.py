@@ -216,7 +216,7 @@ def planned_work(profile, session, n_images: int) -> dict:
 
     # The session's groups are the pretext's (patients and near duplicates) in the stratified split mode.
     pretext_train, holdout = split_holdout(n_images, profile.pretext_holdout_fraction, profile.seed, session.patient_ids)
-    views = 4 if profile.rotation_mode == "all4" else 1
+    views = profile.rotated_copies
     # Batches are per replica; the global batch grows with the replicas, as in the runs.
     pretext_batch, _ = scaled_batch_and_rate(profile.pretext_batch_size, profile.pretext_learning_rate, session.strategy)
     pretext_steps = max(1, math.ceil(len(pretext_train) * views / pretext_batch))

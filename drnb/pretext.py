@@ -120,7 +120,7 @@ def train_pretext(
         holdout_indices = train_indices[: min(len(train_indices), 64)]
         log("pretext: no images held out (pretext_holdout_fraction=0); rotation accuracy is on training images")
     image_tensor = tf.constant(images)
-    rotated_per_epoch = len(train_indices) * (4 if profile.rotation_mode == "all4" else 1)
+    rotated_per_epoch = len(train_indices) * profile.rotated_copies
     steps_per_epoch = max(1, math.ceil(rotated_per_epoch / batch_size))
     epochs = profile.planned_pretext_epochs(rotated_per_epoch)
     if epochs > profile.pretext_epochs:

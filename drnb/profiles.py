@@ -232,6 +232,12 @@ class Profile:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
+    @property
+    def rotated_copies(self) -> int:
+        """Rotated copies of each pretext image in one pass: 4 with ``rotation_mode="all4"``
+        (every quarter turn), 1 with ``"random1"`` (one drawn turn)."""
+        return 4 if self.rotation_mode == "all4" else 1
+
     def planned_pretext_epochs(self, rotated_per_epoch: int) -> int:
         """The pretext's passes: ``pretext_epochs``, or more for a small set, so that the
         pretext shows at least ``pretext_min_steps`` batches of ``pretext_batch_size`` rotated
@@ -245,7 +251,7 @@ class Profile:
         Parameters
         ----------
         rotated_per_epoch : int
-            Rotated images in one pass: the pretext images, times 4 with ``rotation_mode="all4"``.
+            Rotated images in one pass: the pretext images times :attr:`rotated_copies`.
 
         Returns
         -------

@@ -176,3 +176,8 @@ def test_quick_evaluates_its_encoders_linearly_and_can_fine_tune_as_before():
 def test_scratch_encoder_must_be_per_repetition_or_shared():
     with pytest.raises(ValueError, match="scratch_encoder='each'"):
         resolve_profile("smoke", {"scratch_encoder": "each"})
+
+
+def test_rotated_copies_follow_the_rotation_mode():
+    assert PROFILES["quick"].rotation_mode == "all4" and PROFILES["quick"].rotated_copies == 4
+    assert PROFILES["paper"].rotation_mode == "random1" and PROFILES["paper"].rotated_copies == 1
