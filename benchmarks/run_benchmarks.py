@@ -211,17 +211,17 @@ def planned_work(profile, session, n_images: int) -> dict:
     import math
 
     from drnb.distribute import scaled_batch_and_rate
-    from drnb.finetune import SHARED_START_METHODS, plan_steps, runnable_methods, starts_shared, symmetry_views
+    from drnb.finetune import plan_steps, runnable_methods, starts_shared, symmetry_views
     from drnb.splits import split_holdout
 
     # The session's groups are the pretext's (patients and near duplicates) in the stratified split mode.
     pretext_train, holdout = split_holdout(n_images, profile.pretext_holdout_fraction, profile.seed, session.patient_ids)
-    views = profile.rotated_copies
+    rotated_per_epoch = len(pretext_train) * profile.rotated_copies
     # Batches are per replica; the global batch grows with the replicas, as in the runs.
     pretext_batch, _ = scaled_batch_and_rate(profile.pretext_batch_size, profile.pretext_learning_rate, session.strategy)
-    pretext_steps = max(1, math.ceil(len(pretext_train) * views / pretext_batch))
+    pretext_steps = max(1, math.ceil(rotated_per_epoch / pretext_batch))
     # Held-out rotations are scored every pretext_eval_every epochs and after the last.
-    epochs = profile.planned_pretext_epochs(len(pretext_train) * views)
+    epochs = profile.planned_pretext_epochs(rotated_per_epoch)
     scored_epochs = math.ceil(epochs / profile.pretext_eval_every)
     work = {
         "pretext_train": epochs * pretext_steps * pretext_batch,
@@ -239,7 +239,7 @@ def planned_work(profile, session, n_images: int) -> dict:
     fresh = sum(not starts_shared(method, profile) for method in methods)  # a fresh encoder per run
     # A fresh encoder every run of a method shares (scratch_encoder="shared"): built, and its
     # batch norm re-estimated, once per notebook.
-    shared_fresh = sum(starts_shared(method, profile) and method not in SHARED_START_METHODS for method in methods)
+    shared_fresh = int("scratch" in methods and profile.scratch_encoder == "shared")
     if profile.recalibrate_batchnorm:
         work["finetune_predict"] += shared_fresh * len(profile.fractions) * len(session.unlabelled_calibration_rows())
     encoded = {}  # (starting encoder, view) -> rows encoded, over every notebook of the sweep
