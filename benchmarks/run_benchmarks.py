@@ -211,7 +211,7 @@ def planned_work(profile, session, n_images: int) -> dict:
     import math
 
     from drnb.distribute import scaled_batch_and_rate
-    from drnb.finetune import plan_steps, runnable_methods, starts_shared, symmetry_views
+    from drnb.finetune import plan_steps, runnable_methods, shares_fresh_encoder, starts_shared, symmetry_views
     from drnb.splits import split_holdout
 
     # The session's groups are the pretext's (patients and near duplicates) in the stratified split mode.
@@ -239,7 +239,7 @@ def planned_work(profile, session, n_images: int) -> dict:
     fresh = sum(not starts_shared(method, profile) for method in methods)  # a fresh encoder per run
     # A fresh encoder every run of a method shares (scratch_encoder="shared"): built, and its
     # batch norm re-estimated, once per notebook.
-    shared_fresh = int("scratch" in methods and profile.scratch_encoder == "shared")
+    shared_fresh = sum(shares_fresh_encoder(method, profile) for method in methods)
     if profile.recalibrate_batchnorm:
         work["finetune_predict"] += shared_fresh * len(profile.fractions) * len(session.unlabelled_calibration_rows())
     encoded = {}  # (starting encoder, view) -> rows encoded, over every notebook of the sweep

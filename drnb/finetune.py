@@ -71,13 +71,19 @@ MODEL_FILE = "model.keras"
 SHARED_START_METHODS = ("rotation", "imagenet")
 
 
+def shares_fresh_encoder(method: str, profile: Profile) -> bool:
+    """Whether every run of ``method`` starts from the session's one fresh encoder
+    (``scratch`` with ``scratch_encoder="shared"``; :meth:`FinetuneSession.shared_fresh_encoder`)."""
+    return method == "scratch" and profile.scratch_encoder == "shared"
+
+
 def starts_shared(method: str, profile: Profile) -> bool:
     """Whether every run of ``method`` starts from the same encoder weights, batch norm included:
     the pretext's or ImageNet's, or with ``scratch_encoder="shared"`` one fresh encoder
     (:meth:`FinetuneSession.shared_fresh_encoder`); else a run starts from a fresh encoder
     of its repetition (its batch norm, with ``recalibrate_batchnorm``, re-estimated on the
     run's calibration images)."""
-    return method in SHARED_START_METHODS or (method == "scratch" and profile.scratch_encoder == "shared")
+    return method in SHARED_START_METHODS or shares_fresh_encoder(method, profile)
 
 
 def symmetry_views(count: int) -> range:
@@ -248,7 +254,7 @@ class FinetuneSession:
             if self._pretrained is None:
                 self._pretrained = self._load_pretrained()
             return self._pretrained, head_weights
-        if method == "scratch" and self.profile.scratch_encoder == "shared":
+        if shares_fresh_encoder(method, self.profile):
             return self.shared_fresh_encoder(), head_weights
         fresh_encoder = profile_encoder(self.profile, weights="imagenet" if method == "imagenet" else None)
         return fresh_encoder.get_weights(), head_weights
