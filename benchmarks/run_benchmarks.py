@@ -576,11 +576,18 @@ def main() -> None:
     session.trainer.predict(predict_data)
     figures["predict_images_per_second"] = len(features) / (time.perf_counter() - start)
     # A linear evaluation's features: every view of the square's symmetries, as the runs encode them.
-    rows = indices[: 4 * batch]
-    session.trainer.encode(session._inference_batches(rows, 5))  # traces the view's pipeline
-    start = time.perf_counter()
-    encoded = sum(len(session.trainer.encode(session._inference_batches(rows, view))) for view in range(8))
-    figures["encode_images_per_second"] = encoded / (time.perf_counter() - start)
+    # 16 batches per view, 4,096 images at batch 32: a few seconds' work per view, long enough
+    # that one slow second on a shared machine does not swing the rate (128 rows per view did).
+    rows = indices[: 16 * batch]
+    session.trainer.encode(session._inference_batches(rows[:batch], 5))  # traces the view's pipeline
+    view_rates = []
+    for view in range(8):
+        start = time.perf_counter()
+        encoded = len(session.trainer.encode(session._inference_batches(rows, view)))
+        view_rates.append(encoded / (time.perf_counter() - start))
+    figures["encode_images_per_second"] = len(view_rates) / sum(1 / rate for rate in view_rates)  # images / total time
+    figures["encode_view_images_per_second_min"] = min(view_rates)
+    figures["encode_view_images_per_second_max"] = max(view_rates)
     figures.update(ridge_fit_timing(features.shape[1], profile.ridge_turns, profile.ridge_criterion))
     feature_data = session.trainer.batches(feature_batches(features, targets[: len(features)], batch, seed=0))
     start = time.perf_counter()
