@@ -55,7 +55,7 @@ from drnb.features import FeatureStore, array_fingerprint, encoder_fingerprint
 from drnb.files import write_json
 from drnb.metrics import evaluate_predictions, quadratic_weighted_kappa
 from drnb.models import grade_head, imagenet_weights_available, profile_encoder, recalibrate_batchnorm
-from drnb.pipeline import check_view, labelled_batches, shuffled_positions
+from drnb.pipeline import check_view, labelled_batches, shuffled_positions, without_autotune
 from drnb.pretext import load_encoder, save_atomically
 from drnb.profiles import Profile
 from drnb.ridge import fit_ridge
@@ -514,7 +514,7 @@ class FinetuneSession:
         int
             The number of batches used.
         """
-        batches = (images for images, _ in self._inference_batches(np.asarray(rows, np.int64)))
+        batches = (images for images, _ in without_autotune(self._inference_batches(np.asarray(rows, np.int64))))
         return recalibrate_batchnorm(self.trainer.encoder, batches)
 
     def _decode(self, probabilities: np.ndarray) -> np.ndarray:
