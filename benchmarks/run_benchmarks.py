@@ -576,8 +576,8 @@ def main() -> None:
     session.trainer.predict(predict_data)
     figures["predict_images_per_second"] = len(features) / (time.perf_counter() - start)
     # A linear evaluation's features: every view of the square's symmetries, as the runs encode them.
-    # 16 batches per view, 4,096 images at batch 32: a few seconds' work per view, long enough
-    # that one slow second on a shared machine does not swing the rate (128 rows per view did).
+    # 16 batches per view (4,096 images over the eight views at batch 32): long enough that
+    # one slow second on a shared machine does not swing the rate, as 4 batches per view did.
     rows = indices[: 16 * batch]
     session.trainer.encode(session._inference_batches(rows[:batch], 5))  # traces the view's pipeline
     view_rates = []
