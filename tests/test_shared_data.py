@@ -119,27 +119,32 @@ def test_fundus_is_found_on_idrid_photographs(idrid):
         assert geometry.center_col == pytest.approx(center_col, abs=3), path
 
 
+def whole_disc_by_area(image: np.ndarray, threshold: int = 20) -> tuple[float, float, float]:
+    """(center_row, center_col, radius) of a disc the frame does not clip, from the area and
+    centroid of the largest bright blob after an opening: speckle that stays joined to the disc
+    adds a little area, where it can move a bounding box by its whole length."""
+    bright = ndimage.binary_opening(image.max(axis=2) > threshold, iterations=2)
+    labels, _ = ndimage.label(bright)
+    blob = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    center_row, center_col = ndimage.center_of_mass(blob)
+    return center_row + 0.5, center_col + 0.5, float(np.sqrt(blob.sum() / np.pi))
+
+
 # At least 3 % of this EyePACS copy (38 of 1,210 checked) have a band of bright speckle, left by
-# its contrast enhancement, beside the disc; these are three of them.
-NOISY_EYEPACS = [
-    "13585_left",
-    "14262_right",
-    pytest.param(
-        "14393_right",
-        marks=pytest.mark.xfail(
-            reason="speckle dense enough to touch the disc survives the opening: radius 74 px found, about 79 px true",
-            strict=True,
-        ),
-    ),
-]
+# its contrast enhancement, beside the disc; these are three of them. Their discs are whole,
+# so their area gives an estimate that the speckle barely moves. (In 14393_right speckle joined
+# to the disc's left edge survives the opening, and the blob's bounding box gives a radius of
+# 79 px where the disc's own height gives 73.)
+NOISY_EYEPACS = ["13585_left", "14262_right", "14393_right"]
 
 
 @pytest.mark.parametrize("image_id", NOISY_EYEPACS)
 def test_fundus_is_found_beside_border_speckle(eyepacs, image_id):
     image = read_image(eyepacs.set_index("image_id").loc[image_id, "path"])
     geometry = find_fundus(image)
-    center_row, center_col, radius = largest_bright_region(image)
+    center_row, center_col, radius = whole_disc_by_area(image)
     assert geometry.radius == pytest.approx(radius, abs=3)
+    assert geometry.center_row == pytest.approx(center_row, abs=3)
     assert geometry.center_col == pytest.approx(center_col, abs=3)
 
 
