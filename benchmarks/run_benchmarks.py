@@ -576,8 +576,9 @@ def main() -> None:
     session.trainer.predict(predict_data)
     figures["predict_images_per_second"] = len(features) / (time.perf_counter() - start)
     # A linear evaluation's features: every view of the square's symmetries, as the runs encode them.
-    # 16 batches per view (4,096 images over the eight views at batch 32): long enough that
-    # one slow second on a shared machine does not swing the rate, as 4 batches per view did.
+    # 16 batches per view (4,096 images over the eight views at batch 32), each view timed on
+    # its own: 4 batches per view in one timing swung by a factor of 1.6 from run to run, and
+    # the views' spread shows a slow pass (one read with tf.data's autotuning ran at ~60 %).
     rows = indices[: 16 * batch]
     session.trainer.encode(session._inference_batches(rows[:batch], 5))  # traces the view's pipeline
     view_rates = []

@@ -229,7 +229,7 @@ class Trainer:
     def encode(self, dataset: tf.data.Dataset) -> np.ndarray:
         """Encoder features (inference mode) for every batch of ``dataset`` (images, anything): float32 (N, F).
 
-        Like :meth:`predict`, it reads ``dataset`` with tf.data's autotuning off
+        It reads ``dataset`` with tf.data's autotuning off
         (:func:`drnb.pipeline.without_autotune`): on 2 cores, a pass with it ran at random at
         about 60 % of the speed of the others (the eight views of 1,024 EyePACS images at
         128 px, three times: 974-1,154 images/s with it, 1,230-1,308 without).
@@ -244,7 +244,10 @@ class Trainer:
         return np.asarray(self.head(np.asarray(features, np.float32), training=False), dtype=np.float32)
 
     def predict(self, dataset: tf.data.Dataset) -> np.ndarray:
-        """Probabilities for every batch of ``dataset`` (images, anything), in order: float32 (N, outputs)."""
+        """Probabilities for every batch of ``dataset`` (images, anything), in order: float32 (N, outputs).
+
+        Reads ``dataset`` with tf.data's autotuning off, as :meth:`encode` does (and why).
+        """
         if self._predict is None:
             self._predict = tf.function(
                 lambda images: self.model(images, training=False), reduce_retracing=True

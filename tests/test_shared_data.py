@@ -125,7 +125,9 @@ def whole_disc_by_area(image: np.ndarray, threshold: int = 20) -> tuple[float, f
     adds a little area, where it can move a bounding box by its whole length."""
     bright = ndimage.binary_opening(image.max(axis=2) > threshold, iterations=2)
     labels, _ = ndimage.label(bright)
-    blob = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    blob = ndimage.binary_fill_holes(labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+    if blob[0].any() or blob[-1].any() or blob[:, 0].any() or blob[:, -1].any():
+        raise ValueError("the disc touches the frame: its area does not give its radius")
     center_row, center_col = ndimage.center_of_mass(blob)
     return center_row + 0.5, center_col + 0.5, float(np.sqrt(blob.sum() / np.pi))
 
