@@ -144,3 +144,20 @@ def linear_settings():
         "warmup_epochs": "0", "finetune_epochs": "0", "min_steps": "0", "validation_fraction": "0",
         "recalibrate_batchnorm": "true",
     }
+
+
+@pytest.fixture
+def autotune_of_iterated_datasets(monkeypatch):
+    """A list that records, for every ``tf.data.Dataset`` iterated from now on in the test,
+    whether its tf.data autotuning was enabled (``None``: the default, on)."""
+    import tensorflow as tf
+
+    recorded = []
+    iterate = tf.data.Dataset.__iter__
+
+    def recording_iter(dataset):
+        recorded.append(dataset.options().autotune.enabled)
+        return iterate(dataset)
+
+    monkeypatch.setattr(tf.data.Dataset, "__iter__", recording_iter)
+    return recorded

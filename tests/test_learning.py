@@ -7,7 +7,6 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-import tensorflow as tf
 
 from drnb.finetune import FinetuneSession, learning_rate_at, plan_steps, run_directory, run_fraction
 from drnb.metrics import quadratic_weighted_kappa
@@ -364,23 +363,15 @@ def test_a_fresh_encoders_batchnorm_is_recalibrated_on_the_calibration_rows(smal
     np.testing.assert_array_equal(calls[0], calibration)
 
 
-def test_batchnorm_is_re_estimated_from_batches_read_with_autotuning_off(small_session, monkeypatch):
+def test_batchnorm_is_re_estimated_from_batches_read_with_autotuning_off(small_session, autotune_of_iterated_datasets):
     # As Trainer.encode and Trainer.predict do (tests/test_training.py): with tf.data's
     # autotuning on, an inference pass ran at random at ~60 % speed on 2 cores.
-    iterated = []
-    iterate = tf.data.Dataset.__iter__
-
-    def recording_iter(dataset):
-        iterated.append(dataset.options().autotune.enabled)
-        return iterate(dataset)
-
     weights = small_session.trainer.encoder.get_weights()
-    monkeypatch.setattr(tf.data.Dataset, "__iter__", recording_iter)
     try:
         assert small_session.recalibrate_batchnorm(np.arange(40)) > 0
     finally:
         small_session.trainer.encoder.set_weights(weights)  # the module's session, as it was
-    assert iterated == [False]
+    assert autotune_of_iterated_datasets == [False]
 
 
 def test_a_shared_fresh_encoder_starts_every_scratch_run_and_is_recalibrated_once_unlabelled(tmp_path, monkeypatch):

@@ -174,23 +174,16 @@ def test_warmup_on_cached_features_trains_the_head_only():
         np.testing.assert_array_equal(before, after)
 
 
-def test_inference_passes_read_their_batches_with_autotuning_off(monkeypatch):
+def test_inference_passes_read_their_batches_with_autotuning_off(autotune_of_iterated_datasets):
     # With tf.data's autotuning on, an encoding pass ran at random at ~60 % of the speed of
     # the others on 2 cores; encode and predict switch it off, as training batches do.
     trainer = make_trainer()
     images, labels = next(iter(constant_batches()))
-    iterated = []
-    iterate = tf.data.Dataset.__iter__
-
-    def recording_iter(dataset):
-        iterated.append(dataset.options().autotune.enabled)
-        return iterate(dataset)
-
-    monkeypatch.setattr(tf.data.Dataset, "__iter__", recording_iter)
+    autotune_of_iterated_datasets.clear()
     dataset = tf.data.Dataset.from_tensors((images, labels)).prefetch(tf.data.AUTOTUNE)
     assert trainer.encode(dataset).shape == (32, trainer.encoder.output_shape[-1])
     assert trainer.predict(dataset).shape[0] == 32
-    assert iterated == [False, False]
+    assert autotune_of_iterated_datasets == [False, False]
 
 
 @pytest.mark.parametrize("loss", ["sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy"])
