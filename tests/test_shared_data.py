@@ -98,12 +98,17 @@ def test_real_photographs_become_centred_masked_squares(dataset, request):
             np.testing.assert_array_equal(np.rot90(nonzero, k), nonzero, err_msg=f"{path}, rot90 k={k}")
 
 
-def largest_bright_region(image: np.ndarray, threshold: int = 20) -> tuple[float, float, float]:
-    """(center_row, center_col, radius) of the bounding box of the largest bright blob, after an
-    opening that removes speckle: an independent estimate of where the fundus is."""
+def largest_bright_blob(image: np.ndarray, threshold: int = 20) -> np.ndarray:
+    """bool (H, W): the largest blob brighter than ``threshold``, after an opening that removes speckle."""
     bright = ndimage.binary_opening(image.max(axis=2) > threshold, iterations=2)
     labels, _ = ndimage.label(bright)
-    blob = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    return labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+
+
+def largest_bright_region(image: np.ndarray, threshold: int = 20) -> tuple[float, float, float]:
+    """(center_row, center_col, radius) of the bounding box of the largest bright blob
+    (:func:`largest_bright_blob`): an independent estimate of where the fundus is."""
+    blob = largest_bright_blob(image, threshold)
     rows, cols = np.flatnonzero(blob.any(axis=1)), np.flatnonzero(blob.any(axis=0))
     height, width = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
     return (rows[0] + rows[-1] + 1) / 2, (cols[0] + cols[-1] + 1) / 2, max(height, width) / 2
@@ -123,9 +128,7 @@ def whole_disc_by_area(image: np.ndarray, threshold: int = 20) -> tuple[float, f
     """(center_row, center_col, radius) of a disc the frame does not clip, from the area and
     centroid of the largest bright blob after an opening: speckle that stays joined to the disc
     adds a little area, where it can move a bounding box by its whole length."""
-    bright = ndimage.binary_opening(image.max(axis=2) > threshold, iterations=2)
-    labels, _ = ndimage.label(bright)
-    blob = ndimage.binary_fill_holes(labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+    blob = ndimage.binary_fill_holes(largest_bright_blob(image, threshold))
     if blob[0].any() or blob[-1].any() or blob[:, 0].any() or blob[:, -1].any():
         raise ValueError("the disc touches the frame: its area does not give its radius")
     center_row, center_col = ndimage.center_of_mass(blob)
