@@ -62,6 +62,8 @@ UNSUPPORTED = {  # setting -> the only value this script implements
     "ridge_criterion": "error",
     "recalibrate_batchnorm": False,
     "scratch_encoder": "per_repetition",
+    "protocols": ("finetune",),
+    "finetune_batchnorm": "batch",
 }
 
 

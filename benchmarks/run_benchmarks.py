@@ -182,13 +182,13 @@ def planned_work(profile, session, n_images: int) -> dict:
 
     Pretext: its epochs x steps per epoch, as :func:`drnb.pretext.train_pretext` plans them,
     and the held-out rotations it scores (every ``pretext_eval_every`` epochs and after the
-    last). Fine-tuning: for every method, fraction and repetition, the run's real labelled
+    last). Fine-tuning: for every method, protocol, fraction and repetition, the run's real labelled
     subset (from ``session``'s splits) through
     :func:`drnb.finetune.plan_steps`; the images encoded for a warm-up on features; the
     validation images scored after each full epoch; the images the cut points are fitted on;
     the test fold (each of these three ``test_time_turns`` times). Features for a warm-up on
-    features or a ridge-fitted head (in each of ``ridge_turns`` views), and, for a profile that
-    never trains its encoder (``finetune_epochs=0``), the features its predictions read, are
+    features or a ridge-fitted head (in each of ``ridge_turns`` views), and, for a run of the
+    ``linear`` protocol, which never trains its encoder, the features its predictions read, are
     encoded once per row, view and starting encoder over the whole sweep, as the notebooks
     share them (:mod:`drnb.features`): one encoder for the methods that start every run from
     the same weights (:func:`drnb.finetune.starts_shared`), one per repetition for a fresh
@@ -235,7 +235,6 @@ def planned_work(profile, session, n_images: int) -> dict:
     fit_count = max(ridge_turns, 1 if on_features else 0)  # the unturned features serve both
     fit_views = symmetry_views(fit_count) if fit_count else ()
     test_views = symmetry_views(profile.test_time_turns)
-    frozen = not profile.trains_encoder  # predictions read the features too
     fresh = sum(not starts_shared(method, profile) for method in methods)  # a fresh encoder per run
     # A fresh encoder every run of a method shares (scratch_encoder="shared"): built, and its
     # batch norm re-estimated, once per notebook.
@@ -250,31 +249,33 @@ def planned_work(profile, session, n_images: int) -> dict:
             batch = min(session.batch_size, len(train))
             warmup_steps, finetune_steps = plan_steps(len(train), batch, profile)
             calibration = session.calibration_rows(split, profile.seed + repetition)
-            scored = [split.test] + [split.validation_for(fraction)] * profile.finetune_epochs
-            if profile.cut_points == "prior":
-                scored.append(calibration)
-            predicted = sum(len(rows) for rows in scored) * len(test_views)  # each image in every view averaged
-            if profile.recalibrate_batchnorm:  # fresh encoders only
-                work["finetune_predict"] += fresh * len(calibration)
-            for method in methods:
-                encoder = method if starts_shared(method, profile) else (method, repetition)
-                for view in fit_views:
-                    encoded.setdefault((encoder, view), set()).update(train.tolist())
-                if frozen:
-                    for view in test_views:
-                        encoded.setdefault((encoder, view), set()).update(np.concatenate(scored).tolist())
-            # A run that trains its encoder predicts through the network; a frozen one reads features.
-            work["finetune_predict"] += 0 if frozen else len(methods) * predicted
-            warmup_images = profile.warmup_epochs * warmup_steps * batch
-            work["finetune_features" if on_features else "finetune_head"] += len(methods) * warmup_images
-            work["finetune_full"] += len(methods) * profile.finetune_epochs * finetune_steps * batch
-            if ridge_turns:
-                work["ridge_fits"] += len(methods)
-                work["ridge_rows"] += len(methods) * ridge_turns * len(train)
+            for protocol in profile.protocols:
+                trains = protocol == "finetune"  # predicts through the network; a linear run reads features
+                scored = [split.test] + ([split.validation_for(fraction)] * profile.finetune_epochs if trains else [])
+                if profile.cut_points == "prior":
+                    scored.append(calibration)
+                predicted = sum(len(rows) for rows in scored) * len(test_views)  # each image in every view averaged
+                if profile.recalibrate_batchnorm:  # fresh encoders only
+                    work["finetune_predict"] += fresh * len(calibration)
+                for method in methods:
+                    encoder = method if starts_shared(method, profile) else (method, repetition)
+                    for view in fit_views:
+                        encoded.setdefault((encoder, view), set()).update(train.tolist())
+                    if not trains:
+                        for view in test_views:
+                            encoded.setdefault((encoder, view), set()).update(np.concatenate(scored).tolist())
+                work["finetune_predict"] += len(methods) * predicted if trains else 0
+                warmup_images = profile.warmup_epochs * warmup_steps * batch
+                work["finetune_features" if on_features else "finetune_head"] += len(methods) * warmup_images
+                work["finetune_full"] += len(methods) * profile.finetune_epochs * finetune_steps * batch if trains else 0
+                if ridge_turns:
+                    work["ridge_fits"] += len(methods)
+                    work["ridge_rows"] += len(methods) * ridge_turns * len(train)
     work["finetune_encode"] = sum(len(rows) for rows in encoded.values())
-    work["runs"] = len(methods) * len(profile.fractions) * profile.repetitions
+    runs_per_notebook = profile.repetitions * len(profile.protocols)
+    work["runs"] = len(methods) * len(profile.fractions) * runs_per_notebook
     built_per_run = sum(method != "rotation" for method in methods) - shared_fresh  # ImageNet's too
-    work["fresh_encoders"] = (built_per_run * profile.repetitions + shared_fresh) * len(profile.fractions)
+    work["fresh_encoders"] = (built_per_run * runs_per_notebook + shared_fresh) * len(profile.fractions)
     work["notebooks"] = 3 + len(profile.fractions)
     work["images"] = n_images
     return work
@@ -386,7 +387,7 @@ def predicted_figures(figures: dict, profile, session, n_images: int, source: st
         "load": n_images / figures["preprocess_cached_images_per_second"],
         "pretext_tracing": figures["pretext_tracing_seconds"],
         # Only the phases the profile has are traced (none when it never trains its encoder or head).
-        "finetune_tracing": figures["finetune_full_tracing_seconds"] * profile.trains_encoder
+        "finetune_tracing": figures["finetune_full_tracing_seconds"] * ("finetune" in profile.protocols)
         + warmup_tracing * (profile.warmup_epochs > 0) + figures["predict_tracing_seconds"],
         "fresh_model": figures["fresh_model_seconds"],
         "ridge_fit": figures.get("ridge_fit_seconds", 0.0),
@@ -402,6 +403,30 @@ def predicted_figures(figures: dict, profile, session, n_images: int, source: st
     aptos_decoding = n_images * figures["preprocess_aptos_sized_photograph_seconds"] / cores
     predicted["predicted_total_minutes_if_aptos_sized"] = (stages["total"] - decoding + aptos_decoding) / 60
     return predicted
+
+
+def scaled_prediction(figures: dict, profile, images: np.ndarray, table, n_images: int) -> dict:
+    """The sweep's predicted minutes on a set of ``n_images`` with this set's grade proportions.
+
+    The set's rows are repeated (or cut) to ``n_images`` and split as the sweep would split
+    them, without the near-duplicate search (every repeated photograph would be found as a
+    duplicate of itself), so that every count of :func:`planned_work` is that of the larger set.
+
+    Returns
+    -------
+    dict
+        :func:`predicted_figures`' keys, ``predicted_`` becoming ``predicted_<n_images>_images_``.
+    """
+    from drnb.finetune import FinetuneSession
+
+    if n_images < 1:
+        raise ValueError(f"--predict-images {n_images}: expected a positive number of images")
+    rows = np.resize(np.arange(len(images)), n_images)
+    scaled_table = table.iloc[rows].reset_index(drop=True).assign(image_id=[str(i) for i in range(n_images)], patient_id=None)
+    scaled = profile.derive(duplicate_threshold=0.0)
+    session = FinetuneSession(images[rows], scaled_table, scaled, log=lambda line: None)
+    predicted = predicted_figures(figures, scaled, session, n_images)
+    return {key.replace("predicted_", f"predicted_{n_images}_images_", 1): value for key, value in predicted.items()}
 
 
 def import_seconds() -> float:
@@ -507,6 +532,10 @@ def main() -> None:
     parser.add_argument(
         "--rates", help="predict the sweep from the figures in this JSON (from accelerator_rates.py) instead of measuring here"
     )
+    parser.add_argument(
+        "--predict-images", type=int, default=0, metavar="N",
+        help="also predict the sweep on N images with this set's grade proportions (e.g. 3662, APTOS 2019's training set)",
+    )
     parser.add_argument("--json", help="output file (default benchmarks/results/<profile>-<dataset>.json)")
     args = parser.parse_args()
     if args.rates:
@@ -547,7 +576,7 @@ def main() -> None:
     targets = encode(table["grade"].to_numpy(np.int64), profile.target)  # as the fine-tuning session encodes them
     finetune_data = labelled_batches(
         image_tensor, indices, targets, profile.finetune_batch_size, seed=0, training=True,
-        augment_options={"zoom": profile.finetune_zoom, "vertical_flip": True, "rot90": True},
+        augment_options={"zoom": profile.finetune_zoom, "colour": profile.finetune_colour, "vertical_flip": True, "rot90": True},
     )
     figures["finetune_input_images_per_second"] = pipeline_rate(finetune_data, 20)
     if args.input_only:
@@ -612,6 +641,8 @@ def main() -> None:
     figures["python_import_seconds"] = import_seconds()
     figures["kernel_start_and_import_seconds"] = kernel_start_seconds()
     figures.update(predicted_figures(figures, profile, session, len(images)))
+    if args.predict_images:
+        figures.update(scaled_prediction(figures, profile, images, table, args.predict_images))
     for name in filter(None, args.end_to_end.split(",")):
         figures[f"end_to_end_{name}_seconds"] = end_to_end_seconds(name, args.dataset, args.data_dir)
 

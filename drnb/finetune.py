@@ -1,4 +1,4 @@
-"""Fine-tuning on labelled fractions: one run per method x fraction x repetition.
+"""Fine-tuning on labelled fractions: one run per protocol x method x fraction x repetition.
 
 A run, given a repetition's split (:mod:`drnb.splits`):
 
@@ -8,20 +8,19 @@ A run, given a repetition's split (:mod:`drnb.splits`):
    compared on the same split, head initialisation and batch order (with
    ``scratch_encoder="shared"`` every scratch run starts from one fresh encoder, seeded by
    ``seed``, as every rotation run starts from the one pretext encoder);
-2. warms up for ``warmup_epochs`` with the encoder frozen (batch norm in inference mode),
-   then trains everything for ``finetune_epochs`` with a fresh optimizer state (0: the
-   encoder is never trained, as in the linear evaluation of self-supervised learning, and
-   the head predicts from the frozen features). With
-   ``warmup_on_features`` the warm-up trains the head on encoder features computed once
-   (no augmentation), which makes a warm-up step nearly free on a CPU. Frozen features are
-   kept under the encoder that made them (:mod:`drnb.features`): runs whose encoders start
-   identical (every ``rotation`` run; a ``scratch`` run of one repetition in each fraction's
-   notebook, or every ``scratch`` run with a shared fresh encoder) encode each image once per
-   view between them
-   (:meth:`FinetuneSession.frozen_features`);
-3. after each epoch scores quadratic weighted kappa on the validation split (carved from
-   the training pool, never the test fold) and keeps the best weights;
-4. predicts the test fold with them and decodes grades: with the fixed rule, or
+2. with ``head_init="ridge"`` fits its linear head in closed form on the frozen encoder's
+   features (LP-FT's "linear probe"); warms the head up for ``warmup_epochs`` with the
+   encoder frozen; then, under the ``finetune`` protocol only, trains everything for
+   ``finetune_epochs`` with a fresh optimizer state, the rate constant or cosine-decayed
+   step by step, batch norm on each batch's statistics or frozen (``finetune_batchnorm``).
+   Under the ``linear`` protocol the encoder keeps its start, and predictions reuse the
+   frozen features. Frozen features are kept under the encoder that made them
+   (:mod:`drnb.features`), so runs whose encoders start identical encode each image once
+   per view between them (:meth:`FinetuneSession.frozen_features`);
+3. with a validation split (carved from the training pool, never the test fold), scores
+   quadratic weighted kappa on it after each full epoch and keeps the best weights;
+   without one, keeps the last;
+4. predicts the test fold and decodes grades: with the fixed rule, or
    (``cut_points="prior"``) with cut points fitted on ``calibration_images`` images of the
    training pool so that grades come out as often as in the labelled subset
    (:func:`drnb.targets.prior_cut_points`); ``metrics.json`` keeps both kappas;
@@ -31,10 +30,8 @@ A run, given a repetition's split (:mod:`drnb.splits`):
 An epoch is one pass over the labelled subset. A run makes at least ``min_steps`` optimizer
 steps, so 5 % of the data is not judged after a few dozen updates: the shortfall is added to
 the warm-up (spread over its epochs), or, without a warm-up, each epoch is stretched. The
-full phase can also be given a floor and a cap (``finetune_min_steps``, ``finetune_max_steps``)
-and a cosine learning-rate decay (``lr_schedule``). See :func:`plan_steps` and
-:func:`learning_rate_at`. Without a validation split (``validation_fraction=0``) the last
-epoch's weights are kept.
+full phase can also be given a floor and a cap (``finetune_min_steps``, ``finetune_max_steps``).
+See :func:`plan_steps` and :func:`learning_rate_at`.
 """
 
 from __future__ import annotations
@@ -95,9 +92,9 @@ def symmetry_views(count: int) -> range:
     return range(8) if count == 8 else range(0, 4, 4 // count)
 
 
-def run_directory(root: str | os.PathLike, method: str, fraction: float, repetition: int) -> Path:
-    """``root/<method>/fraction_<f>/repetition_<r>``: where one run's files go."""
-    return Path(root) / method / f"fraction_{fraction:g}" / f"repetition_{repetition}"
+def run_directory(root: str | os.PathLike, protocol: str, method: str, fraction: float, repetition: int) -> Path:
+    """``root/<protocol>/<method>/fraction_<f>/repetition_<r>``: where one run's files go."""
+    return Path(root) / protocol / method / f"fraction_{fraction:g}" / f"repetition_{repetition}"
 
 
 def runnable_methods(profile: Profile) -> list[str]:
@@ -140,18 +137,18 @@ def plan_steps(n_train: int, batch_size: int, profile: Profile) -> tuple[int, in
     return 0, finetune_steps + math.ceil(shortfall / epochs)
 
 
-def learning_rate_at(epoch: int, profile: Profile, base_rate: float) -> float:
-    """Learning rate of full fine-tuning epoch ``epoch`` (0-based, ``< finetune_epochs``).
+def learning_rate_at(step: int, total_steps: int, profile: Profile, base_rate: float) -> float:
+    """Learning rate of full fine-tuning step ``step`` (0-based, ``< total_steps``).
 
-    ``"constant"``: ``base_rate``. ``"cosine"``: ``base_rate * (1 + cos(pi * epoch / E)) / 2``
-    with ``E = finetune_epochs``, from ``base_rate`` at the first epoch towards 0 at the last,
-    so that the weights kept at the end of a short run have settled.
+    ``"constant"``: ``base_rate``. ``"cosine"``: ``base_rate * (1 + cos(pi * step / total_steps)) / 2``,
+    from ``base_rate`` at the first step towards 0 at the last, so that the weights kept at
+    the end of a short run have settled.
     """
-    if not 0 <= epoch < profile.finetune_epochs:
-        raise ValueError(f"epoch={epoch}: expected a fine-tuning epoch in [0, {profile.finetune_epochs})")
+    if not 0 <= step < total_steps:
+        raise ValueError(f"step={step}: expected a fine-tuning step in [0, {total_steps})")
     if profile.lr_schedule == "constant":
         return base_rate
-    return cosine_rate(epoch, profile.finetune_epochs, base_rate)
+    return cosine_rate(step, total_steps, base_rate)
 
 
 class FinetuneSession:
@@ -206,7 +203,7 @@ class FinetuneSession:
             head = grade_head(encoder.output_shape[-1], profile)
         self.trainer = Trainer(
             encoder, head, loss=TARGET_LOSSES[profile.target],
-            learning_rate=learning_rate, strategy=self.strategy,
+            learning_rate=learning_rate, strategy=self.strategy, batchnorm=profile.finetune_batchnorm,
         )
         self._splits: dict[tuple, RepetitionSplit] = {}
         self.features = FeatureStore(len(images), feature_dir, log=log)
@@ -326,15 +323,28 @@ class FinetuneSession:
             return np.mean([self.trainer.head_outputs(self.frozen_features(indices, view)) for view in views], axis=0)
         return np.mean([self.trainer.predict(self._inference_batches(indices, view)) for view in views], axis=0)
 
-    def run(self, method: str, fraction: float, repetition: int, out_dir: str | os.PathLike, *, save_model: bool = False) -> dict:
-        """Fine-tune and evaluate one run; write its files into ``out_dir``; return its metrics.
+    def run(
+        self, method: str, fraction: float, repetition: int, out_dir: str | os.PathLike, *,
+        protocol: str | None = None, save_model: bool = False,
+    ) -> dict:
+        """Train and evaluate one run; write its files into ``out_dir``; return its metrics.
 
-        ``save_model`` also saves the selected classifier as ``model.keras`` (for Grad-CAM).
+        The steps: :meth:`start_weights`, :meth:`fit_head_on_features` (``head_init="ridge"``),
+        :meth:`train` (the warm-up, then with ``protocol="finetune"`` everything), then
+        :meth:`predict_grades` on the test fold, scored and written (:func:`write_run`).
+        Both protocols of a repetition start from the same weights and head fit, so a linear
+        run is where its fine-tuned twin starts.
+
+        ``protocol``: one of the profile's ``protocols``, by default its first.
+        ``save_model`` also saves the classifier as ``model.keras`` (for Grad-CAM).
         """
         profile = self.profile
+        protocol = protocol or profile.protocols[0]
+        if protocol not in profile.protocols:
+            raise ValueError(f"protocol={protocol!r}: expected one of the profile's protocols {list(profile.protocols)}")
         split = self.split(repetition, validate_fraction(fraction))
         train_indices = split.train[fraction]
-        validation_indices = split.validation_for(fraction)
+        validation_indices = split.validation_for(fraction) if protocol == "finetune" else np.zeros(0, np.int64)
         if len(validation_indices) > len(train_indices):
             self.log(
                 f"note: {method}, fraction {fraction:g}, repetition {repetition}: {len(train_indices)} training images, "
@@ -345,81 +355,17 @@ class FinetuneSession:
         seed = profile.seed + repetition
         start = time.perf_counter()  # the run's seconds: everything it does, from its start weights to its scores
         encoded_before, reused_before = self.features.rows_encoded, self.features.rows_reused
-        encoder_weights, head_weights = self._initial_weights(method, seed)
-        self.trainer.reset(
-            encoder_weights=encoder_weights, head_weights=head_weights, learning_rate=self.learning_rate, seed=seed
-        )
-
-        batch = min(self.batch_size, len(train_indices))
-        train_targets = self.targets[train_indices]
-        batches = self.trainer.batches(
-            labelled_batches(
-                self.images, train_indices, train_targets, batch, seed=seed, training=True,
-                augment_options={"zoom": profile.finetune_zoom, "vertical_flip": True, "rot90": True},
-            )
-        )
-        warmup_steps, finetune_steps = plan_steps(len(train_indices), batch, profile)
         calibration = self.calibration_rows(split, seed)
-        if profile.recalibrate_batchnorm and not starts_shared(method, profile):
-            # A fresh encoder's moving statistics are still 0 and 1: its head would be fitted
-            # on features the full phase, normalising each batch by itself, never produces.
-            self.recalibrate_batchnorm(calibration)
+        self.start_weights(method, seed, calibration)
         features, ridge_penalty = None, None
         if profile.head_init == "ridge":
-            # Each view of an image (a turn, or a turn of its mirror image) is a sample with its
-            # grade: the fit learns to ignore how the photograph is oriented, which the
-            # rotation pretext's features encode.
-            turned = [self.frozen_features(train_indices, view) for view in symmetry_views(profile.ridge_turns)]
-            features = turned[0]  # the images as they are, for a warm-up on features too
-            image_of_row = np.tile(np.arange(len(train_indices)), len(turned))  # an image's turns leave together
-            ridge_penalty = self.fit_head(
-                np.concatenate(turned), self.grades[train_indices][image_of_row], image_of_row
-            )
-        warmup_batches, warmup_phase = batches, "head"
-        if profile.warmup_on_features and profile.warmup_epochs:
-            if features is None:
-                features = self.frozen_features(train_indices)
-            warmup_batches = self.trainer.batches(feature_batches(features, train_targets, batch, seed))
-            warmup_phase = "features"
-        history, best = [], {"kappa": -np.inf, "weights": None, "epoch": 0}
-        schedule = [("warmup", warmup_steps)] * profile.warmup_epochs + [("full", finetune_steps)] * profile.finetune_epochs
-        for epoch, (phase, steps) in enumerate(schedule, start=1):
-            if phase == "warmup":
-                rate = self.learning_rate
-                step_log = self.trainer.train(warmup_batches, steps, phase=warmup_phase)
-            else:
-                rate = learning_rate_at(epoch - 1 - profile.warmup_epochs, profile, self.learning_rate)
-                self.trainer.set_learning_rate(rate, phase="full")
-                step_log = self.trainer.train(batches, steps, phase="full")
-            row = {
-                "epoch": epoch, "phase": phase, "steps": steps, "learning_rate": rate,
-                "loss": step_log.losses[-1], "images_per_second": step_log.images_per_second,
-            }
-            if len(validation_indices) and phase == "full":
-                validation_grades = self._decode(self._predict(validation_indices))
-                row["validation_qw_kappa"] = quadratic_weighted_kappa(self.grades[validation_indices], validation_grades)
-                if row["validation_qw_kappa"] > best["kappa"]:
-                    best = {"kappa": row["validation_qw_kappa"], "weights": self.trainer.model.get_weights(), "epoch": epoch}
-            history.append(row)
-        if best["weights"] is not None:
-            self.trainer.model.set_weights(best["weights"])
-        else:  # no validation split: the last epoch's weights
-            best["epoch"] = len(schedule)
+            features, ridge_penalty = self.fit_head_on_features(train_indices)
+        history = self.train(train_indices, validation_indices, seed, protocol=protocol, features=features)
 
-        frozen = not profile.trains_encoder  # the features the head was fitted on serve its predictions
-        probabilities = self._predict(split.test, frozen)
-        fixed_grades = self._decode(probabilities)
-        cut_points = None
-        if profile.cut_points == "prior":
-            calibration_scores = expected_grade(self._predict(calibration, frozen), profile.target)
-            cut_points = prior_cut_points(calibration_scores, self.grades[train_indices])
-            predicted = decode_with_cut_points(expected_grade(probabilities, profile.target), cut_points)
-        else:
-            predicted = fixed_grades
+        frozen = protocol == "linear"  # the encoder kept its start: predictions read the kept features
+        probabilities, predicted, fixed_grades, cut_points = self.predict_grades(split.test, calibration, train_indices, frozen)
         true_grades = self.grades[split.test]
-        metrics = evaluate_predictions(
-            true_grades, predicted, n_resamples=profile.bootstrap_resamples, seed=seed
-        )
+        metrics = evaluate_predictions(true_grades, predicted, n_resamples=profile.bootstrap_resamples, seed=seed)
         # Both decodings of the same outputs, so what the cut points change stays visible.
         metrics["qw_kappa_fixed_cuts"] = quadratic_weighted_kappa(true_grades, fixed_grades)
         metrics["cut_points"] = None if cut_points is None else [float(cut) for cut in cut_points]
@@ -428,14 +374,15 @@ class FinetuneSession:
             # How often the reference decoding, (p > .5).sum() - 1, would have produced grade -1.
             metrics["reference_decoding_minus_one"] = int((ordinal_decode(probabilities, rule="reference") < 0).sum())
         metrics.update(
+            protocol=protocol,
             method=method,
             fraction=float(fraction),
             repetition=int(repetition),
             n_train=int(len(train_indices)),
             n_validation=int(len(validation_indices)),
             n_test=int(len(split.test)),
-            steps=int(sum(steps for _, steps in schedule)),
-            best_epoch=int(best["epoch"]),
+            steps=int(sum(row["steps"] for row in history)),
+            best_epoch=next((row["epoch"] for row in history if row.get("kept")), 0),
             # (image, view) features this run encoded, and those it read from what was kept
             # (drnb.features): by earlier runs with the same starting encoder, or earlier in
             # this run (its calibration images are training images, encoded for the fit).
@@ -449,6 +396,122 @@ class FinetuneSession:
         write_run(out_dir, metrics, history, self.table.iloc[split.test], true_grades, predicted, probabilities)
         self.features.save()
         return metrics
+
+    def start_weights(self, method: str, seed: int, calibration: np.ndarray) -> None:
+        """Reset the trainer to ``method``'s starting encoder and a fresh head seeded by ``seed``.
+
+        A fresh encoder of its own (scratch, ``scratch_encoder="per_repetition"``) has its
+        batch norm re-estimated on ``calibration`` with ``recalibrate_batchnorm``: its moving
+        statistics are still 0 and 1, and a head fitted on them would meet features the
+        training steps never produce.
+        """
+        encoder_weights, head_weights = self._initial_weights(method, seed)
+        self.trainer.reset(encoder_weights=encoder_weights, head_weights=head_weights, learning_rate=self.learning_rate, seed=seed)
+        if self.profile.recalibrate_batchnorm and not starts_shared(method, self.profile):
+            self.recalibrate_batchnorm(calibration)
+
+    def fit_head_on_features(self, train_indices: np.ndarray) -> tuple[np.ndarray, float]:
+        """Fit the linear head by ridge regression on the frozen features of ``train_indices``.
+
+        Each view of an image (``ridge_turns`` turns, or turns of its mirror image) is a sample
+        with its grade: the fit learns to ignore how the photograph is oriented, which the
+        rotation pretext's features encode.
+
+        Returns
+        -------
+        (features, penalty)
+            float32 (M, F): the images as they are (for a warm-up on features); the penalty chosen.
+        """
+        turned = [self.frozen_features(train_indices, view) for view in symmetry_views(self.profile.ridge_turns)]
+        image_of_row = np.tile(np.arange(len(train_indices)), len(turned))  # an image's turns leave together
+        penalty = self.fit_head(np.concatenate(turned), self.grades[train_indices][image_of_row], image_of_row)
+        return turned[0], penalty
+
+    def train(
+        self, train_indices: np.ndarray, validation_indices: np.ndarray, seed: int, *,
+        protocol: str = "finetune", features: np.ndarray | None = None,
+    ) -> list[dict]:
+        """The warm-up epochs (head alone), then with ``protocol="finetune"`` the full epochs.
+
+        With a validation split the full epoch whose weights score the best validation kappa
+        is kept (its row has ``kept=True``); without one, the last.
+
+        Returns
+        -------
+        list of dict
+            One row per epoch: ``epoch, phase, steps, learning_rate, loss`` (the epoch's mean),
+            ``images_per_second``, and ``validation_qw_kappa`` where scored.
+        """
+        profile = self.profile
+        batch = min(self.batch_size, len(train_indices))
+        train_targets = self.targets[train_indices]
+        batches = self.trainer.batches(
+            labelled_batches(
+                self.images, train_indices, train_targets, batch, seed=seed, training=True,
+                augment_options={"zoom": profile.finetune_zoom, "colour": profile.finetune_colour, "vertical_flip": True, "rot90": True},
+            )
+        )
+        warmup_steps, finetune_steps = plan_steps(len(train_indices), batch, profile)
+        warmup_batches, warmup_phase = batches, "head"
+        if profile.warmup_on_features and profile.warmup_epochs:
+            if features is None:
+                features = self.frozen_features(train_indices)
+            warmup_batches = self.trainer.batches(feature_batches(features, train_targets, batch, seed))
+            warmup_phase = "features"
+        full_epochs = profile.finetune_epochs if protocol == "finetune" else 0
+        schedule = [("warmup", warmup_steps)] * profile.warmup_epochs + [("full", finetune_steps)] * full_epochs
+        history, best = [], {"kappa": -np.inf, "weights": None, "row": None}
+        full_done, full_total = 0, finetune_steps * full_epochs
+        start = self.trainer.model.get_weights() if full_epochs and profile.finetune_start_share else None
+        for epoch, (phase, steps) in enumerate(schedule, start=1):
+            if phase == "warmup":
+                rate = self.learning_rate
+                step_log = self.trainer.train(warmup_batches, steps, phase=warmup_phase)
+            else:
+                rate_at = lambda index, done=full_done: learning_rate_at(done + index, full_total, profile, self.learning_rate)  # noqa: E731
+                rate = rate_at(0)
+                step_log = self.trainer.train(batches, steps, phase="full", rate_at=rate_at)
+                full_done += steps
+            row = {
+                "epoch": epoch, "phase": phase, "steps": steps, "learning_rate": rate,
+                "loss": step_log.losses[-1], "images_per_second": step_log.images_per_second,
+            }
+            if len(validation_indices) and phase == "full":
+                validation_grades = self._decode(self._predict(validation_indices))
+                row["validation_qw_kappa"] = quadratic_weighted_kappa(self.grades[validation_indices], validation_grades)
+                if row["validation_qw_kappa"] > best["kappa"]:
+                    best = {"kappa": row["validation_qw_kappa"], "weights": self.trainer.model.get_weights(), "row": row}
+            history.append(row)
+        if best["weights"] is not None:
+            self.trainer.model.set_weights(best["weights"])
+            best["row"]["kept"] = True
+        elif history:
+            history[-1]["kept"] = True
+        if start is not None:
+            self.trainer.model.set_weights(interpolated(start, self.trainer.model.get_weights(), profile.finetune_start_share))
+        return history
+
+    def predict_grades(
+        self, rows: np.ndarray, calibration: np.ndarray, train_indices: np.ndarray, frozen: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """Outputs and grades for ``rows``, with the fixed rule and the profile's decoding.
+
+        With ``cut_points="prior"`` the cut points are fitted on ``calibration``'s outputs so
+        that grades come out as often as in the labelled subset ``train_indices``.
+
+        Returns
+        -------
+        (outputs, grades, fixed_rule_grades, cut_points)
+            float32 (M, outputs); int (M,) in 0..4 twice; float (4,) or None.
+        """
+        probabilities = self._predict(rows, frozen)
+        fixed_grades = self._decode(probabilities)
+        if self.profile.cut_points != "prior":
+            return probabilities, fixed_grades, fixed_grades, None
+        calibration_scores = expected_grade(self._predict(calibration, frozen), self.profile.target)
+        cut_points = prior_cut_points(calibration_scores, self.grades[train_indices])
+        predicted = decode_with_cut_points(expected_grade(probabilities, self.profile.target), cut_points)
+        return probabilities, predicted, fixed_grades, cut_points
 
     def frozen_features(self, rows: np.ndarray, view: int = 0) -> np.ndarray:
         """The encoder's pooled features of ``rows`` as its weights are now, for a warm-up on
@@ -537,6 +600,15 @@ class FinetuneSession:
         return np.sort(np.random.default_rng(seed).choice(pool, count, replace=False)).astype(np.int64)
 
 
+def interpolated(start: list, trained: list, start_share: float) -> list:
+    """``start_share * start + (1 - start_share) * trained``, weight by weight (floating-point
+    weights only; counters and seeds keep their trained values)."""
+    return [
+        (start_share * a + (1 - start_share) * b).astype(b.dtype) if np.issubdtype(b.dtype, np.floating) else b
+        for a, b in zip(start, trained)
+    ]
+
+
 def feature_batches(features: np.ndarray, targets: np.ndarray, batch_size: int, seed: int) -> tf.data.Dataset:
     """Shuffled, endlessly repeated batches of (features, targets) for a warm-up on features.
 
@@ -587,7 +659,7 @@ def run_fraction(
     repetitions: int | None = None,
     overwrite: bool = False,
 ) -> pd.DataFrame:
-    """Every method x repetition at one fraction; finished runs are skipped unless ``overwrite``.
+    """Every method x protocol x repetition at one fraction; finished runs are skipped unless ``overwrite``.
 
     Returns
     -------
@@ -597,23 +669,26 @@ def run_fraction(
     rows = []
     methods = session.available_methods()
     repetitions = session.profile.repetitions if repetitions is None else repetitions
-    total = len(methods) * repetitions
+    protocols = session.profile.protocols
+    total = len(methods) * len(protocols) * repetitions
     start = time.perf_counter()
     done = 0
     for repetition in range(repetitions):
         for method in methods:
-            done += 1
-            out_dir = run_directory(root, method, fraction, repetition)
-            metrics_path = out_dir / METRICS_FILE
-            if metrics_path.exists() and not overwrite:
-                rows.append(json.loads(metrics_path.read_text()))
-                session.log(f"[{done}/{total}] {method} fraction {fraction:g} repetition {repetition}: finished earlier, skipped")
-            else:
-                metrics = session.run(method, fraction, repetition, out_dir, save_model=repetition == 0)
+            for protocol in protocols:
+                done += 1
+                out_dir = run_directory(root, protocol, method, fraction, repetition)
+                metrics_path = out_dir / METRICS_FILE
+                label = f"[{done}/{total}] {method} {protocol} fraction {fraction:g} repetition {repetition}"
+                if metrics_path.exists() and not overwrite:
+                    rows.append(json.loads(metrics_path.read_text()))
+                    session.log(f"{label}: finished earlier, skipped")
+                    continue
+                metrics = session.run(method, fraction, repetition, out_dir, protocol=protocol, save_model=repetition == 0)
                 rows.append(metrics)
                 session.log(
-                    f"[{done}/{total}] {method} fraction {fraction:g} repetition {repetition}: qw kappa {metrics['qw_kappa']:.3f}, "
-                    f"accuracy {metrics['accuracy']:.3f}, {metrics['n_train']} train images, "
+                    f"{label}: qw kappa {metrics['qw_kappa']:.3f}, "
+                    f"accuracy {metrics['accuracy']:.3f}, {metrics['n_train']} train images, {metrics['steps']} steps, "
                     f"{metrics['seconds']:.0f} s (elapsed {time.perf_counter() - start:.0f} s)"
                     + _features_note(metrics)
                 )

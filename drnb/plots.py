@@ -14,6 +14,7 @@ from drnb.datasets import GRADE_NAMES
 from drnb.results import PAPER_KAPPA
 
 METHOD_COLOURS = {"rotation": "tab:blue", "scratch": "tab:orange", "imagenet": "tab:green"}
+PROTOCOL_LINES = {"finetune": "-", "linear": "--"}
 
 
 def plot_grade_counts(counts: pd.Series, title: str = "", ax=None):
@@ -106,20 +107,34 @@ def plot_confusion(confusion: np.ndarray, labels: list[str], title: str = "", ax
     return ax
 
 
-def plot_kappa_vs_fraction(table: pd.DataFrame, *, show_paper: bool = True, title: str = "", ax=None):
-    """Average QWK vs % labelled per method, min-max bands, and the paper's rotation curve.
+def plot_kappa_vs_fraction(
+    table: pd.DataFrame, *, show_paper: bool = True, floor: float | None = None, title: str = "", ax=None
+):
+    """Average QWK vs % labelled per protocol and method, min-max bands, and the paper's rotation curve.
+
+    Fine-tuned runs are drawn solid with bands, linear read-outs dashed without; each curve is
+    labelled by what its runs are (:func:`drnb.results.describe`).
 
     Parameters
     ----------
     table : pandas.DataFrame
         From :func:`drnb.results.summary_table`.
+    floor : float, optional
+        A kappa drawn as a dotted horizontal line: what the photographs' format alone scores
+        (:func:`drnb.format_floor.format_only_kappa`).
     """
-    ax = ax or plt.subplots(figsize=(7, 4.5))[1]
-    for method, rows in table.groupby("method"):
+    ax = ax or plt.subplots(figsize=(7.5, 4.8))[1]
+    for (protocol, method), rows in table.groupby(["protocol", "method"], sort=False):
         rows = rows.sort_values("train_split")
         colour = METHOD_COLOURS.get(method)
-        ax.plot(rows["train_split"], rows["qwk_avg"], marker="o", color=colour, label=f"{method} (drnb, avg)")
-        ax.fill_between(rows["train_split"], rows["qwk_min"], rows["qwk_max"], color=colour, alpha=0.15)
+        ax.plot(
+            rows["train_split"], rows["qwk_avg"], marker="o", color=colour, linestyle=PROTOCOL_LINES.get(protocol, "-"),
+            label=rows["runs_are"].iloc[0],
+        )
+        if protocol == "finetune":
+            ax.fill_between(rows["train_split"], rows["qwk_min"], rows["qwk_max"], color=colour, alpha=0.15)
+    if floor is not None:
+        ax.axhline(floor, color="grey", linestyle=":", label=f"photograph format alone ({floor:.2f})")
     if show_paper:
         fractions = sorted(PAPER_KAPPA)
         ax.errorbar(

@@ -40,7 +40,7 @@ from drnb.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 4  # bump when the preprocessing algorithm changes, so old caches are not reused
+CACHE_VERSION = 5  # bump when the preprocessing algorithm changes, so old caches are not reused
 # find_fundus searches a thumbnail no larger than this many pixels a side.
 FIND_SIDE = 512
 
@@ -188,7 +188,9 @@ def ben_graham(image: np.ndarray, sigma: float, fundus: np.ndarray | None = None
     return np.clip(4.0 * pixels - 4.0 * local_mean + 128.0, 0, 255).astype(np.uint8)
 
 
-def preprocess_image(image: np.ndarray, config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
+def preprocess_image(
+    image: np.ndarray, config: PreprocessConfig = PreprocessConfig(), geometry: FundusGeometry | None = None
+) -> np.ndarray:
     """Crop, square, resize and mask one fundus photograph.
 
     Parameters
@@ -196,6 +198,8 @@ def preprocess_image(image: np.ndarray, config: PreprocessConfig = PreprocessCon
     image : numpy.ndarray
         uint8 (H, W, 3) RGB, any size, fundus on a dark background.
     config : PreprocessConfig
+    geometry : FundusGeometry, optional
+        Where the fundus lies, when already found; default :func:`find_fundus`.
 
     Returns
     -------
@@ -204,7 +208,7 @@ def preprocess_image(image: np.ndarray, config: PreprocessConfig = PreprocessCon
     """
     from PIL import Image
 
-    geometry = find_fundus(image, config.threshold)
+    geometry = geometry or find_fundus(image, config.threshold)
     radius = int(np.ceil(geometry.radius))
     top = int(round(geometry.center_row)) - radius
     left = int(round(geometry.center_col)) - radius
@@ -229,12 +233,24 @@ def preprocess_image(image: np.ndarray, config: PreprocessConfig = PreprocessCon
     return np.where(mask[..., None], resized, 0).astype(np.uint8)
 
 
-def _preprocess_paths(paths: list[str], config: PreprocessConfig) -> list[np.ndarray | str]:
-    # Runs in a worker process: returns an image, or the error message for that file.
+# What each photograph's file and fundus look like before preprocessing: the camera and
+# clinic, not the disease (drnb.photo_format fits a grader on these alone).
+FORMAT_COLUMNS = ("width", "height", "fundus_radius", "fundus_half_extent")
+
+
+def photograph_format(image: np.ndarray, geometry: FundusGeometry) -> tuple[float, float, float, float]:
+    """``(width, height, fundus_radius, fundus_half_extent)`` of a photograph, in its pixels."""
+    return float(image.shape[1]), float(image.shape[0]), float(geometry.radius), float(geometry.half_extent)
+
+
+def _preprocess_paths(paths: list[str], config: PreprocessConfig) -> list[tuple[np.ndarray, tuple] | str]:
+    # Runs in a worker process: returns (image, format) for a file, or the error message for it.
     results = []
     for path in paths:
         try:
-            results.append(preprocess_image(read_image(path), config))
+            photograph = read_image(path)
+            geometry = find_fundus(photograph, config.threshold)
+            results.append((preprocess_image(photograph, config, geometry), photograph_format(photograph, geometry)))
         except ValueError as error:
             message = str(error)
             results.append(message if path in message else f"{path}: {message}")
@@ -291,13 +307,15 @@ def preprocess_table(
     images : numpy.ndarray
         uint8 (N, size, size, 3).
     table : pandas.DataFrame
-        The rows of ``table`` that ``images`` holds, in the same order, index reset.
+        The rows of ``table`` that ``images`` holds, in the same order, index reset, with the
+        photographs' :data:`FORMAT_COLUMNS` added (pixels of the file as read).
     """
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = cache_key(table, config)
     images_path = cache_root / f"fundus_{key}.npy"
     kept_path = cache_root / f"fundus_{key}.kept.npy"
-    if images_path.exists() and kept_path.exists():
+    format_path = cache_root / f"fundus_{key}.format.npy"
+    if images_path.exists() and kept_path.exists() and format_path.exists():
         kept = np.load(kept_path)
         logger.info("preprocessed images read from cache %s", images_path)
         if len(kept) < len(table):
@@ -307,7 +325,7 @@ def preprocess_table(
             if not drop_unreadable:
                 raise ValueError(message + "; pass drop_unreadable=True (--drop-unreadable) to skip them")
             logger.warning("%s; dropping them", message)
-        return np.load(images_path), table.iloc[kept].reset_index(drop=True)
+        return np.load(images_path), with_format(table.iloc[kept], np.load(format_path))
 
     paths = table["path"].tolist()
     workers = workers or os.cpu_count() or 1
@@ -343,10 +361,20 @@ def preprocess_table(
     kept = np.array([i for i, result in enumerate(results) if not isinstance(result, str)], dtype=np.int64)
     if kept.size == 0:
         raise ValueError("no image of the dataset could be preprocessed")
-    images = np.stack([results[i] for i in kept])
+    images = np.stack([results[i][0] for i in kept])
+    formats = np.array([results[i][1] for i in kept], dtype=np.float64)
 
-    # Written to temporary names and renamed, so an interrupted run never leaves a half cache.
-    for path, array in ((images_path, images), (kept_path, kept)):
+    # Written to temporary names and renamed, so an interrupted run never leaves a half cache;
+    # the list of kept rows last, as the images and formats are read only with it.
+    for path, array in ((images_path, images), (format_path, formats), (kept_path, kept)):
         with atomic_path(path) as temporary:  # ends in .npy, as the cache's names do
             np.save(temporary, array)
-    return images, table.iloc[kept].reset_index(drop=True)
+    return images, with_format(table.iloc[kept], formats)
+
+
+def with_format(rows: pd.DataFrame, formats: np.ndarray) -> pd.DataFrame:
+    """``rows`` (index reset) with :data:`FORMAT_COLUMNS` from ``formats``, float (len(rows), 4)."""
+    rows = rows.reset_index(drop=True).copy()
+    for column, values in zip(FORMAT_COLUMNS, np.asarray(formats, np.float64).T):
+        rows[column] = values
+    return rows

@@ -6,8 +6,8 @@ schedule. Three are defined:
 ``smoke``
     seconds on a CPU; for tests and for checking an installation. Numbers mean nothing.
 ``quick``
-    the CPU profile: the whole study on 2 cores within an hour on ~3,600 photographs (see
-    the README's "Why the quick profile's settings").
+    the CPU profile: the whole study on 2 cores within an hour on ~3,600 photographs, both
+    protocols (fine-tuned and linear) for both methods (see ``docs/decisions.md``).
 ``paper``
     the study's configuration: DenseNet121 at 224 px, pretext lr 1e-5, batch 32, 200
     epochs; fine-tuning lr 5e-5, batch 32, 3 warm-up + 17 epochs, 5 repetitions, fractions
@@ -38,6 +38,11 @@ POOLINGS = ("avg", "max")
 FEATURE_STAGES = ("last", "all")
 ROTATION_MODES = ("all4", "random1")
 METHODS = ("rotation", "scratch", "imagenet")
+# How a run uses its labelled subset: "finetune" trains the encoder with its head (the study's
+# protocol); "linear" keeps the starting encoder and trains or fits the head alone (linear
+# evaluation, the usual read-out of self-supervised features).
+PROTOCOLS = ("finetune", "linear")
+BATCHNORM_MODES = ("batch", "frozen")
 LR_SCHEDULES = ("constant", "cosine")
 HEAD_INITS = ("random", "ridge")
 SCRATCH_ENCODERS = ("per_repetition", "shared")
@@ -81,6 +86,7 @@ class Profile:
     pretext_zoom: float = 0.1  # centred zoom range 1 +- zoom, before rotating
     # --- fine-tuning ---
     methods: tuple[str, ...] = ("rotation", "scratch")  # encoders compared: rotation, scratch, imagenet
+    protocols: tuple[str, ...] = ("finetune",)  # "finetune" (encoder and head trained), "linear" (head alone)
     fractions: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0)  # labelled fractions of the training pool
     repetitions: int = 5  # cross-validation repetitions (repetition r tests on fold r)
     folds: int = 5  # cross-validation folds
@@ -109,10 +115,18 @@ class Profile:
     ridge_criterion: str = "error"
     warmup_epochs: int = 3  # epochs with the encoder frozen (head only)
     warmup_on_features: bool = False  # warm up on features computed once (no augmentation, ~free per step)
-    # Epochs with everything training, after the warm-up. 0: the encoder is never trained
-    # (linear evaluation: the head alone learns, by its warm-up or, with warmup_epochs=0, by
-    # head_init="ridge"), and predictions reuse the frozen features.
+    # Epochs with everything training, after the warm-up (protocol "finetune"; protocol
+    # "linear" stops after the warm-up or the ridge fit, and its predictions reuse the frozen
+    # features). 0 only with protocols=("linear",).
     finetune_epochs: int = 17
+    # Batch norm while everything trains: "batch" normalises each batch by its own statistics
+    # (Keras's fit, the study's code); "frozen" keeps the starting moving statistics, so the
+    # features under a fitted head do not jump at the first step.
+    finetune_batchnorm: str = "batch"
+    # After the full phase, every weight becomes this share of its starting value plus the rest
+    # of its trained value (a weight-space ensemble of the start and the fine-tuned network,
+    # "WiSE-FT"); 0: the trained weights as they are.
+    finetune_start_share: float = 0.0
     min_steps: int = 0  # at least this many optimizer steps per run; a shortfall is made up in the warm-up
     finetune_min_steps: int = 0  # at least this many steps with everything training (epochs stretched); 0: no floor
     finetune_max_steps: int = 0  # at most this many steps with everything training (epochs shortened); 0: no cap
@@ -126,8 +140,9 @@ class Profile:
     # pretext encoder (its batch norm, when re-estimated, on calibration_images images of the
     # whole set, unlabelled, as the pretext sees them).
     scratch_encoder: str = "per_repetition"
-    lr_schedule: str = "constant"  # full phase: "constant", or "cosine" decay from the rate towards 0, per epoch
+    lr_schedule: str = "constant"  # full phase: "constant", or "cosine" decay from the rate towards 0, step by step
     finetune_zoom: float = 0.1  # centred zoom range 1 +- zoom
+    finetune_colour: float = 0.1  # brightness (share of 255) and contrast jitter inside the fundus
     bootstrap_resamples: int = 1000  # for the 95% CI of each run's kappa
     # --- reproducibility ---
     seed: int = 0  # repetition r uses seed + r for its split, initialisation and shuffling
@@ -148,6 +163,11 @@ class Profile:
         _check_choice("head_init", self.head_init, HEAD_INITS)
         _check_choice("ridge_criterion", self.ridge_criterion, RIDGE_CRITERIA)
         _check_choice("scratch_encoder", self.scratch_encoder, SCRATCH_ENCODERS)
+        _check_choice("finetune_batchnorm", self.finetune_batchnorm, BATCHNORM_MODES)
+        if not self.protocols or len(set(self.protocols)) < len(self.protocols):
+            raise ValueError(f"protocols={self.protocols}: expected one or both of {list(PROTOCOLS)}, each once")
+        for protocol in self.protocols:
+            _check_choice("protocols", protocol, PROTOCOLS)
         if self.head_init == "ridge" and (self.target != "regression" or self.finetune_hidden):
             raise ValueError(
                 f"head_init='ridge' fits a linear regression head: expected target='regression' and "
@@ -182,16 +202,21 @@ class Profile:
             raise ValueError(
                 f"ridge_criterion={self.ridge_criterion!r} chooses a ridge head's penalty: expected head_init='ridge'"
             )
-        if not self.trains_encoder:
+        if "finetune" in self.protocols and not self.finetune_epochs:
+            raise ValueError(
+                "finetune_epochs=0 never trains the encoder: expected finetune_epochs >= 1 with protocol "
+                "'finetune', or protocols=('linear',) for linear evaluation alone"
+            )
+        if "linear" in self.protocols and not self.warmup_epochs and self.head_init != "ridge":
+            raise ValueError(
+                "protocol 'linear' trains the head alone, and warmup_epochs=0 trains nothing: expected "
+                "head_init='ridge' (a head fitted in closed form on the frozen features), or warm-up epochs"
+            )
+        if not self.finetune_epochs:
             if self.validation_fraction:
                 raise ValueError(
                     f"validation_fraction={self.validation_fraction!r} chooses among fine-tuning epochs, "
                     "and finetune_epochs=0 has none: expected 0"
-                )
-            if not self.warmup_epochs and self.head_init != "ridge":
-                raise ValueError(
-                    "warmup_epochs=0 and finetune_epochs=0 train nothing: expected head_init='ridge' "
-                    "(a head fitted in closed form on the frozen features), or some epochs"
                 )
             if not self.warmup_epochs and self.min_steps:
                 raise ValueError(f"min_steps={self.min_steps}: expected 0 when warmup_epochs=0 and finetune_epochs=0")
@@ -199,6 +224,8 @@ class Profile:
             raise ValueError(f"repetitions={self.repetitions} exceeds folds={self.folds}: repetition r tests on fold r")
         if self.rotation_mode == "all4" and self.pretext_batch_size % 4:
             raise ValueError(f"pretext_batch_size={self.pretext_batch_size}: 'all4' needs a multiple of 4")
+        if not 0 <= self.finetune_start_share < 1:
+            raise ValueError(f"finetune_start_share={self.finetune_start_share!r}: expected a share in [0, 1)")
         for name in ("pretext_holdout_fraction", "validation_fraction"):
             if not 0 <= getattr(self, name) < 0.5:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a fraction in [0, 0.5)")
@@ -218,12 +245,6 @@ class Profile:
         for name in ("pretext_learning_rate", "finetune_learning_rate"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive learning rate")
-
-    @property
-    def trains_encoder(self) -> bool:
-        """False for linear evaluation (``finetune_epochs=0``): a run's encoder keeps its start
-        weights, so its predictions can read the frozen features its head was fitted on."""
-        return self.finetune_epochs > 0
 
     def to_dict(self) -> dict:
         """Plain JSON-ready values (tuples become lists)."""
@@ -284,6 +305,7 @@ PROFILES: dict[str, Profile] = {
         pretext_epochs=1,
         fractions=(0.25, 1.0),
         repetitions=2,
+        protocols=("finetune", "linear"),
         finetune_hidden=(32,),
         finetune_batch_size=16,
         finetune_learning_rate=1e-3,
@@ -309,7 +331,6 @@ PROFILES: dict[str, Profile] = {
         validation_fraction=0.0,
         finetune_hidden=(),
         finetune_batch_size=32,
-        finetune_learning_rate=5e-5,  # the study's rate, for --set finetune_epochs=8 (LP-FT)
         target="regression",
         head_init="ridge",
         ridge_turns=8,  # every quarter turn of each training image and of its mirror image
@@ -317,13 +338,15 @@ PROFILES: dict[str, Profile] = {
         test_time_turns=8,  # the views the head was fitted on, read from the kept features
         recalibrate_batchnorm=True,
         scratch_encoder="shared",  # one fresh encoder for every scratch run, as rotation's one pretext
+        protocols=("finetune", "linear"),
         warmup_epochs=0,
-        # Linear evaluation: every fine-tuning schedule that fits the hour scored below the
-        # fitted head alone (README, "why these settings"). finetune_epochs=8 with
-        # ridge_turns=4 and test_time_turns=2 is an earlier profile: 32 steps at 5e-5 from the fit.
-        finetune_epochs=0,
-        finetune_min_steps=32,
-        finetune_max_steps=32,
+        # LP-FT: the ridge head fitted on the frozen features, then everything trained with batch
+        # norm frozen, at a small rate decayed to 0 (docs/decisions.md).
+        finetune_epochs=6,
+        finetune_min_steps=200,
+        finetune_max_steps=480,
+        finetune_learning_rate=1e-4,
+        finetune_batchnorm="frozen",
         lr_schedule="cosine",
         cut_points="prior",
     ),
@@ -414,7 +437,8 @@ def load_profile(path) -> Profile:
     """Read a resolved profile written by :meth:`Profile.to_json`.
 
     A setting the file does not name takes its value from :data:`SETTINGS_BEFORE_THEY_EXISTED`
-    when it has one there (the behaviour before the setting existed), else the default.
+    when it has one there (the behaviour before the setting existed), else the default;
+    ``protocols`` is ``("linear",)`` for a file with ``finetune_epochs=0``.
     """
     values = json.loads(open(path).read())
     hints = typing.get_type_hints(Profile)
@@ -422,5 +446,7 @@ def load_profile(path) -> Profile:
     if unknown:
         raise ValueError(f"{path}: unknown setting(s) {unknown}")
     values = {**{key: value for key, value in SETTINGS_BEFORE_THEY_EXISTED.items() if key not in values}, **values}
+    if "protocols" not in values:  # before both protocols ran in one sweep, finetune_epochs=0 was linear evaluation
+        values["protocols"] = ["linear"] if values.get("finetune_epochs") == 0 else ["finetune"]
     return Profile(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
 

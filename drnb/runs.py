@@ -181,9 +181,11 @@ def load_images(profile: Profile, *, log=print):
     return images, table
 
 
-def write_data_summary(paths: RunPaths, table, images, duplicates=None) -> dict:
+def write_data_summary(paths: RunPaths, table, images, duplicates=None, format_only=None) -> dict:
     """Write ``data/dataset.csv`` and ``data/summary.json`` (counts per grade, splits, image
-    shape and, given the :func:`drnb.duplicates.duplicate_table`, the near-duplicate pairs)."""
+    shape; given the :func:`drnb.duplicates.duplicate_table`, the near-duplicate pairs; given
+    :func:`drnb.photo_format.format_only_kappa`'s table, ``data/format_only.csv`` and its
+    average kappa)."""
     from drnb.datasets import grade_counts
 
     summary = {
@@ -197,6 +199,9 @@ def write_data_summary(paths: RunPaths, table, images, duplicates=None) -> dict:
         summary["near_duplicate_pairs"] = int(len(duplicates))
         summary["near_duplicate_pairs_with_different_grades"] = int(duplicates["grades_differ"].sum())
         write_text_atomically(paths.data / "near_duplicates.csv", duplicates.to_csv(index=False))
+    if format_only is not None:
+        summary["format_only_qw_kappa"] = float(format_only["qw_kappa"].mean())
+        write_text_atomically(paths.data / "format_only.csv", format_only.to_csv(index=False))
     write_text_atomically(paths.data / "dataset.csv", table.to_csv(index=False))
     write_json(paths.data / "summary.json", summary)
     return summary

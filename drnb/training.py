@@ -8,7 +8,10 @@ instead traces two ``tf.function`` steps per model shape, once per process:
 
 - ``head`` step: encoder called in inference mode (batch norm uses its moving statistics and
   is not updated), gradients for the head only;
-- ``full`` step: everything trains;
+- ``full`` step: everything trains; batch norm normalises each batch by its own statistics
+  and updates its moving ones (``batchnorm="batch"``, Keras's ``fit``), or keeps normalising
+  by the moving statistics it starts with (``batchnorm="frozen"``), so a head fitted on the
+  frozen encoder's features meets the same features at the first step;
 - ``features`` step: the head alone on encoder features computed beforehand
   (:meth:`Trainer.encode`), for a warm-up that costs almost nothing per step.
 
@@ -36,6 +39,7 @@ logger = logging.getLogger(__name__)
 # Keras's names for them (drnb.targets.TARGET_LOSSES gives a fine-tuning target's).
 LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy", "mean_squared_error")
 PHASES = ("head", "full", "features")
+BATCHNORM_MODES = ("batch", "frozen")
 
 
 def cosine_rate(position: float, length: float, base_rate: float) -> float:
@@ -79,11 +83,17 @@ class Trainer:
     learning_rate : float
     strategy : tf.distribute.Strategy, optional
         Default: the current (default) strategy.
+    batchnorm : {"batch", "frozen"}
+        How batch norm behaves in the ``full`` step: each batch's statistics (and the moving
+        ones updated), or the moving statistics, never updated.
     """
 
-    def __init__(self, encoder, head, *, loss: str, learning_rate: float, strategy=None):
+    def __init__(self, encoder, head, *, loss: str, learning_rate: float, strategy=None, batchnorm: str = "batch"):
         if loss not in LOSSES:
             raise ValueError(f"loss={loss!r}: expected one of {LOSSES}")
+        if batchnorm not in BATCHNORM_MODES:
+            raise ValueError(f"batchnorm={batchnorm!r}: expected one of {BATCHNORM_MODES}")
+        self.batchnorm = batchnorm
         self.strategy = strategy or tf.distribute.get_strategy()
         self.encoder, self.head = encoder, head
         self.loss_name = loss
@@ -129,7 +139,8 @@ class Trainer:
 
         def replica_step(inputs, targets):
             with tf.GradientTape() as tape:
-                if phase == "head":
+                if phase == "head" or (phase == "full" and self.batchnorm == "frozen"):
+                    # Inference mode in the encoder: its batch norm uses the moving statistics.
                     probabilities = self.head(self.encoder(inputs, training=False), training=True)
                 elif phase == "features":
                     probabilities = self.head(inputs, training=True)

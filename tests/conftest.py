@@ -136,13 +136,14 @@ def tiny_fundus_set():
 
 @pytest.fixture
 def linear_settings():
-    """``--set`` values that make the smoke profile evaluate both methods linearly, as quick
-    does: a ridge-fitted regression head on frozen features, no epoch, cut points by the prior."""
+    """``--set`` values that make the smoke profile evaluate both methods linearly alone, as
+    quick's linear protocol does: a ridge-fitted regression head on frozen features, no epoch,
+    cut points by the prior."""
     return {
         "methods": "rotation,scratch", "bootstrap_resamples": "0", "calibration_images": "40", "target": "regression",
         "finetune_hidden": "", "head_init": "ridge", "ridge_turns": "4", "test_time_turns": "2", "cut_points": "prior",
         "warmup_epochs": "0", "finetune_epochs": "0", "min_steps": "0", "validation_fraction": "0",
-        "recalibrate_batchnorm": "true",
+        "recalibrate_batchnorm": "true", "protocols": "linear",
     }
 
 

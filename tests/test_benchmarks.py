@@ -19,11 +19,15 @@ ACCELERATOR_SCRIPT = SCRIPT.with_name("accelerator_rates.py")
 def test_benchmark_script_writes_its_figures(tmp_path):
     out = tmp_path / "figures.json"
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--profile", "smoke", "--steps", "2", "--json", str(out)],
+        [sys.executable, str(SCRIPT), "--profile", "smoke", "--steps", "2", "--predict-images", "480", "--json", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(out.read_text())
+    # The same sweep on four times the images (smoke draws 120) is predicted to take longer,
+    # its fine-tuning stage most of all.
+    assert figures["predicted_480_images_total_minutes"] > figures["predicted_total_minutes"]
+    assert figures["predicted_480_images_finetune_minutes"] > 2 * figures["predicted_finetune_minutes"]
     for phase in ("pretext", "finetune_full", "finetune_head"):
         assert figures[f"{phase}_drnb_images_per_second"] > 0
         assert figures[f"{phase}_bare_images_per_second"] > 0
@@ -114,12 +118,15 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
         {**ridge, "ridge_turns": "2", "warmup_on_features": "true", "warmup_epochs": "1"},  # the unturned features serve both
         # Nothing trains: the predictions read the features, kept per starting encoder.
         {**ridge, "test_time_turns": "2", "cut_points": "prior", "warmup_epochs": "0", "finetune_epochs": "0",
-         "min_steps": "0", "validation_fraction": "0"},
+         "min_steps": "0", "validation_fraction": "0", "protocols": "linear"},
         # ... or the head alone trains, on the images.
-        {**ridge, "warmup_epochs": "1", "finetune_epochs": "0", "min_steps": "0", "validation_fraction": "0"},
+        {**ridge, "warmup_epochs": "1", "finetune_epochs": "0", "min_steps": "0", "validation_fraction": "0", "protocols": "linear"},
         # Nothing trains, and every scratch run starts from one fresh encoder.
         {**ridge, "test_time_turns": "2", "cut_points": "prior", "warmup_epochs": "0", "finetune_epochs": "0",
-         "min_steps": "0", "validation_fraction": "0", "scratch_encoder": "shared"},
+         "min_steps": "0", "validation_fraction": "0", "scratch_encoder": "shared", "protocols": "linear"},
+        # Both protocols, LP-FT as quick runs it: a ridge fit, then everything trained, or not.
+        {**ridge, "test_time_turns": "2", "cut_points": "prior", "warmup_epochs": "0", "min_steps": "0",
+         "validation_fraction": "0", "scratch_encoder": "shared", "finetune_batchnorm": "frozen"},
     )):
         # Two fractions, two notebooks (one session each) that share their kept features
         # through one folder, as a sweep's do: the second encodes only rows the first did not.
@@ -144,19 +151,24 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
             )
             for repetition in range(profile.repetitions):
                 for method in profile.methods:
-                    session.run(method, fraction, repetition, tmp_path / f"{case}-{fraction}-{method}-{repetition}")
+                    for protocol in profile.protocols:
+                        out = tmp_path / f"{case}-{fraction}-{method}-{repetition}-{protocol}"
+                        session.run(method, fraction, repetition, out, protocol=protocol)
             counts = {key: counts[key] + session_counts[key] for key in counts}
         assert counts["full"] == work["finetune_full"]
-        assert (work["finetune_full"] > 0) == (profile.finetune_epochs > 0)
+        assert (work["finetune_full"] > 0) == ("finetune" in profile.protocols)
         assert counts["head"] == work["finetune_head"]
         assert counts["features"] == work["finetune_features"]
         assert (work["finetune_features"] > 0) == profile.warmup_on_features
         assert counts["predict"] == work["finetune_predict"] > 0
         assert counts["encode"] == work["finetune_encode"]
-        assert (work["finetune_encode"] > 0) == (profile.warmup_on_features or profile.head_init == "ridge")
+        # Features are encoded for a warm-up on them, a ridge fit, or a linear run's predictions.
+        assert (work["finetune_encode"] > 0) == (
+            profile.warmup_on_features or profile.head_init == "ridge" or "linear" in profile.protocols
+        )
         assert work["ridge_fits"] == len(fitted_rows) and work["ridge_rows"] == sum(fitted_rows)
         assert (work["ridge_fits"] > 0) == (profile.head_init == "ridge")
-        runs = len(profile.fractions) * profile.repetitions
+        runs = len(profile.fractions) * profile.repetitions * len(profile.protocols)
         assert work["runs"] == 2 * runs and work["fresh_encoders"] == len(built)
         assert len(built) == (len(profile.fractions) if profile.scratch_encoder == "shared" else runs)
         assert work["notebooks"] == 5 and work["images"] == 80
@@ -360,8 +372,12 @@ def test_study_script_names_the_setting_it_does_not_implement(study_module):
     from drnb.profiles import resolve_profile
 
     study_module.check_supported(resolve_profile("paper"))
-    with pytest.raises(ValueError, match="finetune_min_steps=32: accelerator_study.py implements only finetune_min_steps=0"):
+    with pytest.raises(ValueError, match="finetune_min_steps=200: accelerator_study.py implements only finetune_min_steps=0"):
         study_module.check_supported(resolve_profile("quick"))
+    with pytest.raises(ValueError, match="protocols=.*implements only protocols=\\('finetune',\\)"):
+        study_module.check_supported(resolve_profile("paper", {"protocols": "finetune,linear"}))
+    with pytest.raises(ValueError, match="finetune_batchnorm='frozen'"):
+        study_module.check_supported(resolve_profile("paper", {"finetune_batchnorm": "frozen"}))
     with pytest.raises(ValueError, match="scratch_encoder='shared'"):
         study_module.check_supported(resolve_profile("paper", {"scratch_encoder": "shared"}))
 

@@ -126,8 +126,8 @@ def test_cosine_pretext_schedule_decays_the_rate_step_by_step(synthetic, pretext
 def test_finetuning_reaches_kappa_above_0_5_and_writes_its_run(synthetic, profile, pretext, tmp_path):
     images, table = synthetic
     session = FinetuneSession(images, table, profile, encoder_path=pretext.encoder_path, log=lambda line: None)
-    out = run_directory(tmp_path, "rotation", 1.0, 0)
-    metrics = session.run("rotation", 1.0, 0, out, save_model=True)
+    out = run_directory(tmp_path, "finetune", "rotation", 1.0, 0)
+    metrics = session.run("rotation", 1.0, 0, out, protocol="finetune", save_model=True)
     assert metrics["qw_kappa"] > 0.5
     assert metrics["kappa_ci_low"] <= metrics["qw_kappa"] <= metrics["kappa_ci_high"]
     split = session.split(0)
@@ -165,14 +165,14 @@ def test_a_profile_without_epochs_plans_no_steps(profile):
     assert plan_steps(10, 32, linear.derive(warmup_epochs=2, min_steps=30)) == (15, 0)  # the head alone makes up the floor
 
 
-def test_cosine_schedule_decays_towards_zero_and_constant_does_not(profile):
+def test_cosine_schedule_decays_towards_zero_step_by_step_and_constant_does_not(profile):
     cosine = profile.derive(finetune_epochs=4, lr_schedule="cosine")
-    rates = [learning_rate_at(epoch, cosine, 1e-3) for epoch in range(4)]
+    rates = [learning_rate_at(step, 40, cosine, 1e-3) for step in range(40)]
     assert rates[0] == pytest.approx(1e-3)
-    assert rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(1e-3 * (1 + np.cos(0.75 * np.pi)) / 2)
-    assert [learning_rate_at(epoch, profile.derive(finetune_epochs=4), 1e-3) for epoch in range(4)] == [1e-3] * 4
-    with pytest.raises(ValueError, match="epoch"):
-        learning_rate_at(4, cosine, 1e-3)
+    assert rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(1e-3 * (1 + np.cos(39 / 40 * np.pi)) / 2)
+    assert [learning_rate_at(step, 40, profile.derive(finetune_epochs=4), 1e-3) for step in range(40)] == [1e-3] * 40
+    with pytest.raises(ValueError, match="step=40"):
+        learning_rate_at(40, 40, cosine, 1e-3)
 
 
 def test_sweep_skips_finished_runs(synthetic, profile, pretext, tmp_path):
@@ -180,7 +180,9 @@ def test_sweep_skips_finished_runs(synthetic, profile, pretext, tmp_path):
     quick = profile.derive(warmup_epochs=1, finetune_epochs=1, min_steps=0)
     session = FinetuneSession(images, table, quick, encoder_path=pretext.encoder_path, log=lambda line: None)
     first = run_fraction(session, 0.25, tmp_path)
-    assert sorted(zip(first["method"], first["repetition"])) == [("rotation", 0), ("rotation", 1), ("scratch", 0), ("scratch", 1)]
+    assert sorted(zip(first["protocol"], first["method"], first["repetition"])) == [
+        (p, m, r) for p in ("finetune", "linear") for m in ("rotation", "scratch") for r in (0, 1)
+    ]
 
     def must_not_train(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
@@ -508,3 +510,80 @@ def test_without_epochs_the_encoder_is_untouched_and_predicts_from_its_kept_feat
         # are training rows at 100 %), for the pretext's encoder and a fresh one alike.
         assert np.isin(calibration, split.train[1.0]).all()
         assert encoded == [n_train] * 4 + [len(split.test)] * 2
+
+
+@pytest.fixture
+def lp_ft_session(tmp_path, tiny_fundus_set):
+    """A smoke-sized session of quick's recipe: a ridge head on frozen features, then (protocol
+    "finetune") everything trained with batch norm frozen; both protocols, both methods."""
+    from drnb.models import profile_encoder
+    from drnb.pretext import save_atomically
+
+    images, _, table = tiny_fundus_set
+    profile = resolve_profile("smoke", {
+        "methods": "rotation,scratch", "protocols": "finetune,linear", "bootstrap_resamples": "0", "calibration_images": "40",
+        "target": "regression", "finetune_hidden": "", "head_init": "ridge", "ridge_turns": "2", "test_time_turns": "2",
+        "cut_points": "prior", "warmup_epochs": "0", "finetune_epochs": "2", "finetune_min_steps": "6", "min_steps": "0",
+        "validation_fraction": "0", "finetune_batchnorm": "frozen", "lr_schedule": "cosine", "recalibrate_batchnorm": "true",
+        "scratch_encoder": "shared",
+    })
+    encoder_path = tmp_path / "encoder.keras"  # an untrained encoder stands in for the pretext's
+    save_atomically(profile_encoder(profile), encoder_path)
+    return FinetuneSession(images, table, profile, encoder_path=encoder_path, log=lambda line: None)
+
+
+def test_fine_tuning_changes_the_saved_encoder_and_linear_evaluation_does_not(lp_ft_session, tmp_path):
+    import keras
+
+    from drnb.pretext import load_encoder
+
+    session = lp_ft_session
+    starts = {"rotation": load_encoder(session.encoder_path).get_weights(), "scratch": session.shared_fresh_encoder()}
+    for method, start in starts.items():
+        for protocol in ("linear", "finetune"):
+            out = run_directory(tmp_path, protocol, method, 1.0, 0)
+            metrics = session.run(method, 1.0, 0, out, protocol=protocol, save_model=True)
+            assert metrics["protocol"] == protocol and np.isfinite(metrics["qw_kappa"])
+            saved = keras.models.load_model(out / "model.keras", compile=False).get_layer(session.trainer.encoder.name)
+            unchanged = [np.array_equal(a, b) for a, b in zip(saved.get_weights(), start)]
+            if protocol == "linear":
+                assert all(unchanged) and metrics["steps"] == 0
+            else:
+                assert not all(unchanged) and metrics["steps"] >= session.profile.finetune_min_steps
+                # Batch norm frozen: its moving statistics are the ones the head was fitted with.
+                names = [v.path for v in session.trainer.encoder.weights]
+                moving = [same for same, name in zip(unchanged, names) if "moving_" in name]
+                assert moving and all(moving)
+
+
+def test_scratch_and_rotation_runs_of_a_repetition_see_the_same_rows_and_steps(lp_ft_session, tmp_path, monkeypatch):
+    import drnb.finetune
+
+    session = lp_ft_session
+    seen = []  # (training rows, targets) of every training pipeline built
+    real = drnb.finetune.labelled_batches
+
+    def spy(images, indices, targets, *args, training=False, **kwargs):
+        if training:
+            seen.append((np.array(indices), np.array(targets)))
+        return real(images, indices, targets, *args, training=training, **kwargs)
+
+    monkeypatch.setattr(drnb.finetune, "labelled_batches", spy)
+    runs = {method: session.run(method, 0.5, 1, tmp_path / method, protocol="finetune") for method in ("rotation", "scratch")}
+    assert len(seen) == 2
+    np.testing.assert_array_equal(seen[0][0], seen[1][0])
+    np.testing.assert_array_equal(seen[0][1], seen[1][1])
+    assert runs["rotation"]["steps"] == runs["scratch"]["steps"] > 0
+    assert runs["rotation"]["n_train"] == runs["scratch"]["n_train"] == len(session.split(1, 0.5).train[0.5])
+    histories = [pd.read_csv(tmp_path / method / "history.csv") for method in ("rotation", "scratch")]
+    pd.testing.assert_series_equal(histories[0]["learning_rate"], histories[1]["learning_rate"])
+    predicted = [pd.read_csv(tmp_path / method / "predictions.csv")["image_id"] for method in ("rotation", "scratch")]
+    pd.testing.assert_series_equal(predicted[0], predicted[1])
+
+
+def test_a_protocol_the_profile_does_not_run_is_refused(lp_ft_session, tmp_path):
+    linear_only = FinetuneSession(
+        lp_ft_session._images, lp_ft_session.table, lp_ft_session.profile.derive(protocols=("linear",)), log=lambda line: None
+    )
+    with pytest.raises(ValueError, match="protocol='finetune': expected one of the profile's protocols \\['linear'\\]"):
+        linear_only.run("scratch", 1.0, 0, tmp_path, protocol="finetune")

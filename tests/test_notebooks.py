@@ -7,6 +7,7 @@ import struct
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -59,8 +60,8 @@ def test_smoke_reproduction_reports_failures_keeps_results_and_resumes(tmp_path,
     failed_notebook = report.failed[0][1]
     assert failed_notebook.exists() and "injected failure" in failed_notebook.read_text()
     assert any("FAILED" in line and str(failed_notebook) in line for line in lines)
-    finished = sorted(out.glob("finetune/*/fraction_1/repetition_*/metrics.json"))
-    assert len(finished) == 2 * 2  # rotation and scratch, 2 repetitions: the other fraction is intact
+    finished = sorted(out.glob("finetune/*/*/fraction_1/repetition_*/metrics.json"))
+    assert len(finished) == 2 * 2 * 2  # both protocols, rotation and scratch, 2 repetitions: the other fraction is intact
     stamps = {path: path.stat().st_mtime_ns for path in finished}
     assert len(list((out / "features").glob("features_*.npz"))) == 1 + 2  # the pretext's encoder, a fresh one per repetition
 
@@ -72,10 +73,18 @@ def test_smoke_reproduction_reports_failures_keeps_results_and_resumes(tmp_path,
     assert set(report.skipped) == {"01_data_exploration", "02_rotation_pretext", "03_finetune_fractions (fraction=1.0)"}
     assert {path: path.stat().st_mtime_ns for path in finished} == stamps  # finished results untouched
     table = pd.read_csv(out / "table.csv")
-    assert set(zip(table["method"], table["train_split"])) == {(m, s) for m in ("rotation", "scratch") for s in (25, 100)}
-    assert table[["qwk_min", "qwk_avg", "qwk_max"]].notna().all().all()
+    assert set(zip(table["protocol"], table["method"], table["train_split"])) == {
+        (p, m, s) for p in ("finetune", "linear") for m in ("rotation", "scratch") for s in (25, 100)
+    }
+    assert np.isfinite(table[["qwk_min", "qwk_avg", "qwk_max"]].to_numpy()).all()
     results = pd.read_csv(out / "results.csv")
-    assert len(results) == 2 * 2 * 2
+    assert len(results) == 2 * 2 * 2 * 2 and np.isfinite(results["qw_kappa"]).all()
+    comparison = pd.read_csv(out / "comparison.csv")
+    assert set(zip(comparison["protocol"], comparison["train_split"])) == {(p, s) for p in ("finetune", "linear") for s in (25, 100)}
+    format_only = pd.read_csv(out / "data" / "format_only.csv")  # notebook 01's floor, one row per repetition
+    assert len(format_only) == 2 and json.loads((out / "data" / "summary.json").read_text())["format_only_qw_kappa"] == (
+        pytest.approx(format_only["qw_kappa"].mean())
+    )
     assert is_png(out / "kappa_vs_fraction.png")
     assert "| method |" in (out / "table.md").read_text()
     assert json.loads((out / "profile.json").read_text())["name"] == "smoke"

@@ -289,7 +289,7 @@ def test_synthetic_dataset_through_preprocess_table(tmp_path):
     table = load_dataset("synthetic", tmp_path / "syn", synthetic_images=5, synthetic_size=48, seed=2)
     images, kept = preprocess_table(table, PreprocessConfig(size=32), cache_dir=tmp_path / "cache", workers=1, progress=False)
     assert images.shape == (5, 32, 32, 3) and images.dtype == np.uint8
-    pd.testing.assert_frame_equal(kept, table)
+    pd.testing.assert_frame_equal(kept[table.columns], table)
     for image in images:
         assert_rotation_invariant(support(image))
 
@@ -341,9 +341,23 @@ def test_preprocess_table_keeps_rows_and_images_aligned(tmp_path, write_image, d
     table = write_table(tmp_path / "data", write_image, draw_fundus, COLOURS)
     images, kept = run(table, tmp_path / "cache")
     assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
-    pd.testing.assert_frame_equal(kept, table)
+    pd.testing.assert_frame_equal(kept[table.columns], table)
     for image, colour in zip(images, COLOURS):
         assert np.argmax(image[16, 16]) == np.argmax(colour)
+
+
+def test_preprocess_table_records_each_photographs_format_before_preprocessing(tmp_path, write_image, draw_fundus):
+    root = tmp_path / "data"
+    (root / "train.csv").parent.mkdir(parents=True)
+    (root / "train.csv").write_text("id_code,diagnosis\nwide,0\nclipped,1\n")
+    write_image(root / "train_images" / "wide.png", draw_fundus(40, 64, radius=18))
+    write_image(root / "train_images" / "clipped.png", draw_fundus(60, 50, radius=22, clip=12))
+    table = load_dataset("aptos2019", root)
+    for _ in range(2):  # made, then read from the cache
+        _, kept = run(table, tmp_path / "cache")
+        assert kept[["width", "height"]].to_numpy().tolist() == [[64, 40], [50, 60]]
+        np.testing.assert_allclose(kept["fundus_radius"], [18, 22], atol=1.5)
+        np.testing.assert_allclose(kept["fundus_half_extent"], [18, 12], atol=1.5)
 
 
 def test_cache_miss_then_hit(tmp_path, write_image, draw_fundus, counted_reads, monkeypatch):
@@ -351,7 +365,7 @@ def test_cache_miss_then_hit(tmp_path, write_image, draw_fundus, counted_reads, 
     cache = tmp_path / "cache"
     images, kept = run(table, cache)
     assert counted_reads == table["path"].tolist()
-    assert len(list(cache.glob("fundus_*.npy"))) == 2  # images and kept rows
+    assert len(list(cache.glob("fundus_*.npy"))) == 3  # images, photograph formats and kept rows
 
     forbid_reads(monkeypatch)
     cached_images, cached_kept = run(table, cache)

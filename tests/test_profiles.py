@@ -48,8 +48,13 @@ def test_overrides_are_parsed_to_the_field_types():
         ({"finetune_min_steps": "50", "finetune_max_steps": "40"}, "finetune_max_steps"),
         ({"finetune_epochs": "-1"}, "finetune_epochs=-1: expected an epoch count"),
         ({"warmup_epochs": "-1"}, "warmup_epochs=-1: expected an epoch count"),
-        ({"finetune_epochs": "0"}, "validation_fraction=0.1 chooses among fine-tuning epochs"),
-        ({"finetune_epochs": "0", "warmup_epochs": "0", "validation_fraction": "0"}, "train nothing: expected head_init='ridge'"),
+        ({"finetune_epochs": "0"}, "finetune_epochs=0 never trains the encoder: expected finetune_epochs >= 1 with protocol 'finetune'"),
+        ({"finetune_epochs": "0", "protocols": "linear"}, "validation_fraction=0.1 chooses among fine-tuning epochs"),
+        ({"warmup_epochs": "0", "protocols": "linear"}, "warmup_epochs=0 trains nothing: expected head_init='ridge'"),
+        ({"protocols": "finetune,finetune"}, "expected one or both of \\['finetune', 'linear'\\], each once"),
+        ({"protocols": ""}, "protocols=\\(\\): expected one or both"),
+        ({"protocols": "probe"}, "protocols='probe': expected one of"),
+        ({"finetune_batchnorm": "off"}, "finetune_batchnorm='off': expected one of \\['batch', 'frozen'\\]"),
     ],
 )
 def test_bad_overrides_name_the_setting(overrides, message):
@@ -141,7 +146,8 @@ def test_quick_starts_a_regression_head_from_a_ridge_fit_and_old_run_folders_do_
     assert (PROFILES["paper"].ridge_turns, PROFILES["paper"].test_time_turns) == (1, 1)
     assert (quick.scratch_encoder, PROFILES["paper"].scratch_encoder) == ("shared", "per_repetition")
     values = json.loads(quick.to_json())
-    for name in ("head_init", "recalibrate_batchnorm", "ridge_turns", "ridge_criterion", "test_time_turns", "scratch_encoder"):
+    for name in ("head_init", "recalibrate_batchnorm", "ridge_turns", "ridge_criterion", "test_time_turns", "scratch_encoder",
+                 "protocols", "finetune_batchnorm", "finetune_colour"):
         del values[name]
     values.update(target="ordinal", finetune_hidden=[256], finetune_epochs=8)  # what a quick run folder from before holds
     (tmp_path / "profile.json").write_text(json.dumps(values))
@@ -149,6 +155,13 @@ def test_quick_starts_a_regression_head_from_a_ridge_fit_and_old_run_folders_do_
     assert (old.head_init, old.recalibrate_batchnorm, old.ridge_turns, old.test_time_turns) == ("random", False, 1, 1)
     assert old.ridge_criterion == "error"
     assert old.scratch_encoder == "per_repetition"  # a resumed sweep keeps its scratch runs' encoders
+    assert (old.protocols, old.finetune_batchnorm, old.finetune_colour) == (("finetune",), "batch", 0.1)
+    # A folder from when quick evaluated linearly alone (no epoch) resumes as linear evaluation.
+    values = json.loads(quick.to_json())
+    del values["protocols"]
+    values.update(finetune_epochs=0)
+    (tmp_path / "profile.json").write_text(json.dumps(values))
+    assert load_profile(tmp_path / "profile.json").protocols == ("linear",)
 
 
 @pytest.mark.parametrize("overrides", [{"target": "ordinal"}, {"finetune_hidden": "64"}])
@@ -159,18 +172,18 @@ def test_a_ridge_fitted_head_must_be_a_linear_regression_head(overrides):
         Profile(head_init="lstsq")
 
 
-def test_quick_evaluates_its_encoders_linearly_and_can_fine_tune_as_before():
+def test_quick_fine_tunes_and_reads_out_linearly_with_bounded_steps():
     quick = PROFILES["quick"]
-    assert (quick.warmup_epochs, quick.finetune_epochs, quick.head_init) == (0, 0, "ridge")
+    assert quick.protocols == ("finetune", "linear") and PROFILES["paper"].protocols == ("finetune",)
+    assert (quick.warmup_epochs, quick.head_init, quick.finetune_batchnorm) == (0, "ridge", "frozen")
+    assert PROFILES["paper"].finetune_batchnorm == "batch"  # as Keras's fit in the study's code
     assert PROFILES["paper"].finetune_epochs == 17  # the study fine-tunes
-    # Asking quick for epochs again gives the 32 fine-tuning steps it made before, at any size.
     from drnb.finetune import plan_steps
 
-    before = quick.derive(finetune_epochs=8, test_time_turns=2)
-    assert plan_steps(145, 32, before) == plan_steps(2_903, 32, before) == (0, 4)
-    assert plan_steps(145, 32, quick) == (0, 0)
-    with pytest.raises(ValueError, match="min_steps=10: expected 0 when warmup_epochs=0 and finetune_epochs=0"):
-        quick.derive(min_steps=10)
+    # A few labels get the floor of steps, many the cap: APTOS's 5 % and 100 % pools.
+    steps_at = {n: plan_steps(n, 32, quick)[1] * quick.finetune_epochs for n in (146, 2_930)}
+    assert steps_at[146] >= quick.finetune_min_steps and steps_at[2_930] <= quick.finetune_max_steps + quick.finetune_epochs
+    assert steps_at[146] < steps_at[2_930]
 
 
 def test_scratch_encoder_must_be_per_repetition_or_shared():

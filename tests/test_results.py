@@ -9,50 +9,70 @@ from drnb.metrics import evaluate_predictions
 from drnb.results import PAPER_KAPPA, collect_results, compare_methods, cut_point_effect, markdown_table, summary_table
 
 
-def fake_sweep(root, accuracy_by_method, fractions=(0.1, 1.0), repetitions=3, n=200, seed=0):
-    """Write run folders as fine-tuning does, with predictions correct at the given rates."""
+def fake_sweep(root, accuracy_by_run, fractions=(0.1, 1.0), repetitions=3, n=200, seed=0):
+    """Write run folders as fine-tuning does, with predictions correct at the given rates.
+
+    ``accuracy_by_run``: (protocol, method) -> the share of test images predicted right.
+    """
     rng = np.random.default_rng(seed)
     grades = rng.integers(0, 5, n)
     folds = np.arange(n) % repetitions
     test_rows = pd.DataFrame({"image_id": [f"img{i}" for i in range(n)], "path": "x"})
-    for method, accuracy in accuracy_by_method.items():
+    for (protocol, method), accuracy in accuracy_by_run.items():
         for fraction in fractions:
             for repetition in range(repetitions):
                 test = folds == repetition
                 truth = grades[test]
                 predicted = np.where(rng.random(test.sum()) < accuracy, truth, rng.integers(0, 5, test.sum()))
                 metrics = evaluate_predictions(truth, predicted, n_resamples=0)
-                metrics.update(method=method, fraction=fraction, repetition=repetition, n_train=10, n_test=int(test.sum()), seconds=1.0)
+                metrics.update(protocol=protocol, method=method, fraction=fraction, repetition=repetition, n_train=10,
+                               n_test=int(test.sum()), seconds=1.0)
                 probabilities = np.eye(5)[predicted]
-                write_run(run_directory(root, method, fraction, repetition), metrics, [], test_rows[test], truth, predicted, probabilities)
+                out = run_directory(root, protocol, method, fraction, repetition)
+                write_run(out, metrics, [], test_rows[test], truth, predicted, probabilities)
     return grades
 
 
-def test_table_has_min_avg_max_per_method_and_fraction_beside_the_paper(tmp_path):
-    fake_sweep(tmp_path, {"rotation": 0.9, "scratch": 0.4})
+BOTH_PROTOCOLS = {("finetune", "rotation"): 0.9, ("finetune", "scratch"): 0.4, ("linear", "rotation"): 0.7, ("linear", "scratch"): 0.6}
+
+
+def test_table_has_min_avg_max_per_protocol_method_and_fraction_beside_the_paper(tmp_path):
+    fake_sweep(tmp_path, BOTH_PROTOCOLS)
     results = collect_results(tmp_path)
-    assert len(results) == 2 * 2 * 3
+    assert len(results) == 4 * 2 * 3
     table = summary_table(results)
-    assert set(zip(table["method"], table["train_split"])) == {(m, s) for m in ("rotation", "scratch") for s in (10, 100)}
-    row = table[(table["method"] == "rotation") & (table["train_split"] == 10)].iloc[0]
-    kappas = results[(results["method"] == "rotation") & (results["fraction"] == 0.1)]["qw_kappa"]
-    assert (row["qwk_min"], row["qwk_avg"], row["qwk_max"]) == pytest.approx((kappas.min(), kappas.mean(), kappas.max()))
-    assert row["paper_qwk_avg"] == PAPER_KAPPA[0.1][1]
-    assert row["qwk_avg_minus_paper"] == pytest.approx(kappas.mean() - PAPER_KAPPA[0.1][1])
+    assert set(zip(table["protocol"], table["method"], table["train_split"])) == {
+        (p, m, s) for p, m in BOTH_PROTOCOLS for s in (10, 100)
+    }
+    for protocol in ("finetune", "linear"):
+        row = table[(table["protocol"] == protocol) & (table["method"] == "rotation") & (table["train_split"] == 10)].iloc[0]
+        runs = results[(results["protocol"] == protocol) & (results["method"] == "rotation") & (results["fraction"] == 0.1)]
+        kappas = runs["qw_kappa"]
+        assert (row["qwk_min"], row["qwk_avg"], row["qwk_max"]) == pytest.approx((kappas.min(), kappas.mean(), kappas.max()))
+        assert row["paper_qwk_avg"] == PAPER_KAPPA[0.1][1]
+        assert row["qwk_avg_minus_paper"] == pytest.approx(kappas.mean() - PAPER_KAPPA[0.1][1])
+    # The linear read-out of a scratch encoder is an untrained network, and the table says so.
+    words = dict(zip(zip(table["protocol"], table["method"]), table["runs_are"]))
+    assert words[("linear", "scratch")] == "random weights, linear head"
+    assert words[("finetune", "scratch")] == "trained from scratch"
     markdown = markdown_table(table)
-    assert markdown.count("\n") == len(table) + 2 and "| rotation | 10 |" in markdown
+    assert markdown.count("\n") == len(table) + 2 and "| linear | scratch | random weights, linear head | 10 |" in markdown
 
 
-def test_a_much_better_method_is_called_better_and_equal_ones_are_not(tmp_path):
-    fake_sweep(tmp_path / "clear", {"rotation": 0.95, "scratch": 0.2})
-    comparison = compare_methods(tmp_path / "clear", collect_results(tmp_path / "clear"), n_resamples=200)
+def test_a_much_better_method_is_called_better_and_equal_ones_are_not_per_protocol(tmp_path):
+    clear = {("finetune", "rotation"): 0.95, ("finetune", "scratch"): 0.2, ("linear", "rotation"): 0.6, ("linear", "scratch"): 0.6}
+    fake_sweep(tmp_path, clear)
+    results = collect_results(tmp_path)
+    comparison = compare_methods(tmp_path, results, n_resamples=200, protocol="finetune")
+    assert (comparison["protocol"] == "finetune").all() and len(comparison) == 2
     assert (comparison["verdict"] == "rotation better").all()
     assert (comparison["repetitions_won"] == 3).all() and (comparison["ci_low"] > 0).all()
 
-    fake_sweep(tmp_path / "same", {"rotation": 0.6, "scratch": 0.6}, seed=1)
-    comparison = compare_methods(tmp_path / "same", collect_results(tmp_path / "same"), n_resamples=200)
+    # The linear runs are paired with each other, not with the fine-tuned ones.
+    comparison = compare_methods(tmp_path, results, n_resamples=200, protocol="linear")
     assert (comparison["ci_low"] < comparison["pooled_difference"]).all()
     assert (comparison["pooled_difference"] < comparison["ci_high"]).all()
+    assert (comparison["verdict"] == "no clear difference").all()
 
 
 def test_no_runs_is_a_clear_error(tmp_path):
@@ -63,6 +83,7 @@ def test_no_runs_is_a_clear_error(tmp_path):
 def test_cut_point_effect_compares_both_decodings_per_fraction():
     results = pd.DataFrame(
         {
+            "protocol": ["linear"] * 3,
             "method": ["rotation"] * 3,
             "fraction": [0.05, 0.05, 1.0],
             "qw_kappa": [0.30, 0.10, 0.50],

@@ -212,3 +212,26 @@ def test_every_target_has_a_trainer_loss():
     from drnb.training import LOSSES
 
     assert set(TARGET_LOSSES) == set(TARGETS) and set(TARGET_LOSSES.values()) <= set(LOSSES)
+
+
+@pytest.mark.parametrize("batchnorm", ["batch", "frozen"])
+def test_frozen_batchnorm_keeps_its_moving_statistics_while_everything_else_trains(batchnorm):
+    with tf.distribute.get_strategy().scope():
+        encoder = build_encoder("compact", 32)
+        head = build_head(encoder.output_shape[-1], 4, hidden=(16,), dropout=0.0)
+    trainer = Trainer(encoder, head, loss="sparse_categorical_crossentropy", learning_rate=3e-3, batchnorm=batchnorm)
+    before = {v.path: v.numpy().copy() for v in trainer.encoder.weights}
+    trainer.train(trainer.batches(constant_batches()), 5, phase="full")
+    after = {v.path: v.numpy() for v in trainer.encoder.weights}
+    moving = [path for path in before if "moving_" in path]
+    trained = [path for path in before if "kernel" in path]
+    assert moving and trained
+    assert all(not np.array_equal(before[p], after[p]) for p in trained)
+    moving_changed = [not np.array_equal(before[p], after[p]) for p in moving]
+    assert all(moving_changed) if batchnorm == "batch" else not any(moving_changed)
+
+
+def test_an_unknown_batchnorm_mode_is_refused():
+    trainer = make_trainer()
+    with pytest.raises(ValueError, match="batchnorm='off': expected one of"):
+        Trainer(trainer.encoder, trainer.head, loss="mean_squared_error", learning_rate=1e-3, batchnorm="off")
