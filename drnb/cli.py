@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--grade-column", help="csv layout: column holding the grade 0-4")
     inspect.add_argument("--patient-column", help="column holding the patient id (eyes of one patient kept together)")
     inspect.add_argument("--suffix", help="csv layout: image file suffix, e.g. .png")
-    inspect.add_argument("--no-decode", action="store_true", help="skip opening every image (faster)")
+    inspect.add_argument("--no-decode", action="store_true", help="skip checking every photograph as preprocessing does (decoding it, finding its fundus): faster")
 
     profiles = commands.add_parser("profiles", help="show the settings of the profiles")
     profiles.add_argument("name", nargs="?", help="one profile (default: all)")
@@ -63,7 +63,8 @@ def _datasets() -> int:
 
 
 def _inspect(args) -> int:
-    from drnb.datasets import GRADE_NAMES, find_unreadable, grade_counts, load_dataset
+    from drnb.datasets import GRADE_NAMES, grade_counts, load_dataset
+    from drnb.preprocessing import find_problems
 
     problems: list[str] = []
 
@@ -82,7 +83,7 @@ def _inspect(args) -> int:
     finally:
         logging.getLogger("drnb").removeHandler(handler)
     if not args.no_decode:
-        problems.extend(find_unreadable(table))
+        problems.extend(find_problems(table))
     print(f"{args.dataset}: {len(table)} images")
     for grade, count in grade_counts(table).items():
         print(f"  grade {grade} ({GRADE_NAMES[grade]}): {count}")
@@ -115,6 +116,8 @@ def _reproduce(args) -> int:
         args.profile, dataset=args.dataset, data_dir=args.data_dir, overrides=parse_assignments(args.settings),
         out=args.out, overwrite=args.overwrite, kernel=args.kernel,
     )
+    if report.stopped_by is not None:
+        return 128 + report.stopped_by  # the shell's code for a command a signal ended
     if report.failed:
         print(f"{len(report.failed)} cell(s) failed:", file=sys.stderr)
         for label, notebook, message in report.failed:

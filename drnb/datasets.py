@@ -30,7 +30,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 import pandas as pd
@@ -333,6 +333,18 @@ def _check_unique(ids: pd.Series, source: Path, column: str) -> None:
         )
 
 
+def _check_ids_stay_inside(ids: pd.Series, source: Path, column: str, image_root: Path) -> None:
+    """An id names a file inside the image folder: refuse an absolute path or a ``..`` part,
+    naming the first such row (``ids`` in file order, the header being row 1)."""
+    for position, image_id in enumerate(ids):
+        parts = PurePosixPath(image_id.replace("\\", "/")).parts
+        if image_id.startswith(("/", "\\")) or PureWindowsPath(image_id).drive or ".." in parts:
+            raise ValueError(
+                f"{source}: column {column!r} row {position + 2} holds {image_id!r}, which leaves the image folder "
+                f"{image_root}; expected the name of a file inside it (no absolute path, no '..')"
+            )
+
+
 def _patient_ids(image_ids: pd.Series) -> pd.Series:
     # EyePACS names images <patient>_<left|right>; other layouts give no patient.
     match = image_ids.str.extract(r"^(.+)_(?:left|right)$", flags=re.IGNORECASE)[0]
@@ -346,6 +358,7 @@ def _load_csv_layout(info: DatasetInfo, data_dir: Path) -> pd.DataFrame:
     ids = labels[info.id_column].str.strip()
     _check_unique(ids, label_path, info.id_column)
     image_root = data_dir / info.image_dir
+    _check_ids_stay_inside(ids, label_path, info.id_column, image_root)
     if info.patient_column:
         patients = labels[info.patient_column].str.strip()
         patients = patients.where(patients != "", None)
@@ -368,6 +381,7 @@ def _load_idrid_split(info: DatasetInfo, data_dir: Path, split: str) -> pd.DataF
     labels = labels[labels[info.id_column].str.strip() != ""]  # trailing blank lines
     ids = labels[info.id_column].str.strip()
     _check_unique(ids, label_path, info.id_column)
+    _check_ids_stay_inside(ids, label_path, info.id_column, data_dir / info.image_dir / split)
     return pd.DataFrame(
         {
             "image_id": [f"{split}/{image_id}" for image_id in ids],
@@ -467,7 +481,7 @@ def _drop_or_raise_missing(table: pd.DataFrame, name: str, drop_missing: bool) -
         f"e.g. {missing[:_SHOWN]}"
     )
     if not drop_missing:
-        raise FileNotFoundError(message + "; pass drop_missing=True (--drop-missing) to skip them")
+        raise FileNotFoundError(message + "; drop_missing=True (--set drop_missing=true) skips them")
     logger.warning("%s; dropping them", message)
     return table.loc[exists]
 
@@ -501,41 +515,3 @@ def read_image(path: str) -> np.ndarray:
 def grade_counts(table: pd.DataFrame) -> pd.Series:
     """Images per grade 0-4 (zeros included), as an int64 Series indexed by grade."""
     return table["grade"].value_counts().reindex(range(5), fill_value=0).rename("images")
-
-
-def image_sizes(table: pd.DataFrame, limit: int = 500, seed: int = 0) -> pd.DataFrame:
-    """Width and height of up to ``limit`` randomly chosen images, read from file headers only.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Columns ``image_id, width, height``.
-    """
-    from PIL import Image
-
-    rows = table.sample(n=min(limit, len(table)), random_state=seed)
-    sizes = []
-    for image_id, path in zip(rows["image_id"], rows["path"]):
-        if NPZ_SEPARATOR in path:
-            height, width = read_image(path).shape[:2]
-        else:
-            with Image.open(path) as image:
-                width, height = image.size
-        sizes.append((image_id, width, height))
-    return pd.DataFrame(sizes, columns=["image_id", "width", "height"])
-
-
-def find_unreadable(table: pd.DataFrame) -> list[str]:
-    """Problems found by decoding every image file completely: one message per bad file.
-
-    (PIL's ``verify`` reads headers only and passes a truncated JPEG.)
-    """
-    problems = []
-    for path in table["path"]:
-        if NPZ_SEPARATOR in path:
-            continue
-        try:
-            read_image(path)
-        except ValueError as error:
-            problems.append(str(error))
-    return problems

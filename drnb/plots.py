@@ -141,7 +141,7 @@ def plot_kappa_vs_fraction(
             [f * 100 for f in fractions],
             [PAPER_KAPPA[f][1] for f in fractions],
             yerr=[[PAPER_KAPPA[f][1] - PAPER_KAPPA[f][0] for f in fractions], [PAPER_KAPPA[f][2] - PAPER_KAPPA[f][1] for f in fractions]],
-            color="black", linestyle="--", marker="s", capsize=3, label="paper, rotation (min-avg-max)",
+            color="black", linestyle="-.", marker="s", capsize=3, label="paper, rotation (min-avg-max)",
         )
     ax.set_xscale("log")
     ticks = sorted(set(table["train_split"]) | ({5, 10, 25, 50, 100} if show_paper else set()))

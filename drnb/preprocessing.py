@@ -315,22 +315,45 @@ def preprocess_table(
     images_path = cache_root / f"fundus_{key}.npy"
     kept_path = cache_root / f"fundus_{key}.kept.npy"
     format_path = cache_root / f"fundus_{key}.format.npy"
-    if images_path.exists() and kept_path.exists() and format_path.exists():
-        kept = np.load(kept_path)
+    cached = read_cache_entry(images_path, format_path, kept_path, len(table))
+    if cached is not None:
+        images, formats, kept = cached
         logger.info("preprocessed images read from cache %s", images_path)
         if len(kept) < len(table):
             # The cache was written by a run that dropped unreadable images: same rule again.
             dropped = table["path"].drop(table.index[kept]).tolist()
             message = f"{len(dropped)} of {len(table)} image(s) could not be preprocessed, e.g. {dropped[:5]}"
             if not drop_unreadable:
-                raise ValueError(message + "; pass drop_unreadable=True (--drop-unreadable) to skip them")
+                raise ValueError(message + "; drop_unreadable=True (--set drop_unreadable=true) skips them")
             logger.warning("%s; dropping them", message)
-        return np.load(images_path), with_format(table.iloc[kept], np.load(format_path))
+        return images, with_format(table.iloc[kept], formats)
 
-    paths = table["path"].tolist()
+    results = _preprocess_all(table["path"].tolist(), config, workers, progress)
+    failures = [result for result in results if isinstance(result, str)]
+    if failures:
+        message = f"{len(failures)} of {len(table)} image(s) could not be preprocessed, e.g. {failures[:5]}"
+        if not drop_unreadable:
+            raise ValueError(message + "; drop_unreadable=True (--set drop_unreadable=true) skips them")
+        logger.warning("%s; dropping them", message)
+    kept = np.array([i for i, result in enumerate(results) if not isinstance(result, str)], dtype=np.int64)
+    if kept.size == 0:
+        raise ValueError("no image of the dataset could be preprocessed")
+    images = np.stack([results[i][0] for i in kept])
+    formats = np.array([results[i][1] for i in kept], dtype=np.float64)
+
+    # Written to temporary names and renamed, so an interrupted run never leaves a half cache;
+    # the list of kept rows last, as the images and formats are read only with it.
+    for path, array in ((images_path, images), (format_path, formats), (kept_path, kept)):
+        with atomic_path(path) as temporary:  # ends in .npy, as the cache's names do
+            np.save(temporary, array)
+    return images, with_format(table.iloc[kept], formats)
+
+
+def _preprocess_all(paths: list[str], config: PreprocessConfig, workers: int | None, progress: bool) -> list:
+    """:func:`_preprocess_paths` over every path, in chunks on ``workers`` processes, in order."""
     workers = workers or os.cpu_count() or 1
     chunks = [paths[start : start + 32] for start in range(0, len(paths), 32)]
-    results: list[np.ndarray | str] = []
+    results: list = []
     from tqdm import tqdm
 
     # A plain text bar, updated every few seconds: saved notebooks keep every update.
@@ -351,25 +374,43 @@ def preprocess_table(
             results.extend(_preprocess_paths(chunk, config))
             bar.update(len(chunk))
     bar.close()
+    return results
 
-    failures = [result for result in results if isinstance(result, str)]
-    if failures:
-        message = f"{len(failures)} of {len(paths)} image(s) could not be preprocessed, e.g. {failures[:5]}"
-        if not drop_unreadable:
-            raise ValueError(message + "; pass drop_unreadable=True (--drop-unreadable) to skip them")
-        logger.warning("%s; dropping them", message)
-    kept = np.array([i for i, result in enumerate(results) if not isinstance(result, str)], dtype=np.int64)
-    if kept.size == 0:
-        raise ValueError("no image of the dataset could be preprocessed")
-    images = np.stack([results[i][0] for i in kept])
-    formats = np.array([results[i][1] for i in kept], dtype=np.float64)
 
-    # Written to temporary names and renamed, so an interrupted run never leaves a half cache;
-    # the list of kept rows last, as the images and formats are read only with it.
-    for path, array in ((images_path, images), (format_path, formats), (kept_path, kept)):
-        with atomic_path(path) as temporary:  # ends in .npy, as the cache's names do
-            np.save(temporary, array)
-    return images, with_format(table.iloc[kept], formats)
+def find_problems(table: pd.DataFrame, config: PreprocessConfig = PreprocessConfig(), *, workers: int | None = None) -> list[str]:
+    """Every photograph preprocessing would refuse, one message each (the file and why).
+
+    The same work :func:`preprocess_table` does (decode every file completely, find its
+    fundus, crop and mask it), without caching, so a set with no problem here preprocesses.
+    """
+    results = _preprocess_all(table["path"].tolist(), config, workers, progress=False)
+    return [result for result in results if isinstance(result, str)]
+
+
+def read_cache_entry(images_path: Path, format_path: Path, kept_path: Path, rows: int):
+    """A cache entry's arrays, checked against each other; None when there is none.
+
+    A damaged entry (a file cut short by a full disk or a killed run, or arrays that disagree
+    in length) is named in a warning and deleted, so that the caller rebuilds it.
+
+    Returns
+    -------
+    (images, formats, kept) or None
+        uint8 (K, S, S, 3); float (K, 4); int64 (K,) rows of the table, each below ``rows``.
+    """
+    paths = (images_path, format_path, kept_path)
+    if not all(path.exists() for path in paths):
+        return None
+    try:
+        images, formats, kept = (np.load(path, allow_pickle=False) for path in paths)
+        if not (len(images) == len(formats) == len(kept)) or (len(kept) and not 0 <= kept.min() <= kept.max() < rows):
+            raise ValueError(f"{len(images)} images, {len(formats)} formats and {len(kept)} rows for a table of {rows}")
+    except (OSError, ValueError, EOFError) as error:
+        logger.warning("preprocessing cache entry %s is damaged (%s); rebuilding it", images_path, error)
+        for path in paths:
+            path.unlink(missing_ok=True)
+        return None
+    return images, formats, kept
 
 
 def with_format(rows: pd.DataFrame, formats: np.ndarray) -> pd.DataFrame:

@@ -177,9 +177,13 @@ class Profile:
             _check_choice("methods", method, METHODS)
         if not self.methods:
             raise ValueError("methods: expected at least one of " + ", ".join(METHODS))
+        if not self.fractions:
+            raise ValueError("fractions=(): expected at least one labelled fraction in (0, 1], e.g. --set fractions=0.1,1.0")
         for fraction in self.fractions:
             if not 0 < fraction <= 1:
                 raise ValueError(f"fractions: {fraction!r} is not a labelled fraction in (0, 1]")
+        if not 16 <= self.image_size <= 2048:
+            raise ValueError(f"image_size={self.image_size!r}: expected a side in pixels in [16, 2048]")
         positive = (
             "image_size synthetic_images pretext_batch_size pretext_epochs pretext_eval_every repetitions folds "
             "finetune_batch_size calibration_images"
@@ -347,6 +351,7 @@ PROFILES: dict[str, Profile] = {
         finetune_max_steps=480,
         finetune_learning_rate=1e-4,
         finetune_batchnorm="frozen",
+        finetune_start_share=0.5,  # the weights halfway back to the start (WiSE-FT)
         lr_schedule="cosine",
         cut_points="prior",
     ),

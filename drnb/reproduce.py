@@ -6,19 +6,27 @@ at that fraction), so a rerun skips finished cells, reruns failed or interrupted
 never overwrites finished results unless ``overwrite`` is asked for. Notebook 04 only
 reads, so it always runs. A failed cell is reported with the path of its executed notebook,
 the other fractions still run, and the command exits non-zero.
+
+One ``drnb reproduce`` holds a run folder at a time (:func:`drnb.runs.run_lock`). SIGINT and
+SIGTERM stop it at once: the running notebook's kernel is killed with its child processes,
+its connection and socket files are removed, and no further cell starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from drnb.profiles import Profile, resolve_profile
-from drnb.runs import RunPaths, checkout_root, default_run_dir, open_run
+from drnb.runs import RunPaths, checkout_root, default_run_dir, open_run, run_lock
 
 NOTEBOOKS = {
     "data": "01_data_exploration.ipynb",
@@ -55,10 +63,11 @@ class ReproduceReport:
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, Path, str]] = field(default_factory=list)  # (cell, executed notebook, error)
     seconds: float = 0.0
+    stopped_by: int | None = None  # the signal that stopped the run, if one did
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and self.stopped_by is None
 
 
 def notebook_dir() -> Path:
@@ -83,7 +92,8 @@ def plan(profile: Profile, paths: RunPaths) -> list[Cell]:
     methods = runnable_methods(profile)
     for fraction in profile.fractions:
         markers = [
-            run_directory(paths.finetune, method, fraction, repetition) / METRICS_FILE
+            run_directory(paths.finetune, protocol, method, fraction, repetition) / METRICS_FILE
+            for protocol in profile.protocols
             for method in methods
             for repetition in range(profile.repetitions)
         ]
@@ -122,8 +132,80 @@ def kernel_manager_class():
                 runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
                 kwargs["ip"] = str(runtime / f"drnb-kernel-{uuid.uuid4().hex[:12]}")
             super().__init__(**kwargs)
+            KERNEL_MANAGERS.add(self)  # so that a signal can stop its kernel (stop_kernels)
 
     return IPCKernelManager
+
+
+# The kernel managers drnb started in this process (held weakly: a finished one goes away).
+KERNEL_MANAGERS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def stop_kernels() -> int:
+    """Kill every kernel drnb started in this process, with its child processes, and remove
+    its connection and socket files. Safe from a signal handler: no event loop is needed.
+
+    Returns
+    -------
+    int
+        The number of kernels killed.
+    """
+    killed = 0
+    for manager in list(KERNEL_MANAGERS):
+        provisioner = getattr(manager, "provisioner", None)
+        pid = getattr(provisioner, "pid", None)
+        if pid:
+            # A kernel runs in a session of its own: its process group is it and its children
+            # (the preprocessing's worker processes, say).
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(getattr(provisioner, "pgid", None) or pid, signal.SIGKILL)
+            killed += 1
+        for cleanup in ("cleanup_connection_file", "cleanup_ipc_files"):
+            with contextlib.suppress(OSError, AttributeError):
+                getattr(manager, cleanup)()
+    return killed
+
+
+@contextlib.contextmanager
+def stopping_on_signals(log=print):
+    """While inside: SIGINT and SIGTERM kill drnb's kernels at once (:func:`stop_kernels`) and
+    are recorded in the list yielded, so the caller starts nothing more. Outside the main
+    thread (where Python cannot set handlers) nothing changes."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(number, frame):
+        received.append(number)
+        stopped = stop_kernels()
+        log(f"{signal.Signals(number).name}: stopping ({stopped} kernel(s) killed)")
+
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for number, action in previous.items():
+            signal.signal(number, action)
+
+
+def in_worker_thread(function) -> BaseException | None:
+    """Run ``function()`` in a thread while this one waits, so that this thread's signal
+    handlers run at once (papermill's event loop would otherwise take SIGINT and SIGTERM for
+    its own, which only ask the kernel to shut down after its cell); return what it raised."""
+    raised: list[BaseException] = []
+
+    def target():
+        try:
+            function()
+        except BaseException as error:  # handed back to the caller, whatever it is
+            raised.append(error)
+
+    worker = threading.Thread(target=target, name="drnb-notebook", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    return raised[0] if raised else None
 
 
 def default_kernel() -> str:
@@ -179,6 +261,8 @@ def reproduce(
     ------
     ValueError, FileNotFoundError
         For bad settings, an unknown dataset or a missing data folder, before anything runs.
+    RuntimeError
+        When another process holds the run folder.
     """
     settings = dict(overrides or {})
     if dataset:
@@ -187,18 +271,47 @@ def reproduce(
         settings["data_dir"] = str(Path(data_dir).expanduser().resolve())
     profile = resolve_profile(profile_name, settings)  # every settings error surfaces here
     _check_data(profile)
-    import papermill  # imported after the checks, so that a bad setting fails at once
-    paths, profile = open_run(out or default_run_dir(f"{profile_name}-{profile.dataset}"), profile_name, settings)
+    paths, profile = open_run(
+        out or default_run_dir(f"{profile_name}-{profile.dataset}"), profile_name, settings, same_profile=True
+    )
     source = Path(notebooks) if notebooks else notebook_dir()
     kernel = kernel or default_kernel()
-    manager_class = kernel_manager_class()
     report = ReproduceReport(run=paths)
-    cells = plan(profile, paths)
+    with run_lock(paths), stopping_on_signals(log) as received:
+        log(f"drnb reproduce: profile {profile.name}, dataset {profile.dataset}, run folder {paths.root}, kernel {kernel}")
+        _run_cells(plan(profile, paths), profile, source, kernel, overwrite, report, received, log)
+        if report.stopped_by is not None:
+            log(f"stopped by {signal.Signals(report.stopped_by).name}: finished runs are kept; rerun the same command to resume")
+        elif not report.failed:
+            _remove_shared_features(paths, log)
+            if paths.table_md.exists():
+                log(f"table: {paths.table_md}\nplot:  {paths.plot}\nall results: {paths.results}")
+    return report
+
+
+def _remove_shared_features(paths: RunPaths, log) -> None:
+    """Delete the frozen features the fraction notebooks shared: every run of the sweep has finished."""
+    if not paths.features.exists():
+        return
+    try:
+        shutil.rmtree(paths.features)
+        log(f"removed {paths.features}: the frozen features the fraction notebooks shared")
+    except OSError as error:
+        log(f"could not remove {paths.features} ({error}); it is a cache and may be deleted")
+
+
+def _run_cells(cells: list[Cell], profile: Profile, source: Path, kernel: str, overwrite: bool, report: ReproduceReport,
+               received: list[int], log) -> None:
+    """Execute the grid's cells in order into ``report``; stop at the first signal in ``received``."""
+    import papermill
+
+    manager_class = kernel_manager_class()
     start = time.perf_counter()
     finetune_seconds: list[float] = []
     failed_stages: set[str] = set()
-    log(f"drnb reproduce: profile {profile.name}, dataset {profile.dataset}, run folder {paths.root}, kernel {kernel}")
     for number, cell in enumerate(cells, start=1):
+        if received:
+            break
         if cell.stage != "analysis" and cell.finished() and not overwrite:
             report.skipped.append(cell.label)
             log(f"[{number}/{len(cells)}] {cell.label}: finished earlier, skipped")
@@ -211,18 +324,20 @@ def reproduce(
         parameters = {**cell.parameters, "overwrite": overwrite} if cell.stage == "finetune" else cell.parameters
         cell.output.parent.mkdir(parents=True, exist_ok=True)
         cell_start = time.perf_counter()
-        try:
-            papermill.execute_notebook(
-                str(source / NOTEBOOKS[cell.stage]),
-                str(cell.output),
-                parameters=parameters,
-                kernel_name=kernel,
-                kernel_manager_class=manager_class,
-                cwd=str(source),
-                progress_bar=False,
-                log_output=False,
-            )
-        except Exception as error:  # papermill raises PapermillExecutionError and kernel errors of many kinds
+        error = in_worker_thread(lambda: papermill.execute_notebook(
+            str(source / NOTEBOOKS[cell.stage]),
+            str(cell.output),
+            parameters=parameters,
+            kernel_name=kernel,
+            kernel_manager_class=manager_class,
+            cwd=str(source),
+            progress_bar=False,
+            log_output=False,
+        ))
+        if received:
+            report.failed.append((cell.label, cell.output, f"stopped by {signal.Signals(received[0]).name}"))
+            break
+        if error is not None:  # papermill raises PapermillExecutionError and kernel errors of many kinds
             message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
             report.failed.append((cell.label, cell.output, message))
             failed_stages.add(cell.stage)
@@ -237,17 +352,9 @@ def reproduce(
             f"[{number}/{len(cells)}] {cell.label}: done in {_clock(seconds)} "
             f"(elapsed {_clock(time.perf_counter() - start)}{remaining})"
         )
+    if received:
+        report.stopped_by = received[0]
     report.seconds = time.perf_counter() - start
-    if not report.failed and paths.features.exists():
-        # A cache for the fraction notebooks of this sweep: every run of it has finished.
-        try:
-            shutil.rmtree(paths.features)
-            log(f"removed {paths.features}: the frozen features the fraction notebooks shared")
-        except OSError as error:
-            log(f"could not remove {paths.features} ({error}); it is a cache and may be deleted")
-    if paths.table_md.exists() and not report.failed:
-        log(f"table: {paths.table_md}\nplot:  {paths.plot}\nall results: {paths.results}")
-    return report
 
 
 def _estimate_remaining(cells: list[Cell], finetune_seconds: list[float], overwrite: bool) -> str:

@@ -8,16 +8,19 @@
       data/summary.json             counts and image statistics (notebook 01)
       data/near_duplicates.csv      pairs of near-identical photographs, kept within one fold (notebook 01)
       pretext/encoder.keras         the rotation encoder (notebook 02), history.csv, metrics.json
-      finetune/<method>/fraction_<f>/repetition_<r>/
+      data/format_only.csv          what the photographs' format alone scores, per repetition (notebook 01)
+      finetune/<protocol>/<method>/fraction_<f>/repetition_<r>/
                                     metrics.json, predictions.csv, history.csv (notebook 03)
       features/                     frozen-encoder features the fraction notebooks share (notebook 03;
                                     a cache, removed when drnb reproduce finishes the sweep)
       results.csv, table.csv, table.md, comparison.csv, kappa_vs_fraction.png (notebook 04)
       notebooks/                    the executed notebooks (drnb reproduce)
+      .drnb-lock                    the process id of the drnb reproduce that holds the folder
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,7 @@ from drnb.files import write_json, write_text_atomically
 from drnb.profiles import Profile, load_profile, resolve_profile
 
 PROFILE_FILE = "profile.json"
+LOCK_FILE = ".drnb-lock"
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,8 @@ def default_run_dir(name: str = "notebooks") -> Path:
 
 
 def open_run(
-    run_dir: str | os.PathLike = "", profile_name: str = "smoke", overrides: dict | None = None, *, create: bool = True
+    run_dir: str | os.PathLike = "", profile_name: str = "smoke", overrides: dict | None = None, *, create: bool = True,
+    same_profile: bool = False,
 ) -> tuple[RunPaths, Profile]:
     """Open a run folder, creating its ``profile.json`` on first use.
 
@@ -114,11 +119,19 @@ def open_run(
         default to "the profile's value".
     create : bool
         With ``False``, a folder without ``profile.json`` is an error instead of a new run.
+    same_profile : bool
+        Refuse a folder made by another profile than ``profile_name`` (the command line
+        names the profile it means; a notebook's default only names one for a new folder).
     """
     paths = RunPaths(Path(run_dir).expanduser().resolve() if run_dir else default_run_dir())
     overrides = {key: value for key, value in (overrides or {}).items() if value not in ("", None)}
     if paths.profile.exists():
         profile = load_profile(paths.profile)
+        if same_profile and profile.name != profile_name:
+            raise ValueError(
+                f"run folder {paths.root} was made by profile {profile.name!r}, not {profile_name!r}; "
+                f"use a new run folder for {profile_name!r}, or --profile {profile.name} to resume it"
+            )
         requested = resolve_profile(profile.name, {**_as_overrides(profile), **overrides})
         if requested != profile:
             changed = {k: v for k, v in requested.to_dict().items() if profile.to_dict()[k] != v}
@@ -132,6 +145,46 @@ def open_run(
     profile = resolve_profile(profile_name, overrides)
     write_text_atomically(paths.profile, profile.to_json())
     return paths, profile
+
+
+@contextlib.contextmanager
+def run_lock(paths: RunPaths):
+    """Hold the run folder for this process, or refuse at once if another process holds it.
+
+    The lock is the operating system's (``fcntl.flock`` on ``.drnb-lock``): it dies with its
+    process, so a folder left by a killed run is never blocked. The file keeps the holder's
+    process id, to name it. Where ``fcntl`` does not exist (Windows) nothing is locked.
+
+    Raises
+    ------
+    RuntimeError
+        Naming the folder and the process that holds it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    paths.root.mkdir(parents=True, exist_ok=True)
+    lock_path = paths.root / LOCK_FILE
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RuntimeError(
+                f"run folder {paths.root} is in use by another drnb reproduce (process {holder}); "
+                "wait for it to finish, or use another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _as_overrides(profile: Profile) -> dict:

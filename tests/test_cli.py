@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
+import numpy as np
 import pytest
 
 import drnb.reproduce
@@ -96,6 +98,30 @@ def test_inspect_names_missing_and_unreadable_files(tmp_path, write_fundus, caps
     assert "c.png" in out and str(root / "train_images" / "b.png") in out
 
 
+@pytest.mark.parametrize("photograph", ["all_black", "one_pixel", "zero_bytes", "truncated"])
+def test_inspect_finds_what_preprocessing_would_refuse(tmp_path, write_fundus, write_image, capsys, photograph):
+    """inspect checks every photograph as preprocessing does, so a set it passes preprocesses."""
+    from drnb.datasets import load_dataset
+    from drnb.preprocessing import PreprocessConfig, preprocess_table
+
+    root = write_aptos(tmp_path / "aptos", write_fundus, [("a", 0), ("b", 1), ("c", 2)])
+    bad = root / "train_images" / "b.png"
+    if photograph == "all_black":
+        write_image(bad, np.zeros((48, 64, 3), np.uint8))
+    elif photograph == "one_pixel":
+        write_image(bad, np.full((1, 1, 3), 200, np.uint8))
+    elif photograph == "zero_bytes":
+        bad.write_bytes(b"")
+    else:  # cut short, as by a full disk or an interrupted copy
+        data = bad.read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    assert main(["inspect", "--dataset", "aptos2019", "--data-dir", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "problems: 1" in out and str(bad) in out
+    with pytest.raises(ValueError, match=re.escape(str(bad))):  # what reproduce would then meet
+        preprocess_table(load_dataset("aptos2019", root), PreprocessConfig(size=32), cache_dir=tmp_path / "cache", progress=False)
+
+
 def test_inspect_no_decode_skips_opening_images(tmp_path, write_fundus, capsys):
     root = write_aptos(tmp_path / "aptos", write_fundus, [("a", 0), ("b", 1)])
     (root / "train_images" / "b.png").write_bytes(b"not a png at all" * 8)
@@ -174,6 +200,8 @@ REPRODUCE_ERRORS = {
     "set_wrong_type": (["--profile", "smoke", "--set", "pretext_epochs=many"], ["pretext_epochs", "'many'", "int"]),
     "fraction_zero": (["--profile", "smoke", "--set", "fractions=0"], ["fractions", "0.0", "(0, 1]"]),
     "fraction_above_one": (["--profile", "smoke", "--set", "fractions=0.5,1.5"], ["fractions", "1.5", "(0, 1]"]),
+    "fractions_empty": (["--profile", "smoke", "--set", "fractions="], ["fractions=()", "at least one labelled fraction"]),
+    "image_too_small": (["--profile", "smoke", "--set", "image_size=8"], ["image_size=8", "[16, 2048]"]),
 }
 
 
@@ -189,6 +217,24 @@ def test_reproduce_rejects_bad_arguments(case, nothing_may_run, capsys):
     assert not nothing_may_run.exists()
     if not had_tensorflow:
         assert "tensorflow" not in sys.modules, "argument checks must not import TensorFlow"
+
+
+def test_reproduce_refuses_a_run_folder_made_by_another_profile(tmp_path, monkeypatch, capsys):
+    import papermill
+
+    from drnb.runs import open_run
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a notebook ran in a folder made by another profile")
+
+    monkeypatch.setattr(papermill, "execute_notebook", forbidden)
+    run = tmp_path / "run"
+    open_run(run, "smoke")
+    before = (run / "profile.json").read_text()
+    assert main(["reproduce", "--profile", "quick", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "made by profile 'smoke', not 'quick'" in err and "--profile smoke" in err
+    assert (run / "profile.json").read_text() == before
 
 
 def test_reproduce_missing_data_dir(tmp_path, nothing_may_run, capsys):

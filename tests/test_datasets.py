@@ -19,9 +19,7 @@ from drnb.datasets import (
     NPZ_SEPARATOR,
     TABLE_COLUMNS,
     download_retinamnist,
-    find_unreadable,
     grade_counts,
-    image_sizes,
     load_dataset,
     parse_grades,
     read_image,
@@ -379,7 +377,25 @@ def test_missing_images_are_counted_and_the_first_named(tmp_path, write_fundus):
     assert "img0.png" in message and "img5.png" in message  # the first five missing are named
     assert "img7.png" not in message  # the rest are only counted
     assert "img3.png" not in message  # present
-    assert "drop_missing=True" in message
+    assert "drop_missing=True (--set drop_missing=true)" in message  # what the command line accepts
+    assert "--drop-missing" not in message
+
+
+@pytest.mark.parametrize("image_id", ["../../outside/secret", "sub/../../secret", "/etc/passwd", "..\\secret", "C:\\x"])
+def test_an_id_that_leaves_the_image_folder_is_refused_with_its_row(tmp_path, write_fundus, image_id):
+    outside = tmp_path / "outside"
+    write_fundus(outside / "secret.png")
+    rows = [("a", "0"), (image_id, "1")]
+    root = write_aptos(tmp_path / "data" / "aptos", write_fundus, rows, images=["a"])
+    with pytest.raises(ValueError, match=f"column 'id_code' row 3 holds {re.escape(repr(image_id))}, which leaves the image folder"):
+        load_dataset("aptos2019", root, drop_missing=True)
+
+
+def test_an_id_in_a_subfolder_of_the_image_folder_is_read(tmp_path, write_fundus):
+    root = write_aptos(tmp_path / "aptos", write_fundus, [("a", "0")])
+    write_fundus(root / "train_images" / "clinic1" / "b.png")
+    (root / "train.csv").write_text("id_code,diagnosis\na,0\nclinic1/b,2\n")
+    assert load_dataset("aptos2019", root)["image_id"].tolist() == ["a", "clinic1/b"]
 
 
 def test_drop_missing_drops_with_a_warning(tmp_path, write_fundus, caplog):
@@ -405,23 +421,19 @@ def test_unreadable_image_is_found_and_named(tmp_path, write_fundus):
     root = write_aptos(tmp_path / "aptos", write_fundus, [("a", "0"), ("b", "1")])
     bad = root / "train_images" / "b.png"
     bad.write_bytes(b"\x89PNG not really an image" * 4)
-    table = load_dataset("aptos2019", root)  # listed files exist: loading does not decode
-    problems = find_unreadable(table)
-    assert len(problems) == 1 and str(bad) in problems[0]
+    load_dataset("aptos2019", root)  # listed files exist: loading does not decode
     with pytest.raises(ValueError, match=re.escape(str(bad)) + ".*cannot be decoded"):
         read_image(str(bad))
 
 
-def test_find_unreadable_reports_a_truncated_jpeg(tmp_path, write_fundus):
+def test_a_truncated_jpeg_is_named_when_read(tmp_path, write_fundus):
     root = write_eyepacs(tmp_path / "eyepacs", write_fundus, [("1_left", 0), ("1_right", 2)])
     bad = root / "train" / "1_right.jpeg"
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) // 2])
-    table = load_dataset("eyepacs2015", root)
+    load_dataset("eyepacs2015", root)
     with pytest.raises(ValueError, match=re.escape(str(bad))):
         read_image(str(bad))
-    problems = find_unreadable(table)
-    assert len(problems) == 1 and str(bad) in problems[0]
 
 
 @pytest.mark.parametrize("cut", [False, True], ids=["garbage", "truncated"])
@@ -492,13 +504,3 @@ def test_grade_counts_include_empty_grades():
     assert counts.tolist() == [3, 0, 0, 1, 0]
 
 
-def test_image_sizes_read_width_and_height(tmp_path, write_fundus):
-    root = write_aptos(tmp_path / "aptos", write_fundus, [("a", "0"), ("b", "1"), ("c", "2")])
-    table = load_dataset("aptos2019", root)
-    sizes = image_sizes(table, limit=2)
-    assert list(sizes.columns) == ["image_id", "width", "height"]
-    assert len(sizes) == 2 and set(sizes["image_id"]) <= {"a", "b", "c"}
-    assert (sizes["width"] == 64).all() and (sizes["height"] == 48).all()
-    npz_sizes = image_sizes(load_dataset("retinamnist", write_retinamnist(tmp_path / "r")))
-    assert len(npz_sizes) == 7
-    assert (npz_sizes[["width", "height"]] == 28).all().all()

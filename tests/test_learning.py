@@ -144,7 +144,7 @@ def test_small_fractions_get_at_least_min_steps(profile):
     assert warmup * profile.warmup_epochs + finetune * profile.finetune_epochs >= profile.min_steps
     assert finetune == 1  # the shortfall goes to the warm-up
     assert plan_steps(10_000, 32, profile) == (313, 313)  # a large subset: one pass per epoch
-    no_warmup = profile.derive(warmup_epochs=0)
+    no_warmup = profile.derive(warmup_epochs=0, protocols=("finetune",))
     assert plan_steps(10, 32, no_warmup)[1] * no_warmup.finetune_epochs >= profile.min_steps
 
 
@@ -160,7 +160,7 @@ def test_full_fine_tuning_steps_are_floored_and_capped(profile):
 
 def test_a_profile_without_epochs_plans_no_steps(profile):
     linear = profile.derive(warmup_epochs=0, finetune_epochs=0, min_steps=0, validation_fraction=0.0, head_init="ridge",
-                            target="regression", finetune_hidden=())
+                            target="regression", finetune_hidden=(), protocols=("linear",))
     assert plan_steps(10, 32, linear) == (0, 0)
     assert plan_steps(10, 32, linear.derive(warmup_epochs=2, min_steps=30)) == (15, 0)  # the head alone makes up the floor
 
@@ -587,3 +587,30 @@ def test_a_protocol_the_profile_does_not_run_is_refused(lp_ft_session, tmp_path)
     )
     with pytest.raises(ValueError, match="protocol='finetune': expected one of the profile's protocols \\['linear'\\]"):
         linear_only.run("scratch", 1.0, 0, tmp_path, protocol="finetune")
+
+
+def test_a_start_share_leaves_the_fine_tuned_weights_that_share_of_the_way_back_to_the_start(lp_ft_session, tmp_path):
+    import keras
+
+    from drnb.finetune import interpolated
+    from drnb.pretext import load_encoder
+
+    start = load_encoder(lp_ft_session.encoder_path).get_weights()
+    trained_session = lp_ft_session
+    shared_session = FinetuneSession(
+        trained_session._images, trained_session.table, trained_session.profile.derive(finetune_start_share=0.25),
+        encoder_path=trained_session.encoder_path, log=lambda line: None,
+    )
+    saved = {}
+    for name, session in (("trained", trained_session), ("shared", shared_session)):
+        session.run("rotation", 1.0, 0, tmp_path / name, protocol="finetune", save_model=True)
+        model = keras.models.load_model(tmp_path / name / "model.keras", compile=False)
+        saved[name] = model.get_layer(session.trainer.encoder.name).get_weights()
+    expected = interpolated(start, saved["trained"], 0.25)
+    assert any(not np.allclose(a, b) for a, b in zip(start, saved["trained"]))
+    for got, want in zip(saved["shared"], expected):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # Integer weights (counters, seeds) are not averaged.
+    assert interpolated([np.array([2])], [np.array([7])], 0.5)[0].tolist() == [7]
+    with pytest.raises(ValueError, match="finetune_start_share=1.0"):
+        trained_session.profile.derive(finetune_start_share=1.0)

@@ -93,6 +93,16 @@ def test_saved_encoder_reloads_and_predicts_identically(tmp_path, feature_stages
     assert [p.name for p in tmp_path.iterdir()] == ["encoder.keras"]  # no temporary file left
 
 
+def test_an_encoder_file_with_code_in_it_is_refused(tmp_path):
+    """Keras's safe_mode stays on: a saved Lambda layer (arbitrary Python) is not run on load."""
+    inputs = keras.Input((8, 8, 3))
+    planted = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
+    path = tmp_path / "encoder.keras"
+    planted.save(path)
+    with pytest.raises(ValueError, match="Lambda"):
+        load_encoder(path)
+
+
 def test_missing_encoder_says_how_to_make_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="02_rotation_pretext"):
         load_encoder(tmp_path / "encoder.keras")

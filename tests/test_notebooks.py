@@ -3,7 +3,11 @@
 import json
 import os
 import shutil
+import signal
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -120,3 +124,133 @@ def test_bad_parameters_fail_before_anything_runs(tmp_path, arguments, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         reproduce(out=str(tmp_path / "run"), **arguments)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.notebooks
+def test_notebook_01_drops_an_unreadable_photograph_when_asked_and_says_so(tmp_path, write_image):
+    """A zero-byte photograph with drop_unreadable: every step of notebook 01 works on the rest."""
+    import papermill
+
+    from drnb.synthetic import make_fundus_images
+
+    root = tmp_path / "aptos"
+    photographs, grades = make_fundus_images(30, size=64, seed=3)
+    rows = [(f"img{i}", grade) for i, grade in enumerate(grades)]
+    (root / "train_images").mkdir(parents=True)
+    (root / "train.csv").write_text("id_code,diagnosis\n" + "".join(f"{i},{g}\n" for i, g in rows))
+    for (image_id, _), photograph in zip(rows, photographs):
+        write_image(root / "train_images" / f"{image_id}.png", photograph)
+    (root / "train_images" / "img3.png").write_bytes(b"")
+    run = tmp_path / "run"
+    from drnb.runs import open_run
+
+    open_run(run, "smoke", {"dataset": "aptos2019", "data_dir": str(root), "drop_unreadable": "true"})
+    out = tmp_path / "01.ipynb"
+    papermill.execute_notebook(
+        str(NOTEBOOK_DIR / NOTEBOOKS["data"]), str(out), parameters={"run_dir": str(run), "samples_per_grade": 1},
+        kernel_name="python3", cwd=str(NOTEBOOK_DIR), progress_bar=False,
+    )
+    assert json.loads((run / "data" / "summary.json").read_text())["images"] == 29
+    dataset = pd.read_csv(run / "data" / "dataset.csv")
+    assert "img3" not in set(dataset["image_id"]) and len(dataset) == 29
+    assert "img3.png" in out.read_text() and "dropping them" in out.read_text()  # said, in the notebook
+
+
+def _children_running(pid: int, word: str) -> list:
+    """The processes below ``pid`` whose command line holds ``word``."""
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for child in children:
+        try:
+            if word in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _wait_for(condition, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"waited {seconds:.0f} s for {what}")
+
+
+def _reproduce_process(run, runtime, *extra):
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime)}
+    command = [sys.executable, "-m", "drnb", "reproduce", "--profile", "smoke", "--out", str(run), "--kernel", "python3", *extra]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.notebooks
+@pytest.mark.skipif(os.name != "posix", reason="run folders are locked with fcntl, and kernels stopped by POSIX signals")
+def test_a_second_reproduce_into_the_same_folder_is_refused_and_a_signal_stops_the_first_with_its_kernel(tmp_path):
+    import psutil
+
+    run, runtime = tmp_path / "run", tmp_path / "runtime"
+    first = _reproduce_process(run, runtime)
+    try:
+        kernel = _wait_for(lambda: _children_running(first.pid, "ipykernel"), 120, "the first notebook's kernel")[0]
+        assert (run / ".drnb-lock").read_text().strip() == str(first.pid)
+
+        second = _reproduce_process(run, runtime)
+        out, err = second.communicate(timeout=120)
+        assert second.returncode == 2, err[-2000:]
+        assert f"run folder {run} is in use by another drnb reproduce (process {first.pid})" in err
+        assert first.poll() is None  # the holder runs on, untouched
+
+        started = time.monotonic()
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=60)
+        assert first.returncode == 128 + signal.SIGTERM, err[-2000:]
+        assert time.monotonic() - started < 30  # at once, not when the running notebook ends
+        gone, alive = psutil.wait_procs([kernel], timeout=10)
+        assert not alive, "the kernel outlived drnb reproduce"
+        leftovers = [path.name for path in runtime.rglob("*") if path.is_file() or path.is_socket()]
+        assert not [name for name in leftovers if "kernel" in name], leftovers
+        assert "stopped by SIGTERM" in out + err
+    finally:
+        if first.poll() is None:
+            first.kill()
+    # A lock left by a killed process never blocks: the folder resumes.
+    from drnb.runs import RunPaths, run_lock
+
+    holder = _reproduce_process(run, runtime)
+    try:
+        _wait_for(lambda: (run / ".drnb-lock").read_text().strip() == str(holder.pid), 120, "the next run to take the folder")
+        holder.kill()
+        holder.wait(timeout=30)
+        with run_lock(RunPaths(run)):
+            assert (run / ".drnb-lock").read_text().strip() == str(os.getpid())
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+def test_notebook_03_alone_on_a_fresh_folder_trains_the_pretext_then_fine_tunes(tmp_path):
+    """``papermill 03_finetune_fractions.ipynb out.ipynb -p fraction 0.5``, as the README says."""
+    import papermill
+
+    run = tmp_path / "run"
+    papermill.execute_notebook(
+        str(NOTEBOOK_DIR / NOTEBOOKS["finetune"]), str(tmp_path / "03.ipynb"),
+        parameters={"run_dir": str(run), "profile_name": "smoke", "fraction": 0.5},
+        kernel_name="python3", cwd=str(NOTEBOOK_DIR), progress_bar=False,
+    )
+    assert (run / "pretext" / "encoder.keras").exists()
+    runs = [json.loads(path.read_text()) for path in sorted(run.glob("finetune/*/*/fraction_0.5/repetition_*/metrics.json"))]
+    assert sorted({(m["protocol"], m["method"]) for m in runs}) == [
+        ("finetune", "rotation"), ("finetune", "scratch"), ("linear", "rotation"), ("linear", "scratch")
+    ]
+    assert all(m["steps"] > 0 for m in runs if m["protocol"] == "finetune")
+    assert all(np.isfinite(m["qw_kappa"]) for m in runs)

@@ -360,6 +360,27 @@ def test_preprocess_table_records_each_photographs_format_before_preprocessing(t
         np.testing.assert_allclose(kept["fundus_half_extent"], [18, 12], atol=1.5)
 
 
+@pytest.mark.parametrize("damaged", ["fundus_*[0-9a-f].npy", "fundus_*.kept.npy", "fundus_*.format.npy"])
+def test_a_truncated_cache_file_is_named_and_rebuilt(tmp_path, write_image, draw_fundus, damaged, caplog):
+    table = write_table(tmp_path / "data", write_image, draw_fundus, COLOURS)
+    cache = tmp_path / "cache"
+    images, kept = run(table, cache)
+    (path,) = cache.glob(damaged)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a disk that filled up, a killed copy
+    with caplog.at_level(logging.WARNING, logger="drnb.preprocessing"):
+        rebuilt, rebuilt_kept = run(table, cache)
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "damaged" in warnings[0] and "rebuilding" in warnings[0]
+    np.testing.assert_array_equal(rebuilt, images)
+    pd.testing.assert_frame_equal(rebuilt_kept, kept)
+    assert path.read_bytes() == data  # the entry is whole again
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="drnb.preprocessing"):
+        run(table, cache)
+    assert not caplog.records  # and read as it is from then on
+
+
 def test_cache_miss_then_hit(tmp_path, write_image, draw_fundus, counted_reads, monkeypatch):
     table = write_table(tmp_path / "data", write_image, draw_fundus, COLOURS)
     cache = tmp_path / "cache"
@@ -438,7 +459,7 @@ def test_unreadable_image_fails_naming_the_file(tmp_path, write_image, draw_fund
     message = str(error.value)
     assert "1 of 3" in message
     assert str(bad) in message
-    assert "drop_unreadable=True" in message
+    assert "drop_unreadable=True (--set drop_unreadable=true)" in message and "--drop-unreadable" not in message
     assert not list(tmp_path.glob("cache/*.npy"))  # nothing cached for a failed run
 
 
