@@ -121,7 +121,7 @@ def plot_kappa_vs_fraction(
         From :func:`drnb.results.summary_table`.
     floor : float, optional
         A kappa drawn as a dotted horizontal line: what the photographs' format alone scores
-        (:func:`drnb.format_floor.format_only_kappa`).
+        (:func:`drnb.photo_format.format_only_kappa`).
     """
     ax = ax or plt.subplots(figsize=(7.5, 4.8))[1]
     for (protocol, method), rows in table.groupby(["protocol", "method"], sort=False):
