@@ -64,6 +64,7 @@ UNSUPPORTED = {  # setting -> the only value this script implements
     "scratch_encoder": "per_repetition",
     "protocols": ("finetune",),
     "finetune_batchnorm": "batch",
+    "finetune_start_share": 0.0,
 }
 
 

@@ -247,9 +247,9 @@ def planned_work(profile, session, n_images: int) -> dict:
             split = session.split(repetition, fraction)
             train = split.train[fraction]
             batch = min(session.batch_size, len(train))
-            warmup_steps, finetune_steps = plan_steps(len(train), batch, profile)
             calibration = session.calibration_rows(split, profile.seed + repetition)
             for protocol in profile.protocols:
+                warmup_steps, finetune_steps = plan_steps(len(train), batch, profile, protocol)
                 trains = protocol == "finetune"  # predicts through the network; a linear run reads features
                 scored = [split.test] + ([split.validation_for(fraction)] * profile.finetune_epochs if trains else [])
                 if profile.cut_points == "prior":
@@ -419,8 +419,6 @@ def scaled_prediction(figures: dict, profile, images: np.ndarray, table, n_image
     """
     from drnb.finetune import FinetuneSession
 
-    if n_images < 1:
-        raise ValueError(f"--predict-images {n_images}: expected a positive number of images")
     rows = np.resize(np.arange(len(images)), n_images)
     scaled_table = table.iloc[rows].reset_index(drop=True).assign(image_id=[str(i) for i in range(n_images)], patient_id=None)
     scaled = profile.derive(duplicate_threshold=0.0)
@@ -498,6 +496,8 @@ def predict_from_rates(args) -> None:
     session = FinetuneSession(images, table, profile, log=lambda line: None)
     predicted = {"rates_from": str(args.rates), "measured_on": figures.get("devices", "?"), "dataset": profile.dataset,
                  "images": len(images), **predicted_figures(figures, profile, session, len(images), source=str(args.rates))}
+    if args.predict_images:
+        predicted.update(scaled_prediction(figures, profile, images, table, args.predict_images))
     _report(predicted, args.json or Path(__file__).parent / "results" / f"{profile.name}-{profile.dataset}-predicted.json")
 
 
@@ -538,6 +538,8 @@ def main() -> None:
     )
     parser.add_argument("--json", help="output file (default benchmarks/results/<profile>-<dataset>.json)")
     args = parser.parse_args()
+    if args.predict_images < 0:
+        parser.error(f"--predict-images {args.predict_images}: expected a positive number of images, or 0 for none")
     if args.rates:
         predict_from_rates(args)
         return

@@ -19,7 +19,8 @@ A run, given a repetition's split (:mod:`drnb.splits`):
    per view between them (:meth:`FinetuneSession.frozen_features`);
 3. with a validation split (carved from the training pool, never the test fold), scores
    quadratic weighted kappa on it after each full epoch and keeps the best weights;
-   without one, keeps the last;
+   without one, keeps the last, moved ``finetune_start_share`` of the way back to the
+   weights the full phase started from (a weight-space ensemble, "WiSE-FT");
 4. predicts the test fold and decodes grades: with the fixed rule, or
    (``cut_points="prior"``) with cut points fitted on ``calibration_images`` images of the
    training pool so that grades come out as often as in the labelled subset
@@ -103,8 +104,9 @@ def runnable_methods(profile: Profile) -> list[str]:
     return [method for method in profile.methods if method != "imagenet" or imagenet_ok]
 
 
-def plan_steps(n_train: int, batch_size: int, profile: Profile) -> tuple[int, int]:
-    """Optimizer steps per warm-up epoch and per fine-tuning epoch.
+def plan_steps(n_train: int, batch_size: int, profile: Profile, protocol: str = "finetune") -> tuple[int, int]:
+    """Optimizer steps per warm-up epoch and per fine-tuning epoch of a run of ``protocol``
+    (``"linear"`` has no fine-tuning epoch).
 
     An epoch is one pass over ``n_train`` images, with three adjustments:
 
@@ -122,7 +124,7 @@ def plan_steps(n_train: int, batch_size: int, profile: Profile) -> tuple[int, in
         the profile has; 0 for a phase with no epochs).
     """
     one_pass = max(math.ceil(n_train / batch_size), 1)
-    epochs = profile.finetune_epochs
+    epochs = profile.finetune_epochs if protocol == "finetune" else 0
     finetune_steps = 0
     if epochs:
         full_total = max(one_pass * epochs, profile.finetune_min_steps)
@@ -434,7 +436,8 @@ class FinetuneSession:
         """The warm-up epochs (head alone), then with ``protocol="finetune"`` the full epochs.
 
         With a validation split the full epoch whose weights score the best validation kappa
-        is kept (its row has ``kept=True``); without one, the last.
+        is kept (its row has ``kept=True``); without one, the last, then moved
+        ``finetune_start_share`` of the way back to the weights the full phase started from.
 
         Returns
         -------
@@ -451,7 +454,7 @@ class FinetuneSession:
                 augment_options={"zoom": profile.finetune_zoom, "colour": profile.finetune_colour, "vertical_flip": True, "rot90": True},
             )
         )
-        warmup_steps, finetune_steps = plan_steps(len(train_indices), batch, profile)
+        warmup_steps, finetune_steps = plan_steps(len(train_indices), batch, profile, protocol)
         warmup_batches, warmup_phase = batches, "head"
         if profile.warmup_on_features and profile.warmup_epochs:
             if features is None:
@@ -462,12 +465,14 @@ class FinetuneSession:
         schedule = [("warmup", warmup_steps)] * profile.warmup_epochs + [("full", finetune_steps)] * full_epochs
         history, best = [], {"kappa": -np.inf, "weights": None, "row": None}
         full_done, full_total = 0, finetune_steps * full_epochs
-        start = self.trainer.model.get_weights() if full_epochs and profile.finetune_start_share else None
+        start = None  # the weights the full phase starts from, for finetune_start_share
         for epoch, (phase, steps) in enumerate(schedule, start=1):
             if phase == "warmup":
                 rate = self.learning_rate
                 step_log = self.trainer.train(warmup_batches, steps, phase=warmup_phase)
             else:
+                if start is None and profile.finetune_start_share:
+                    start = self.trainer.model.get_weights()
                 rate_at = lambda index, done=full_done: learning_rate_at(done + index, full_total, profile, self.learning_rate)  # noqa: E731
                 rate = rate_at(0)
                 step_log = self.trainer.train(batches, steps, phase="full", rate_at=rate_at)
@@ -640,7 +645,7 @@ def write_run(out_dir, metrics, history, test_rows, true_grades, predicted, prob
     """Write a run's ``history.csv``, ``predictions.csv`` and finally ``metrics.json`` (atomically)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # A run that trains nothing (finetune_epochs=0, warmup_epochs=0) still writes the header.
+    # A run that trains nothing (protocol "linear" with a ridge head, no warm-up) still writes the header.
     (pd.DataFrame(history) if history else pd.DataFrame(columns=HISTORY_COLUMNS)).to_csv(out_dir / "history.csv", index=False)
     predictions = pd.DataFrame(
         {"image_id": test_rows["image_id"].to_numpy(), "path": test_rows["path"].to_numpy(), "grade": true_grades, "predicted": predicted}

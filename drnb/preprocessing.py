@@ -16,8 +16,9 @@ and bottom (APTOS 2019), a camera notch at the rim (IDRiD). So every image is
 5. optionally normalised for local colour (Ben Graham's method, Kaggle 2015), the local
    mean taken over the fundus alone so that no halo marks its edges (before the mask).
 
-:func:`preprocess_table` does this for a whole dataset on all cores and caches the result as
-one uint8 ``.npy`` file per (files, parameters) pair.
+:func:`preprocess_table` does this for a whole dataset on all cores and caches the result per
+(files, parameters) pair: the images (uint8 ``.npy``), each photograph's format before
+preprocessing (``.format.npy``) and the rows kept (``.kept.npy``, written last).
 """
 
 from __future__ import annotations
@@ -321,20 +322,13 @@ def preprocess_table(
         logger.info("preprocessed images read from cache %s", images_path)
         if len(kept) < len(table):
             # The cache was written by a run that dropped unreadable images: same rule again.
-            dropped = table["path"].drop(table.index[kept]).tolist()
-            message = f"{len(dropped)} of {len(table)} image(s) could not be preprocessed, e.g. {dropped[:5]}"
-            if not drop_unreadable:
-                raise ValueError(message + "; drop_unreadable=True (--set drop_unreadable=true) skips them")
-            logger.warning("%s; dropping them", message)
+            _drop_or_raise_unreadable(table["path"].drop(table.index[kept]).tolist(), len(table), drop_unreadable)
         return images, with_format(table.iloc[kept], formats)
 
     results = _preprocess_all(table["path"].tolist(), config, workers, progress)
     failures = [result for result in results if isinstance(result, str)]
     if failures:
-        message = f"{len(failures)} of {len(table)} image(s) could not be preprocessed, e.g. {failures[:5]}"
-        if not drop_unreadable:
-            raise ValueError(message + "; drop_unreadable=True (--set drop_unreadable=true) skips them")
-        logger.warning("%s; dropping them", message)
+        _drop_or_raise_unreadable(failures, len(table), drop_unreadable)
     kept = np.array([i for i, result in enumerate(results) if not isinstance(result, str)], dtype=np.int64)
     if kept.size == 0:
         raise ValueError("no image of the dataset could be preprocessed")
@@ -347,6 +341,15 @@ def preprocess_table(
         with atomic_path(path) as temporary:  # ends in .npy, as the cache's names do
             np.save(temporary, array)
     return images, with_format(table.iloc[kept], formats)
+
+
+def _drop_or_raise_unreadable(failures: list[str], total: int, drop_unreadable: bool) -> None:
+    """Raise naming the first few photographs that could not be preprocessed, or, with
+    ``drop_unreadable``, warn that they are dropped."""
+    message = f"{len(failures)} of {total} image(s) could not be preprocessed, e.g. {failures[:5]}"
+    if not drop_unreadable:
+        raise ValueError(message + "; drop_unreadable=True (--set drop_unreadable=true) skips them")
+    logger.warning("%s; dropping them", message)
 
 
 def _preprocess_all(paths: list[str], config: PreprocessConfig, workers: int | None, progress: bool) -> list:

@@ -216,14 +216,20 @@ class Profile:
                 "protocol 'linear' trains the head alone, and warmup_epochs=0 trains nothing: expected "
                 "head_init='ridge' (a head fitted in closed form on the frozen features), or warm-up epochs"
             )
-        if not self.finetune_epochs:
+        if "finetune" not in self.protocols:
             if self.validation_fraction:
                 raise ValueError(
                     f"validation_fraction={self.validation_fraction!r} chooses among fine-tuning epochs, "
-                    "and finetune_epochs=0 has none: expected 0"
+                    "and protocols=('linear',) has none: expected 0"
                 )
             if not self.warmup_epochs and self.min_steps:
-                raise ValueError(f"min_steps={self.min_steps}: expected 0 when warmup_epochs=0 and finetune_epochs=0")
+                raise ValueError(f"min_steps={self.min_steps}: expected 0 when warmup_epochs=0 and nothing is fine-tuned")
+        if self.finetune_start_share and self.validation_fraction:
+            raise ValueError(
+                f"finetune_start_share={self.finetune_start_share!r} moves the last weights back towards the start, "
+                f"and validation_fraction={self.validation_fraction!r} would choose weights that are never used: "
+                "expected one of them 0"
+            )
         if self.repetitions > self.folds:
             raise ValueError(f"repetitions={self.repetitions} exceeds folds={self.folds}: repetition r tests on fold r")
         if self.rotation_mode == "all4" and self.pretext_batch_size % 4:

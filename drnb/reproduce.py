@@ -142,8 +142,9 @@ KERNEL_MANAGERS: "weakref.WeakSet" = weakref.WeakSet()
 
 
 def stop_kernels() -> int:
-    """Kill every kernel drnb started in this process, with its child processes, and remove
-    its connection and socket files. Safe from a signal handler: no event loop is needed.
+    """Kill every kernel drnb started in this process that is still running, with its child
+    processes, and remove its connection and socket files. Safe from a signal handler: no
+    event loop is needed.
 
     Returns
     -------
@@ -153,33 +154,37 @@ def stop_kernels() -> int:
     killed = 0
     for manager in list(KERNEL_MANAGERS):
         provisioner = getattr(manager, "provisioner", None)
-        pid = getattr(provisioner, "pid", None)
-        if pid:
+        process = getattr(provisioner, "process", None)
+        if process is not None and process.poll() is None:
             # A kernel runs in a session of its own: its process group is it and its children
             # (the preprocessing's worker processes, say).
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(getattr(provisioner, "pgid", None) or pid, signal.SIGKILL)
+                os.killpg(getattr(provisioner, "pgid", None) or process.pid, signal.SIGKILL)
             killed += 1
         for cleanup in ("cleanup_connection_file", "cleanup_ipc_files"):
             with contextlib.suppress(OSError, AttributeError):
                 getattr(manager, cleanup)()
+        KERNEL_MANAGERS.discard(manager)
     return killed
 
 
 @contextlib.contextmanager
-def stopping_on_signals(log=print):
+def stopping_on_signals():
     """While inside: SIGINT and SIGTERM kill drnb's kernels at once (:func:`stop_kernels`) and
-    are recorded in the list yielded, so the caller starts nothing more. Outside the main
-    thread (where Python cannot set handlers) nothing changes."""
+    are recorded in the list yielded, so the caller starts nothing more; a second signal ends
+    the process at once. Outside the main thread (where Python cannot set handlers) nothing
+    changes."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
 
     def handler(number, frame):
+        if received:  # asked twice: stop waiting for anything
+            stop_kernels()
+            raise SystemExit(128 + number)
         received.append(number)
-        stopped = stop_kernels()
-        log(f"{signal.Signals(number).name}: stopping ({stopped} kernel(s) killed)")
+        stop_kernels()
 
     previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -189,10 +194,13 @@ def stopping_on_signals(log=print):
             signal.signal(number, action)
 
 
-def in_worker_thread(function) -> BaseException | None:
+def in_worker_thread(function, received: list[int]) -> BaseException | None:
     """Run ``function()`` in a thread while this one waits, so that this thread's signal
     handlers run at once (papermill's event loop would otherwise take SIGINT and SIGTERM for
-    its own, which only ask the kernel to shut down after its cell); return what it raised."""
+    its own, which only ask the kernel to shut down after its cell); return what it raised.
+
+    Once a signal is in ``received``, a kernel the thread starts after it is killed too.
+    """
     raised: list[BaseException] = []
 
     def target():
@@ -205,6 +213,8 @@ def in_worker_thread(function) -> BaseException | None:
     worker.start()
     while worker.is_alive():
         worker.join(0.2)
+        if received:
+            stop_kernels()
     return raised[0] if raised else None
 
 
@@ -271,13 +281,13 @@ def reproduce(
         settings["data_dir"] = str(Path(data_dir).expanduser().resolve())
     profile = resolve_profile(profile_name, settings)  # every settings error surfaces here
     _check_data(profile)
-    paths, profile = open_run(
-        out or default_run_dir(f"{profile_name}-{profile.dataset}"), profile_name, settings, same_profile=True
-    )
     source = Path(notebooks) if notebooks else notebook_dir()
     kernel = kernel or default_kernel()
-    report = ReproduceReport(run=paths)
-    with run_lock(paths), stopping_on_signals(log) as received:
+    folder = RunPaths(Path(out).expanduser().resolve() if out else default_run_dir(f"{profile_name}-{profile.dataset}"))
+    # The lock first: two runs started together into a new folder must not both write its settings.
+    with run_lock(folder), stopping_on_signals() as received:
+        paths, profile = open_run(folder.root, profile_name, settings, same_profile=True)
+        report = ReproduceReport(run=paths)
         log(f"drnb reproduce: profile {profile.name}, dataset {profile.dataset}, run folder {paths.root}, kernel {kernel}")
         _run_cells(plan(profile, paths), profile, source, kernel, overwrite, report, received, log)
         if report.stopped_by is not None:
@@ -333,7 +343,7 @@ def _run_cells(cells: list[Cell], profile: Profile, source: Path, kernel: str, o
             cwd=str(source),
             progress_bar=False,
             log_output=False,
-        ))
+        ), received)
         if received:
             report.failed.append((cell.label, cell.output, f"stopped by {signal.Signals(received[0]).name}"))
             break

@@ -15,7 +15,8 @@
                                     a cache, removed when drnb reproduce finishes the sweep)
       results.csv, table.csv, table.md, comparison.csv, kappa_vs_fraction.png (notebook 04)
       notebooks/                    the executed notebooks (drnb reproduce)
-      .drnb-lock                    the process id of the drnb reproduce that holds the folder
+      .drnb-lock                    the process id of the last drnb reproduce that held the folder
+                                    (the lock itself is the operating system's, on this file)
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ def open_run(
     run_dir : path
         ``""`` means :func:`default_run_dir`.
     profile_name : str
-        Used only when the run folder has no ``profile.json`` yet.
+        The profile of a new run folder (and, with ``same_profile``, the one an existing
+        folder must have been made with).
     overrides : dict, optional
         Settings to change; empty values (``""``) are ignored, so notebook parameters can
         default to "the profile's value".

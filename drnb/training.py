@@ -33,13 +33,13 @@ import tensorflow as tf
 
 from drnb.models import leaf_layers, stack
 from drnb.pipeline import without_autotune
+from drnb.profiles import BATCHNORM_MODES
 
 logger = logging.getLogger(__name__)
 
 # Keras's names for them (drnb.targets.TARGET_LOSSES gives a fine-tuning target's).
 LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy", "mean_squared_error")
 PHASES = ("head", "full", "features")
-BATCHNORM_MODES = ("batch", "frozen")
 
 
 def cosine_rate(position: float, length: float, base_rate: float) -> float:

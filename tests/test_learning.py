@@ -163,6 +163,10 @@ def test_a_profile_without_epochs_plans_no_steps(profile):
                             target="regression", finetune_hidden=(), protocols=("linear",))
     assert plan_steps(10, 32, linear) == (0, 0)
     assert plan_steps(10, 32, linear.derive(warmup_epochs=2, min_steps=30)) == (15, 0)  # the head alone makes up the floor
+    # A linear run of a profile that also fine-tunes: its warm-up alone makes up the floor.
+    both = profile.derive(warmup_epochs=2, finetune_epochs=4, min_steps=30, protocols=("finetune", "linear"))
+    assert plan_steps(10, 32, both, "linear") == (15, 0)
+    assert plan_steps(10, 32, both, "finetune")[1] > 0
 
 
 def test_cosine_schedule_decays_towards_zero_step_by_step_and_constant_does_not(profile):

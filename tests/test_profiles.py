@@ -121,14 +121,14 @@ def test_a_run_folder_written_before_a_setting_existed_keeps_its_old_behaviour(t
 
 
 def test_quick_normalises_local_colour_and_paper_keeps_the_studys_images():
-    # Measured on IDRiD's raw photographs (README): Ben Graham's normalisation is worth about
+    # Measured on IDRiD's raw photographs (docs/decisions.md): Ben Graham's normalisation is worth about
     # .2 QWK to quick; the study's code fed the photographs as they were.
     assert PROFILES["quick"].ben_graham and not PROFILES["paper"].ben_graham
     assert resolve_profile("quick", {"ben_graham": "false"}).ben_graham is False
 
 
 def test_quick_pools_every_stage_and_a_run_folder_from_before_keeps_the_last(tmp_path):
-    # Measured on EyePACS and IDRiD (README): the middle stages carry more of the grade.
+    # Measured on EyePACS and IDRiD (docs/decisions.md): the middle stages carry more of the grade.
     assert PROFILES["quick"].feature_stages == "all"
     assert resolve_profile("quick", {"feature_stages": "last"}).feature_stages == "last"
     values = json.loads(PROFILES["quick"].to_json())
