@@ -211,7 +211,7 @@ def planned_work(profile, session, n_images: int) -> dict:
     import math
 
     from drnb.distribute import scaled_batch_and_rate
-    from drnb.finetune import plan_steps, runnable_methods, shares_fresh_encoder, starts_shared, symmetry_views
+    from drnb.finetune import full_epochs, plan_steps, runnable_methods, shares_fresh_encoder, starts_shared, symmetry_views
     from drnb.splits import split_holdout
 
     # The session's groups are the pretext's (patients and near duplicates) in the stratified split mode.
@@ -251,7 +251,8 @@ def planned_work(profile, session, n_images: int) -> dict:
             for protocol in profile.protocols:
                 warmup_steps, finetune_steps = plan_steps(len(train), batch, profile, protocol)
                 trains = protocol == "finetune"  # predicts through the network; a linear run reads features
-                scored = [split.test] + ([split.validation_for(fraction)] * profile.finetune_epochs if trains else [])
+                epochs = full_epochs(profile, protocol)
+                scored = [split.test] + [split.validation_for(fraction)] * epochs
                 if profile.cut_points == "prior":
                     scored.append(calibration)
                 predicted = sum(len(rows) for rows in scored) * len(test_views)  # each image in every view averaged
@@ -267,7 +268,7 @@ def planned_work(profile, session, n_images: int) -> dict:
                 work["finetune_predict"] += len(methods) * predicted if trains else 0
                 warmup_images = profile.warmup_epochs * warmup_steps * batch
                 work["finetune_features" if on_features else "finetune_head"] += len(methods) * warmup_images
-                work["finetune_full"] += len(methods) * profile.finetune_epochs * finetune_steps * batch if trains else 0
+                work["finetune_full"] += len(methods) * epochs * finetune_steps * batch
                 if ridge_turns:
                     work["ridge_fits"] += len(methods)
                     work["ridge_rows"] += len(methods) * ridge_turns * len(train)

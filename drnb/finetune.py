@@ -104,6 +104,12 @@ def runnable_methods(profile: Profile) -> list[str]:
     return [method for method in profile.methods if method != "imagenet" or imagenet_ok]
 
 
+def full_epochs(profile: Profile, protocol: str) -> int:
+    """Epochs with everything training in a run of ``protocol``: ``finetune_epochs``, or 0 for
+    ``"linear"``, whose encoder keeps its start."""
+    return profile.finetune_epochs if protocol == "finetune" else 0
+
+
 def plan_steps(n_train: int, batch_size: int, profile: Profile, protocol: str = "finetune") -> tuple[int, int]:
     """Optimizer steps per warm-up epoch and per fine-tuning epoch of a run of ``protocol``
     (``"linear"`` has no fine-tuning epoch).
@@ -124,7 +130,7 @@ def plan_steps(n_train: int, batch_size: int, profile: Profile, protocol: str = 
         the profile has; 0 for a phase with no epochs).
     """
     one_pass = max(math.ceil(n_train / batch_size), 1)
-    epochs = profile.finetune_epochs if protocol == "finetune" else 0
+    epochs = full_epochs(profile, protocol)
     finetune_steps = 0
     if epochs:
         full_total = max(one_pass * epochs, profile.finetune_min_steps)
@@ -461,10 +467,10 @@ class FinetuneSession:
                 features = self.frozen_features(train_indices)
             warmup_batches = self.trainer.batches(feature_batches(features, train_targets, batch, seed))
             warmup_phase = "features"
-        full_epochs = profile.finetune_epochs if protocol == "finetune" else 0
-        schedule = [("warmup", warmup_steps)] * profile.warmup_epochs + [("full", finetune_steps)] * full_epochs
+        epochs = full_epochs(profile, protocol)
+        schedule = [("warmup", warmup_steps)] * profile.warmup_epochs + [("full", finetune_steps)] * epochs
         history, best = [], {"kappa": -np.inf, "weights": None, "row": None}
-        full_done, full_total = 0, finetune_steps * full_epochs
+        full_done, full_total = 0, finetune_steps * epochs
         start = None  # the weights the full phase starts from, for finetune_start_share
         for epoch, (phase, steps) in enumerate(schedule, start=1):
             if phase == "warmup":
