@@ -1,17 +1,41 @@
 """drnb: self-supervised rotation pretraining for diabetic-retinopathy grading.
 
-The pipeline, module by module: :mod:`drnb.datasets` (registry and loaders) ->
+The story, module by module: :mod:`drnb.datasets` (registry and loaders) ->
 :mod:`drnb.preprocessing` (fundus crop, mask, cache) -> :mod:`drnb.pipeline` (tf.data,
-augmentation, rotations) -> :mod:`drnb.models` (encoders, heads) -> :mod:`drnb.pretext` ->
-:mod:`drnb.splits` and :mod:`drnb.targets` -> :mod:`drnb.finetune` -> :mod:`drnb.metrics` ->
-:mod:`drnb.results` -> :mod:`drnb.plots`; :mod:`drnb.profiles` holds every setting,
-:mod:`drnb.runs` the run-folder layout, :mod:`drnb.reproduce` the headless papermill run.
+augmentation, rotations) -> :mod:`drnb.models` (encoders, heads) -> :mod:`drnb.training`
+-> :mod:`drnb.pretext` and :mod:`drnb.finetune` -> :mod:`drnb.results` -> :mod:`drnb.reproduce`
+-> :mod:`drnb.cli`. Each module owns its options; :mod:`drnb.profiles` gathers them into
+the settings of a run.
 """
 
+import contextlib
 import os
+import sys
 
-# TensorFlow's C++ start-up chatter (CUDA probing, CPU features) drowns notebook output;
-# keep warnings and errors. A user's own setting wins.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Set this environment variable to 1 to see TensorFlow's C++ log (start-up lines about CUDA,
+# oneDNN and CPU features, then its warnings and errors); unset, drnb hides it, in its own
+# process and in the notebook kernels it starts, so that progress lines stay readable.
+TF_LOG_VARIABLE = "DRNB_TF_LOG"
+
+
+@contextlib.contextmanager
+def _stderr_discarded():
+    """Send file descriptor 2 to /dev/null for the block: TensorFlow writes its start-up lines
+    from C++ before it reads any log setting."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+if os.environ.get(TF_LOG_VARIABLE, "0") in ("", "0"):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with _stderr_discarded():
+        import tensorflow  # noqa: F401  (imported once here, quietly; every later import reuses it)
 
 __version__ = "0.1.0"

@@ -62,8 +62,6 @@ class DatasetInfo:
     grade_column: str = ""
     patient_column: str = ""  # csv layout: column of patient ids; "" = from ids named <patient>_<left|right>
     suffix: str = ""
-    download_url: str = ""
-    md5: str = ""
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -123,8 +121,6 @@ DATASETS: dict[str, DatasetInfo] = {
             citation="Yang et al., MedMNIST v2, Scientific Data 2023",
             kind="npz",
             label_file="retinamnist.npz",
-            download_url="https://zenodo.org/records/10519652/files/retinamnist.npz?download=1",
-            md5="bd4c0672f1bba3e3a89f0e4e876791e4",
         ),
         DatasetInfo(
             name="csv",

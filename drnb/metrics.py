@@ -19,17 +19,19 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix, recall_score
 
+from drnb.checks import check_integer
 from drnb.targets import N_GRADES, validate_grades
 
 logger = logging.getLogger(__name__)
 
-GRADES = (0, 1, 2, 3, 4)
+GRADES = tuple(range(N_GRADES))
 INVALID_PREDICTION_GRADE = 0
 
 __all__ = [
     "GRADES",
     "INVALID_PREDICTION_GRADE",
     "bootstrap_kappa_ci",
+    "bootstrap_kappa_difference_ci",
     "evaluate_predictions",
     "quadratic_weighted_kappa",
 ]
@@ -165,8 +167,7 @@ def bootstrap_kappa_ci(
     confidence : float
         Confidence level in (0, 1).
     n_resamples : int
-        Number of bootstrap resamples, >= 1 (vectorised: 1000 resamples of 700 images take
-        about 0.1 s).
+        Number of bootstrap resamples, >= 1.
     seed : int
         Seed (>= 0) of the resampling.
 
@@ -189,32 +190,64 @@ def bootstrap_kappa_ci(
         raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
     if not 0.0 < float(confidence) < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-    if isinstance(n_resamples, (bool, np.bool_)) or not isinstance(n_resamples, Integral):
-        raise ValueError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, Integral) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    check_integer(n_resamples, "n_resamples", 1)
+    check_integer(seed, "seed", 0)
     point = quadratic_weighted_kappa(y_true, y_pred)  # validates the pair
     t, p = _checked_pair(y_true, y_pred)
     if len(t) < 2 or np.isnan(point):
         return float("nan"), float("nan")
+    return _percentile_interval((t, p), kappa_of_resamples, n_resamples, seed, confidence)
 
+
+def bootstrap_kappa_difference_ci(
+    y_true, first, second, n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``kappa(y_true, first) - kappa(y_true, second)``.
+
+    Images are resampled with both predictions (paired), so the interval measures how much
+    one grader beats the other on the same images, not how much either varies alone.
+
+    Parameters
+    ----------
+    y_true, first, second : array-like, shape (N,)
+        True grades and two graders' predicted grades, integers 0..4.
+
+    Returns
+    -------
+    tuple of float
+        ``(low, high)``; ``(nan, nan)`` where a resample leaves kappa undefined.
+    """
+    data = tuple(np.asarray(a) for a in (y_true, first, second))
+    return _percentile_interval(
+        data,
+        lambda y, a, b, axis=-1: kappa_of_resamples(y, a, axis) - kappa_of_resamples(y, b, axis),
+        n_resamples,
+        seed,
+        confidence,
+    )
+
+
+def _percentile_interval(data: tuple, statistic, n_resamples: int, seed: int, confidence: float) -> tuple[float, float]:
+    """``scipy.stats.bootstrap`` over ``data``'s arrays resampled together (paired), percentile
+    method, seeded: the same inputs and seed give the same interval; (nan, nan) when undefined."""
     with warnings.catch_warnings():
         # A zero-width interval (all resamples equal) is a valid answer for the percentile
         # method; scipy warns about it because BCa would fail there.
         warnings.simplefilter("ignore", category=stats.DegenerateDataWarning)
-        result = stats.bootstrap(
-            (t, p),
-            kappa_of_resamples,
-            n_resamples=int(n_resamples),
-            vectorized=True,
-            batch=200,  # bounds the one-hot arrays at 200 x N x 5
-            paired=True,
-            confidence_level=float(confidence),
-            method="percentile",
-            **{_BOOTSTRAP_RNG_KW: np.random.default_rng(int(seed))},
-        )
+        try:
+            result = stats.bootstrap(
+                data,
+                statistic,
+                n_resamples=int(n_resamples),
+                vectorized=True,
+                batch=200,  # bounds the one-hot arrays at 200 x N x 5
+                paired=True,
+                confidence_level=float(confidence),
+                method="percentile",
+                **{_BOOTSTRAP_RNG_KW: np.random.default_rng(int(seed))},
+            )
+        except ValueError:  # too few images, or a degenerate resample
+            return float("nan"), float("nan")
     low = float(result.confidence_interval.low)
     high = float(result.confidence_interval.high)
     if np.isnan(low) or np.isnan(high):

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
-from drnb.metrics import kappa_of_resamples, quadratic_weighted_kappa
+from drnb.metrics import bootstrap_kappa_difference_ci, quadratic_weighted_kappa
 
 # What each (protocol, method) pair's runs are, in words: the linear read-out of a scratch
 # encoder is an untrained network, not the study's scratch-trained baseline.
@@ -204,20 +203,7 @@ def compare_methods(
         merged = ours.merge(theirs, on=["image_id", "repetition"], suffixes=("_a", "_b"))
         data = (merged["grade_a"].to_numpy(), merged["predicted_a"].to_numpy(), merged["predicted_b"].to_numpy())
         difference = quadratic_weighted_kappa(data[0], data[1]) - quadratic_weighted_kappa(data[0], data[2])
-        try:
-            interval = stats.bootstrap(
-                data,
-                lambda y, a, b, axis=-1: kappa_of_resamples(y, a, axis) - kappa_of_resamples(y, b, axis),
-                paired=True,
-                vectorized=True,
-                batch=200,
-                n_resamples=n_resamples,
-                method="percentile",
-                random_state=np.random.default_rng(seed),
-            ).confidence_interval
-            low, high = float(interval.low), float(interval.high)
-        except ValueError:  # too few images, or a degenerate resample
-            low, high = float("nan"), float("nan")
+        low, high = bootstrap_kappa_difference_ci(*data, n_resamples=n_resamples, seed=seed)
         verdict = "better" if low > 0 else "worse" if high < 0 else "no clear difference"
         rows.append(
             {

@@ -74,18 +74,17 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold
 
+from drnb.checks import check_integer
 from drnb.targets import N_GRADES, validate_grades
 
 logger = logging.getLogger(__name__)
 
 MODES = ("stratified", "reference")
-STUDY_FRACTIONS = (0.05, 0.10, 0.25, 0.50, 1.0)
 REFERENCE_VALIDATION_FRACTION = 0.05
 
 __all__ = [
     "MODES",
     "REFERENCE_VALIDATION_FRACTION",
-    "STUDY_FRACTIONS",
     "RepetitionSplit",
     "assign_folds",
     "make_repetition_split",
@@ -188,14 +187,6 @@ def validate_fraction(fraction) -> float:
         hint = " (a percentage? pass 0.05 for 5 %)" if 1.0 < f <= 100.0 else ""
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}{hint}")
     return f
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, Integral):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _check_validation_fraction(validation_fraction) -> float:
@@ -324,8 +315,8 @@ def assign_folds(grades, patient_ids=None, n_folds: int = 5, seed: int = 0) -> n
     (``KFold``, or ``KFold`` over patients) and a warning is logged.
     """
     g = validate_grades(grades)
-    n_folds = _check_int(n_folds, "n_folds", 2)
-    seed = _check_int(seed, "seed", 0)
+    n_folds = check_integer(n_folds, "n_folds", 2)
+    seed = check_integer(seed, "seed", 0)
     ids = _check_patient_ids(patient_ids, len(g))
     if len(g) == 0:
         raise ValueError("grades is empty; cross-validation needs at least n_folds rows")
@@ -424,8 +415,8 @@ def _reference_split(
 def _checked_common(grades, fractions, patient_ids, n_folds, seed, validation_fraction, mode):
     g = validate_grades(grades)
     mode = _check_mode(mode)
-    n_folds = _check_int(n_folds, "n_folds", 2)
-    seed = _check_int(seed, "seed", 0)
+    n_folds = check_integer(n_folds, "n_folds", 2)
+    seed = check_integer(seed, "seed", 0)
     checked_fractions = _check_fractions(fractions)
     validation_fraction = _check_validation_fraction(validation_fraction)
     ids = _check_patient_ids(patient_ids, len(g))
@@ -541,7 +532,7 @@ def make_splits(
     g, fr, ids, n_folds, seed, vf, mode = _checked_common(
         grades, fractions, patient_ids, n_folds, seed, validation_fraction, mode
     )
-    repetitions = _check_int(repetitions, "repetitions", 1)
+    repetitions = check_integer(repetitions, "repetitions", 1)
     if repetitions > n_folds:
         raise ValueError(
             f"repetitions must be at most n_folds={n_folds} (one test fold each), "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import subprocess
 import sys
 
 import numpy as np
@@ -274,3 +275,13 @@ def test_default_kernel_is_drnb_only_when_it_runs_this_interpreter(tmp_path, mon
     (kernel_dir / "kernel.json").write_text(json.dumps(spec))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
     assert drnb.reproduce.default_kernel() == ("drnb" if ours else "python3")
+
+
+def test_tensorflow_log_is_hidden_unless_drnb_tf_log_asks_for_it():
+    # Imports TensorFlow and runs ops that make it log (CUDA probing, oneDNN fallbacks).
+    code = "import drnb.models, tensorflow as tf; tf.image.rot90(tf.zeros((1, 4, 4, 3), tf.int32)).numpy()"
+    env = {key: value for key, value in os.environ.items() if key not in ("DRNB_TF_LOG", "TF_CPP_MIN_LOG_LEVEL")}
+    quiet = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert quiet.stderr == ""
+    loud = subprocess.run([sys.executable, "-c", code], env={**env, "DRNB_TF_LOG": "1"}, capture_output=True, text=True, check=True)
+    assert loud.stderr.strip(), "with DRNB_TF_LOG=1 TensorFlow's own log lines should reach stderr"
