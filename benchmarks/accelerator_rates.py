@@ -2,7 +2,7 @@
 
 drnb trains with TensorFlow (``tf.data`` and a traced step). A lent GPU machine may hold JAX or
 PyTorch but no TensorFlow, and no package registry to install it from. This script builds the
-profile's own models with :mod:`drnb.models` (encoder, pooling, head widths, dropout, the
+profile's own models with :mod:`drnb.models` (encoder, head widths, dropout, the
 profile's learning rates and mixed-precision policy) and times Keras's own compiled step on
 photographs held in memory, on whatever backend ``KERAS_BACKEND`` names. It measures:
 
@@ -262,7 +262,7 @@ def main() -> None:
     )
 
     # A ridge-fitted head is fitted with NumPy on this machine's CPU cores.
-    record(**ridge_fit_timing(encoder.output_shape[-1], profile.ridge_turns, profile.ridge_criterion))
+    record(**ridge_fit_timing(encoder.output_shape[-1], profile.test_time_turns))
 
     # A notebook's kernel imports drnb on this backend; the TensorFlow path's import is measured by run_benchmarks.py.
     start = time.perf_counter()

@@ -51,15 +51,10 @@ RESERVE_MARGIN_SECONDS = 15.0  # per rotation run, beyond the scratch run's stea
 UNSUPPORTED = {  # setting -> the only value this script implements
     "finetune_min_steps": 0,
     "finetune_max_steps": 0,
-    "min_steps": 0,
-    "warmup_on_features": False,
     "lr_schedule": "constant",
-    "pretext_lr_schedule": "constant",
     "cut_points": "fixed",
     "test_time_turns": 1,
     "head_init": "random",
-    "ridge_turns": 1,
-    "ridge_criterion": "error",
     "recalibrate_batchnorm": False,
     "scratch_encoder": "per_repetition",
     "protocols": ("finetune",),
@@ -355,6 +350,7 @@ class Study:
             The encoder's weights (None when no epoch ran) and the pretext's figures.
         """
         from drnb.models import profile_encoder, rotation_head, stack
+        from drnb.pretext import HOLDOUT_FRACTION, planned_epochs, rotated_copies
         from drnb.splits import split_holdout
 
         profile, keras = self.profile, self.keras
@@ -364,14 +360,14 @@ class Study:
         head = rotation_head(encoder.output_shape[-1], profile)
         pretext = stack(encoder, head, name="pretext")
         pretext.compile(optimizer=keras.optimizers.Adam(profile.pretext_learning_rate), loss="sparse_categorical_crossentropy")
-        train_rows, heldout_rows = split_holdout(len(self.images), profile.pretext_holdout_fraction, profile.seed, self.groups)
+        train_rows, heldout_rows = split_holdout(len(self.images), HOLDOUT_FRACTION, profile.seed, self.groups)
         heldout_turns = np.tile(np.arange(4), len(heldout_rows))
         heldout_images = square_symmetries(self.images[np.repeat(heldout_rows, 4)], heldout_turns)
         # all4: a batch holds batch/4 photographs, each in its four rotations (RotNet); random1: one random turn each.
-        copies = profile.rotated_copies
+        copies = rotated_copies(profile)
         stream = BatchStream(train_rows, profile.pretext_batch_size // copies, profile.seed)
         turns_rng = np.random.default_rng([profile.seed, 1])
-        epochs, planned = [], profile.planned_pretext_epochs(len(train_rows) * copies)
+        epochs, planned = [], planned_epochs(profile, len(train_rows) * copies)
 
         def heldout_accuracy() -> float:
             predicted = predict_whole_batches(pretext, heldout_images, profile.pretext_batch_size).argmax(axis=1)

@@ -140,7 +140,7 @@ def large_photograph_seconds(repeats: int = 3, image_size: int = 128) -> float:
 RIDGE_TIMING_ROWS = (2_048, 16_384)
 
 
-def ridge_fit_timing(n_features: int, views: int, criterion: str, rows: tuple[int, int] = RIDGE_TIMING_ROWS) -> dict:
+def ridge_fit_timing(n_features: int, views: int, rows: tuple[int, int] = RIDGE_TIMING_ROWS) -> dict:
     """A ridge head's fit (:func:`drnb.ridge.fit_ridge`) timed on random features at two sizes.
 
     Its cost is about fixed plus linear in the rows (the (F, F) Gram matrix and the left-out
@@ -151,9 +151,7 @@ def ridge_fit_timing(n_features: int, views: int, criterion: str, rows: tuple[in
     n_features : int
         The encoder's pooled width F.
     views : int
-        Rows per image (the profile's ``ridge_turns``), left out together as in the runs.
-    criterion : str
-        The profile's ``ridge_criterion``.
+        Rows per image (the profile's ``test_time_turns``), left out together as in the runs.
     rows : (int, int)
         The two sizes timed, in rows.
 
@@ -171,7 +169,7 @@ def ridge_fit_timing(n_features: int, views: int, criterion: str, rows: tuple[in
         features = rng.normal(size=(images * views, n_features)).astype(np.float32)
         grades = np.tile(rng.integers(0, 5, images), views).astype(np.float32)
         start = time.perf_counter()
-        fit_ridge(features, grades, groups=np.tile(np.arange(images), views), criterion=criterion)
+        fit_ridge(features, grades, groups=np.tile(np.arange(images), views), criterion="correlation")
         seconds.append(time.perf_counter() - start)
     per_row = max((seconds[1] - seconds[0]) / (rows[1] - rows[0]), 1e-12)
     return {"ridge_fit_seconds": max(seconds[0] - per_row * rows[0], 0.0), "ridge_seconds_per_row": per_row}
@@ -184,10 +182,10 @@ def planned_work(profile, session, n_images: int) -> dict:
     and the held-out rotations it scores (every ``pretext_eval_every`` epochs and after the
     last). Fine-tuning: for every method, protocol, fraction and repetition, the run's real labelled
     subset (from ``session``'s splits) through
-    :func:`drnb.finetune.plan_steps`; the images encoded for a warm-up on features; the
-    validation images scored after each full epoch; the images the cut points are fitted on;
-    the test fold (each of these three ``test_time_turns`` times). Features for a warm-up on
-    features or a ridge-fitted head (in each of ``ridge_turns`` views), and, for a run of the
+    :func:`drnb.finetune.plan_steps`; the validation images scored after each full epoch; the
+    images the cut points are fitted on; the test fold (each of these three
+    ``test_time_turns`` times). Features for a ridge-fitted head (in each of the
+    ``test_time_turns`` views), and, for a run of the
     ``linear`` protocol, which never trains its encoder, the features its predictions read, are
     encoded once per row, view and starting encoder over the whole sweep, as the notebooks
     share them (:mod:`drnb.features`): one encoder for the methods that start every run from
@@ -202,7 +200,7 @@ def planned_work(profile, session, n_images: int) -> dict:
     -------
     dict
         Image counts per kind of work (``pretext_train``, ``pretext_predict``,
-        ``finetune_full``, ``finetune_head``, ``finetune_features``, ``finetune_encode``
+        ``finetune_full``, ``finetune_head``, ``finetune_encode``
         (features), ``finetune_predict`` (through the network)), the ridge fits and their
         rows (``ridge_fits``, ``ridge_rows``), the number of fine-tuning runs, of fresh
         encoders built (``fresh_encoders``: one per run, or one per notebook for a shared
@@ -212,29 +210,27 @@ def planned_work(profile, session, n_images: int) -> dict:
 
     from drnb.distribute import scaled_batch_and_rate
     from drnb.finetune import full_epochs, plan_steps, runnable_methods, shares_fresh_encoder, starts_shared, symmetry_views
+    from drnb.pretext import HOLDOUT_FRACTION, planned_epochs, rotated_copies
     from drnb.splits import split_holdout
 
     # The session's groups are the pretext's (patients and near duplicates) in the stratified split mode.
-    pretext_train, holdout = split_holdout(n_images, profile.pretext_holdout_fraction, profile.seed, session.patient_ids)
-    rotated_per_epoch = len(pretext_train) * profile.rotated_copies
+    pretext_train, holdout = split_holdout(n_images, HOLDOUT_FRACTION, profile.seed, session.patient_ids)
+    rotated_per_epoch = len(pretext_train) * rotated_copies(profile)
     # Batches are per replica; the global batch grows with the replicas, as in the runs.
     pretext_batch, _ = scaled_batch_and_rate(profile.pretext_batch_size, profile.pretext_learning_rate, session.strategy)
     pretext_steps = max(1, math.ceil(rotated_per_epoch / pretext_batch))
     # Held-out rotations are scored every pretext_eval_every epochs and after the last.
-    epochs = profile.planned_pretext_epochs(rotated_per_epoch)
+    epochs = planned_epochs(profile, rotated_per_epoch)
     scored_epochs = math.ceil(epochs / profile.pretext_eval_every)
     work = {
         "pretext_train": epochs * pretext_steps * pretext_batch,
         "pretext_predict": scored_epochs * 4 * (len(holdout) or min(len(pretext_train), 64)),
-        "finetune_full": 0, "finetune_head": 0, "finetune_features": 0, "finetune_encode": 0, "finetune_predict": 0,
+        "finetune_full": 0, "finetune_head": 0, "finetune_encode": 0, "finetune_predict": 0,
         "ridge_fits": 0, "ridge_rows": 0,
     }
     methods = runnable_methods(profile)
-    on_features = profile.warmup_on_features and profile.warmup_epochs
-    ridge_turns = profile.ridge_turns if profile.head_init == "ridge" else 0
-    fit_count = max(ridge_turns, 1 if on_features else 0)  # the unturned features serve both
-    fit_views = symmetry_views(fit_count) if fit_count else ()
     test_views = symmetry_views(profile.test_time_turns)
+    fit_views = test_views if profile.head_init == "ridge" else ()
     fresh = sum(not starts_shared(method, profile) for method in methods)  # a fresh encoder per run
     # A fresh encoder every run of a method shares (scratch_encoder="shared"): built, and its
     # batch norm re-estimated, once per notebook.
@@ -267,11 +263,11 @@ def planned_work(profile, session, n_images: int) -> dict:
                             encoded.setdefault((encoder, view), set()).update(np.concatenate(scored).tolist())
                 work["finetune_predict"] += len(methods) * predicted if trains else 0
                 warmup_images = profile.warmup_epochs * warmup_steps * batch
-                work["finetune_features" if on_features else "finetune_head"] += len(methods) * warmup_images
+                work["finetune_head"] += len(methods) * warmup_images
                 work["finetune_full"] += len(methods) * epochs * finetune_steps * batch
-                if ridge_turns:
+                if fit_views:
                     work["ridge_fits"] += len(methods)
-                    work["ridge_rows"] += len(methods) * ridge_turns * len(train)
+                    work["ridge_rows"] += len(methods) * len(fit_views) * len(train)
     work["finetune_encode"] = sum(len(rows) for rows in encoded.values())
     runs_per_notebook = profile.repetitions * len(profile.protocols)
     work["runs"] = len(methods) * len(profile.fractions) * runs_per_notebook
@@ -291,7 +287,7 @@ def predicted_sweep_seconds(work: dict, rates: dict, fixed: dict) -> dict:
         From :func:`planned_work`.
     rates : dict
         Images/s: ``preprocess`` (from files), ``pretext_train``, ``finetune_full``,
-        ``finetune_head``, ``finetune_features``, ``encode`` (features, in any view) and
+        ``finetune_head``, ``encode`` (features, in any view) and
         ``predict`` (inference); rows/s of a ridge fit, ``ridge_rows``.
     fixed : dict
         Seconds: ``kernel`` (a notebook's kernel start and imports), ``load`` (reading the
@@ -316,7 +312,6 @@ def predicted_sweep_seconds(work: dict, rates: dict, fixed: dict) -> dict:
         + work["fresh_encoders"] * fixed["fresh_model"]
         + work["finetune_full"] / rates["finetune_full"]
         + work["finetune_head"] / rates["finetune_head"]
-        + work["finetune_features"] / rates["finetune_features"]
         + work["finetune_encode"] / rates["encode"]
         + work["finetune_predict"] / rates["predict"]
         + work["ridge_fits"] * fixed["ridge_fit"] + work["ridge_rows"] / rates["ridge_rows"]
@@ -326,7 +321,7 @@ def predicted_sweep_seconds(work: dict, rates: dict, fixed: dict) -> dict:
     return stages
 
 
-def sweep_rates(figures: dict, warmup_on_features: bool = False) -> dict:
+def sweep_rates(figures: dict) -> dict:
     """The images/s :func:`predicted_sweep_seconds` needs, from a benchmark's figures.
 
     Each training rate is the one measured through drnb's pipeline when the figures have it
@@ -351,8 +346,6 @@ def sweep_rates(figures: dict, warmup_on_features: bool = False) -> dict:
     rates["ridge_rows"] = 1 / figures["ridge_seconds_per_row"] if "ridge_seconds_per_row" in figures else float("inf")
     for phase, key in (("pretext", "pretext_train"), ("finetune_full", "finetune_full"), ("finetune_head", "finetune_head")):
         rates[key] = first_of(*(f"{phase}_{kind}_images_per_second" for kind in ("drnb", "fit", "bare")))
-    # Only a warm-up on features has a rate of its own; without one, no image is counted at it.
-    rates["finetune_features"] = first_of("finetune_features_images_per_second") if warmup_on_features else float("inf")
     return rates
 
 
@@ -378,10 +371,8 @@ def predicted_figures(figures: dict, profile, session, n_images: int, source: st
     import os
     import re
 
-    rates = sweep_rates(figures, profile.warmup_on_features)
-    warmup_tracing = figures[
-        "finetune_features_tracing_seconds" if profile.warmup_on_features else "finetune_head_tracing_seconds"
-    ]
+    rates = sweep_rates(figures)
+    warmup_tracing = figures["finetune_head_tracing_seconds"]
     fixed = {
         # accelerator_rates.py times an interpreter's imports, not a Jupyter kernel's start.
         "kernel": figures.get("kernel_start_and_import_seconds", figures["python_import_seconds"]),
@@ -548,7 +539,7 @@ def main() -> None:
     import tensorflow as tf
 
     from drnb.distribute import describe_devices
-    from drnb.finetune import FinetuneSession, feature_batches
+    from drnb.finetune import FINETUNE_AUGMENT, FinetuneSession
     from drnb.models import grade_head, profile_encoder
     from drnb.pipeline import labelled_batches, rotation_batches
     from drnb.preprocessing import preprocess_table
@@ -573,13 +564,12 @@ def main() -> None:
     image_tensor = tf.constant(images)
     indices = np.arange(len(images))
 
-    pretext_data = rotation_batches(image_tensor, indices, profile.pretext_batch_size, mode=profile.rotation_mode,
-                                    augment_options={"zoom": profile.pretext_zoom})
+    pretext_data = rotation_batches(image_tensor, indices, profile.pretext_batch_size, mode=profile.rotation_mode)
     figures["pretext_input_images_per_second"] = pipeline_rate(pretext_data, 20)
     targets = encode(table["grade"].to_numpy(np.int64), profile.target)  # as the fine-tuning session encodes them
     finetune_data = labelled_batches(
         image_tensor, indices, targets, profile.finetune_batch_size, seed=0, training=True,
-        augment_options={"zoom": profile.finetune_zoom, "colour": profile.finetune_colour, "vertical_flip": True, "rot90": True},
+        augment_options=FINETUNE_AUGMENT,
     )
     figures["finetune_input_images_per_second"] = pipeline_rate(finetune_data, 20)
     if args.input_only:
@@ -621,15 +611,7 @@ def main() -> None:
     figures["encode_images_per_second"] = len(view_rates) / sum(1 / rate for rate in view_rates)  # images / total time
     figures["encode_view_images_per_second_min"] = min(view_rates)
     figures["encode_view_images_per_second_max"] = max(view_rates)
-    figures.update(ridge_fit_timing(features.shape[1], profile.ridge_turns, profile.ridge_criterion))
-    feature_data = session.trainer.batches(feature_batches(features, targets[: len(features)], batch, seed=0))
-    start = time.perf_counter()
-    session.trainer.train(feature_data, 1, phase="features")  # traces the step
-    figures["finetune_features_tracing_seconds"] = time.perf_counter() - start
-    session.trainer.train(feature_data, 3, phase="features")
-    figures["finetune_features_images_per_second"] = session.trainer.train(
-        feature_data, max(args.steps, 20), phase="features"
-    ).images_per_second
+    figures.update(ridge_fit_timing(features.shape[1], profile.test_time_turns))
     start = time.perf_counter()
     fresh = profile_encoder(profile)
     grade_head(fresh.output_shape[-1], profile).get_weights()

@@ -9,6 +9,7 @@ the settings of a run.
 """
 
 import contextlib
+import importlib.util
 import os
 import sys
 
@@ -35,7 +36,8 @@ def _stderr_discarded():
 
 if os.environ.get(TF_LOG_VARIABLE, "0") in ("", "0"):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    with _stderr_discarded():
-        import tensorflow  # noqa: F401  (imported once here, quietly; every later import reuses it)
+    if importlib.util.find_spec("tensorflow") is not None:  # an accelerator machine may run Keras without it
+        with _stderr_discarded():
+            import tensorflow  # noqa: F401  (imported once here, quietly; every later import reuses it)
 
 __version__ = "0.1.0"

@@ -9,8 +9,8 @@ A run, given a repetition's split (:mod:`drnb.splits`):
    ``scratch_encoder="shared"`` every scratch run starts from one fresh encoder, seeded by
    ``seed``, as every rotation run starts from the one pretext encoder);
 2. with ``head_init="ridge"`` fits its linear head in closed form on the frozen encoder's
-   features (LP-FT's "linear probe"); warms the head up for ``warmup_epochs`` with the
-   encoder frozen; then, under the ``finetune`` protocol only, trains everything for
+   features of the ``test_time_turns`` views (LP-FT's "linear probe"); warms the head up
+   for ``warmup_epochs`` with the encoder frozen; then, under the ``finetune`` protocol only, trains everything for
    ``finetune_epochs`` with a fresh optimizer state, the rate constant or cosine-decayed
    step by step, batch norm on each batch's statistics or frozen (``finetune_batchnorm``).
    Under the ``linear`` protocol the encoder keeps its start, and predictions reuse the
@@ -28,11 +28,10 @@ A run, given a repetition's split (:mod:`drnb.splits`):
 5. writes ``predictions.csv``, ``history.csv`` and, last, ``metrics.json``: a run whose
    ``metrics.json`` exists is finished.
 
-An epoch is one pass over the labelled subset. A run makes at least ``min_steps`` optimizer
-steps, so 5 % of the data is not judged after a few dozen updates: the shortfall is added to
-the warm-up (spread over its epochs), or, without a warm-up, each epoch is stretched. The
-full phase can also be given a floor and a cap (``finetune_min_steps``, ``finetune_max_steps``).
-See :func:`plan_steps` and :func:`learning_rate_at`.
+An epoch is one pass over the labelled subset. The full phase can be given a floor and a cap
+in optimizer steps (``finetune_min_steps``, ``finetune_max_steps``), so that 5 % of the data
+is not judged after a few dozen updates and 100 % costs a bounded time. See
+:func:`plan_steps` and :func:`learning_rate_at`.
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -53,13 +53,30 @@ from drnb.features import FeatureStore, array_fingerprint, encoder_fingerprint
 from drnb.files import write_json
 from drnb.metrics import evaluate_predictions, quadratic_weighted_kappa
 from drnb.models import grade_head, imagenet_weights_available, profile_encoder, recalibrate_batchnorm
-from drnb.pipeline import check_view, labelled_batches, shuffled_positions, without_autotune
+from drnb.pipeline import check_view, labelled_batches, without_autotune
 from drnb.pretext import load_encoder, save_atomically
-from drnb.profiles import Profile
 from drnb.ridge import fit_ridge
 from drnb.splits import RepetitionSplit, make_repetition_split, validate_fraction
 from drnb.targets import TARGET_LOSSES, decode, decode_with_cut_points, encode, expected_grade, ordinal_decode, prior_cut_points
 from drnb.training import Trainer, cosine_rate
+
+if TYPE_CHECKING:
+    from drnb.profiles import Profile
+
+# The encoders a sweep compares: the pretext's, a fresh random one, DenseNet121's ImageNet weights.
+METHODS = ("rotation", "scratch", "imagenet")
+# How a run uses its labelled subset: "finetune" trains the encoder with its head (the study's
+# protocol); "linear" keeps the starting encoder and trains or fits the head alone (linear
+# evaluation, the usual read-out of self-supervised features).
+PROTOCOLS = ("finetune", "linear")
+HEAD_INITS = ("random", "ridge")
+SCRATCH_ENCODERS = ("per_repetition", "shared")
+LR_SCHEDULES = ("constant", "cosine")
+# Views of an image a prediction averages over and a ridge head is fitted on (symmetry_views).
+VIEW_COUNTS = (1, 2, 4, 8)
+# Augmentation while fine-tuning, beyond drnb.pipeline.augment's zoom and colour: a fundus
+# photograph has no up or down, so every symmetry of the square is a fair view of it.
+FINETUNE_AUGMENT = {"vertical_flip": True, "rot90": True}
 
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.keras"
@@ -88,7 +105,7 @@ def symmetry_views(count: int) -> range:
     """The views (see :func:`drnb.pipeline.labelled_batches`) of ``count`` symmetries of the
     square: 1 -> (0,), the image as it is; 2 -> (0, 2), turned by 0 and 180 degrees; 4 -> 0-3,
     every quarter turn; 8 -> 0-7, every quarter turn of the image and of its mirror image."""
-    if count not in (1, 2, 4, 8):
+    if count not in VIEW_COUNTS:
         raise ValueError(f"count={count!r}: expected 1, 2, 4 or 8 views")
     return range(8) if count == 8 else range(0, 4, 4 // count)
 
@@ -114,14 +131,9 @@ def plan_steps(n_train: int, batch_size: int, profile: Profile, protocol: str = 
     """Optimizer steps per warm-up epoch and per fine-tuning epoch of a run of ``protocol``
     (``"linear"`` has no fine-tuning epoch).
 
-    An epoch is one pass over ``n_train`` images, with three adjustments:
-
-    - the full fine-tuning phase (``finetune_epochs`` epochs) makes at least
-      ``finetune_min_steps`` and at most ``finetune_max_steps`` steps in all (0: no bound),
-      so small subsets get enough updates and large ones cost a bounded time;
-    - the run makes at least ``min_steps`` steps in all: the shortfall goes to the warm-up
-      epochs when there are any (cheap with ``warmup_on_features``), otherwise the
-      fine-tuning epochs are stretched.
+    An epoch is one pass over ``n_train`` images; the full phase (``finetune_epochs`` epochs)
+    makes at least ``finetune_min_steps`` and at most ``finetune_max_steps`` steps in all
+    (0: no bound), so small subsets get enough updates and large ones cost a bounded time.
 
     Returns
     -------
@@ -137,12 +149,7 @@ def plan_steps(n_train: int, batch_size: int, profile: Profile, protocol: str = 
         if profile.finetune_max_steps:
             full_total = min(full_total, profile.finetune_max_steps)
         finetune_steps = math.ceil(full_total / epochs)  # >= 1: a pass and the cap are both >= 1 step per epoch
-    shortfall = max(profile.min_steps - one_pass * profile.warmup_epochs - finetune_steps * epochs, 0)
-    if profile.warmup_epochs:
-        return one_pass + math.ceil(shortfall / profile.warmup_epochs), finetune_steps
-    if not epochs:  # nothing trains (the profile allows it with min_steps=0 only)
-        return 0, 0
-    return 0, finetune_steps + math.ceil(shortfall / epochs)
+    return (one_pass if profile.warmup_epochs else 0), finetune_steps
 
 
 def learning_rate_at(step: int, total_steps: int, profile: Profile, base_rate: float) -> float:
@@ -337,50 +344,29 @@ class FinetuneSession:
     ) -> dict:
         """Train and evaluate one run; write its files into ``out_dir``; return its metrics.
 
-        The steps: :meth:`start_weights`, :meth:`fit_head_on_features` (``head_init="ridge"``),
-        :meth:`train` (the warm-up, then with ``protocol="finetune"`` everything), then
-        :meth:`predict_grades` on the test fold, scored and written (:func:`write_run`).
-        Both protocols of a repetition start from the same weights and head fit, so a linear
-        run is where its fine-tuned twin starts.
+        The steps: :meth:`run_subsets`, :meth:`start_weights`, :meth:`fit_head_on_features`
+        (``head_init="ridge"``), :meth:`train` (the warm-up, then with ``protocol="finetune"``
+        everything), :meth:`predict_grades` on the test fold, :meth:`score`, and
+        :func:`write_run`. Both protocols of a repetition start from the same weights and head
+        fit, so a linear run is where its fine-tuned twin starts.
 
         ``protocol``: one of the profile's ``protocols``, by default its first.
         ``save_model`` also saves the classifier as ``model.keras`` (for Grad-CAM).
         """
-        profile = self.profile
-        protocol = protocol or profile.protocols[0]
-        if protocol not in profile.protocols:
-            raise ValueError(f"protocol={protocol!r}: expected one of the profile's protocols {list(profile.protocols)}")
-        split = self.split(repetition, validate_fraction(fraction))
-        train_indices = split.train[fraction]
-        validation_indices = split.validation_for(fraction) if protocol == "finetune" else np.zeros(0, np.int64)
-        if len(validation_indices) > len(train_indices):
-            self.log(
-                f"note: {method}, fraction {fraction:g}, repetition {repetition}: {len(train_indices)} training images, "
-                f"and {len(validation_indices)} more labelled images choose the epoch "
-                f"(validation_fraction={profile.validation_fraction:g} of the pool): this run sees more labels "
-                "than its fraction; set validation_fraction=0 (with lr_schedule=cosine) to stay within it"
-            )
-        seed = profile.seed + repetition
+        protocol = protocol or self.profile.protocols[0]
+        if protocol not in self.profile.protocols:
+            raise ValueError(f"protocol={protocol!r}: expected one of the profile's protocols {list(self.profile.protocols)}")
         start = time.perf_counter()  # the run's seconds: everything it does, from its start weights to its scores
-        encoded_before, reused_before = self.features.rows_encoded, self.features.rows_reused
+        features_before = self.features.rows_encoded, self.features.rows_reused
+        split, train_indices, validation_indices = self.run_subsets(method, fraction, repetition, protocol)
+        seed = self.profile.seed + repetition
         calibration = self.calibration_rows(split, seed)
         self.start_weights(method, seed, calibration)
-        features, ridge_penalty = None, None
-        if profile.head_init == "ridge":
-            features, ridge_penalty = self.fit_head_on_features(train_indices)
-        history = self.train(train_indices, validation_indices, seed, protocol=protocol, features=features)
-
+        ridge_penalty = self.fit_head_on_features(train_indices) if self.profile.head_init == "ridge" else None
+        history = self.train(train_indices, validation_indices, seed, protocol=protocol)
         frozen = protocol == "linear"  # the encoder kept its start: predictions read the kept features
-        probabilities, predicted, fixed_grades, cut_points = self.predict_grades(split.test, calibration, train_indices, frozen)
-        true_grades = self.grades[split.test]
-        metrics = evaluate_predictions(true_grades, predicted, n_resamples=profile.bootstrap_resamples, seed=seed)
-        # Both decodings of the same outputs, so what the cut points change stays visible.
-        metrics["qw_kappa_fixed_cuts"] = quadratic_weighted_kappa(true_grades, fixed_grades)
-        metrics["cut_points"] = None if cut_points is None else [float(cut) for cut in cut_points]
-        metrics["ridge_penalty"] = ridge_penalty
-        if profile.target == "ordinal":
-            # How often the reference decoding, (p > .5).sum() - 1, would have produced grade -1.
-            metrics["reference_decoding_minus_one"] = int((ordinal_decode(probabilities, rule="reference") < 0).sum())
+        outputs, predicted, fixed_grades, cut_points = self.predict_grades(split.test, calibration, train_indices, frozen)
+        metrics = self.score(split.test, predicted, fixed_grades, seed)
         metrics.update(
             protocol=protocol,
             method=method,
@@ -391,18 +377,58 @@ class FinetuneSession:
             n_test=int(len(split.test)),
             steps=int(sum(row["steps"] for row in history)),
             best_epoch=next((row["epoch"] for row in history if row.get("kept")), 0),
+            cut_points=None if cut_points is None else [float(cut) for cut in cut_points],
+            ridge_penalty=ridge_penalty,
             # (image, view) features this run encoded, and those it read from what was kept
             # (drnb.features): by earlier runs with the same starting encoder, or earlier in
             # this run (its calibration images are training images, encoded for the fit).
-            features_encoded=self.features.rows_encoded - encoded_before,
-            features_reused=self.features.rows_reused - reused_before,
+            features_encoded=self.features.rows_encoded - features_before[0],
+            features_reused=self.features.rows_reused - features_before[1],
             seconds=time.perf_counter() - start,
         )
+        if self.profile.target == "ordinal":
+            # How often the reference decoding, (p > .5).sum() - 1, would have produced grade -1.
+            metrics["reference_decoding_minus_one"] = int((ordinal_decode(outputs, rule="reference") < 0).sum())
         if save_model:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             save_atomically(self.trainer.model, Path(out_dir) / MODEL_FILE)
-        write_run(out_dir, metrics, history, self.table.iloc[split.test], true_grades, predicted, probabilities)
+        write_run(out_dir, metrics, history, self.table.iloc[split.test], self.grades[split.test], predicted, outputs)
         self.features.save()
+        return metrics
+
+    def run_subsets(
+        self, method: str, fraction: float, repetition: int, protocol: str
+    ) -> tuple[RepetitionSplit, np.ndarray, np.ndarray]:
+        """The repetition's split, the run's labelled training rows and its validation rows.
+
+        Only a fine-tuned run has validation rows (they choose its kept epoch); a note is
+        logged when they outnumber the training rows, since the run then reads more labels
+        than its fraction.
+
+        Returns
+        -------
+        (split, train_indices, validation_indices)
+            :class:`drnb.splits.RepetitionSplit`; int64 (M,) and (V,) row indices.
+        """
+        split = self.split(repetition, validate_fraction(fraction))
+        train_indices = split.train[fraction]
+        validation_indices = split.validation_for(fraction) if protocol == "finetune" else np.zeros(0, np.int64)
+        if len(validation_indices) > len(train_indices):
+            self.log(
+                f"note: {method}, fraction {fraction:g}, repetition {repetition}: {len(train_indices)} training images, "
+                f"and {len(validation_indices)} more labelled images choose the epoch "
+                f"(validation_fraction={self.profile.validation_fraction:g} of the pool): this run sees more labels "
+                "than its fraction; set validation_fraction=0 (with lr_schedule=cosine) to stay within it"
+            )
+        return split, train_indices, validation_indices
+
+    def score(self, test_rows: np.ndarray, predicted: np.ndarray, fixed_grades: np.ndarray, seed: int) -> dict:
+        """Kappa, its bootstrap interval, accuracy and per-grade recall of ``predicted`` on
+        ``test_rows`` (:func:`drnb.metrics.evaluate_predictions`), and the kappa of the fixed
+        rule's grades of the same outputs, so that what the cut points change stays visible."""
+        true_grades = self.grades[test_rows]
+        metrics = evaluate_predictions(true_grades, predicted, n_resamples=self.profile.bootstrap_resamples, seed=seed)
+        metrics["qw_kappa_fixed_cuts"] = quadratic_weighted_kappa(true_grades, fixed_grades)
         return metrics
 
     def start_weights(self, method: str, seed: int, calibration: np.ndarray) -> None:
@@ -418,27 +444,23 @@ class FinetuneSession:
         if self.profile.recalibrate_batchnorm and not starts_shared(method, self.profile):
             self.recalibrate_batchnorm(calibration)
 
-    def fit_head_on_features(self, train_indices: np.ndarray) -> tuple[np.ndarray, float]:
+    def fit_head_on_features(self, train_indices: np.ndarray) -> float:
         """Fit the linear head by ridge regression on the frozen features of ``train_indices``.
 
-        Each view of an image (``ridge_turns`` turns, or turns of its mirror image) is a sample
-        with its grade: the fit learns to ignore how the photograph is oriented, which the
-        rotation pretext's features encode.
+        Each of the ``test_time_turns`` views of an image (turns, or turns of its mirror image)
+        is a sample with its grade: the fit learns to ignore how the photograph is oriented,
+        which the rotation pretext's features encode, on the views the predictions average.
 
         Returns
         -------
-        (features, penalty)
-            float32 (M, F): the images as they are (for a warm-up on features); the penalty chosen.
+        float
+            The penalty chosen.
         """
-        turned = [self.frozen_features(train_indices, view) for view in symmetry_views(self.profile.ridge_turns)]
-        image_of_row = np.tile(np.arange(len(train_indices)), len(turned))  # an image's turns leave together
-        penalty = self.fit_head(np.concatenate(turned), self.grades[train_indices][image_of_row], image_of_row)
-        return turned[0], penalty
+        views = [self.frozen_features(train_indices, view) for view in symmetry_views(self.profile.test_time_turns)]
+        image_of_row = np.tile(np.arange(len(train_indices)), len(views))  # an image's views leave together
+        return self.fit_head(np.concatenate(views), self.grades[train_indices][image_of_row], image_of_row)
 
-    def train(
-        self, train_indices: np.ndarray, validation_indices: np.ndarray, seed: int, *,
-        protocol: str = "finetune", features: np.ndarray | None = None,
-    ) -> list[dict]:
+    def train(self, train_indices: np.ndarray, validation_indices: np.ndarray, seed: int, *, protocol: str = "finetune") -> list[dict]:
         """The warm-up epochs (head alone), then with ``protocol="finetune"`` the full epochs.
 
         With a validation split the full epoch whose weights score the best validation kappa
@@ -453,54 +475,47 @@ class FinetuneSession:
         """
         profile = self.profile
         batch = min(self.batch_size, len(train_indices))
-        train_targets = self.targets[train_indices]
         batches = self.trainer.batches(
             labelled_batches(
-                self.images, train_indices, train_targets, batch, seed=seed, training=True,
-                augment_options={"zoom": profile.finetune_zoom, "colour": profile.finetune_colour, "vertical_flip": True, "rot90": True},
+                self.images, train_indices, self.targets[train_indices], batch, seed=seed, training=True,
+                augment_options=FINETUNE_AUGMENT,
             )
         )
         warmup_steps, finetune_steps = plan_steps(len(train_indices), batch, profile, protocol)
-        warmup_batches, warmup_phase = batches, "head"
-        if profile.warmup_on_features and profile.warmup_epochs:
-            if features is None:
-                features = self.frozen_features(train_indices)
-            warmup_batches = self.trainer.batches(feature_batches(features, train_targets, batch, seed))
-            warmup_phase = "features"
+        history = []
+        for epoch in range(1, profile.warmup_epochs + 1):
+            step_log = self.trainer.train(batches, warmup_steps, phase="head")
+            history.append(_epoch_row(epoch, "warmup", warmup_steps, self.learning_rate, step_log))
         epochs = full_epochs(profile, protocol)
-        schedule = [("warmup", warmup_steps)] * profile.warmup_epochs + [("full", finetune_steps)] * epochs
-        history, best = [], {"kappa": -np.inf, "weights": None, "row": None}
-        full_done, full_total = 0, finetune_steps * epochs
-        start = None  # the weights the full phase starts from, for finetune_start_share
-        for epoch, (phase, steps) in enumerate(schedule, start=1):
-            if phase == "warmup":
-                rate = self.learning_rate
-                step_log = self.trainer.train(warmup_batches, steps, phase=warmup_phase)
-            else:
-                if start is None and profile.finetune_start_share:
-                    start = self.trainer.model.get_weights()
-                rate_at = lambda index, done=full_done: learning_rate_at(done + index, full_total, profile, self.learning_rate)  # noqa: E731
-                rate = rate_at(0)
-                step_log = self.trainer.train(batches, steps, phase="full", rate_at=rate_at)
-                full_done += steps
-            row = {
-                "epoch": epoch, "phase": phase, "steps": steps, "learning_rate": rate,
-                "loss": step_log.losses[-1], "images_per_second": step_log.images_per_second,
-            }
-            if len(validation_indices) and phase == "full":
+        start = self.trainer.model.get_weights() if epochs and profile.finetune_start_share else None
+        history += self._full_epochs(batches, finetune_steps, epochs, validation_indices, first_epoch=len(history) + 1)
+        if start is not None:
+            self.trainer.model.set_weights(interpolated(start, self.trainer.model.get_weights(), profile.finetune_start_share))
+        return history
+
+    def _full_epochs(self, batches, steps: int, epochs: int, validation_indices: np.ndarray, first_epoch: int) -> list[dict]:
+        """``epochs`` epochs of ``steps`` steps with everything training, the rate following
+        :func:`learning_rate_at`; with validation rows, the best-scoring epoch's weights are
+        restored at the end and its row marked ``kept``, else the last row is."""
+        rows, best = [], {"kappa": -np.inf, "weights": None, "row": None}
+        total = steps * epochs
+        for index in range(epochs):
+            done = index * steps
+            rate_at = lambda step, done=done: learning_rate_at(done + step, total, self.profile, self.learning_rate)  # noqa: E731
+            step_log = self.trainer.train(batches, steps, phase="full", rate_at=rate_at)
+            row = _epoch_row(first_epoch + index, "full", steps, rate_at(0), step_log)
+            if len(validation_indices):
                 validation_grades = self._decode(self._predict(validation_indices))
                 row["validation_qw_kappa"] = quadratic_weighted_kappa(self.grades[validation_indices], validation_grades)
                 if row["validation_qw_kappa"] > best["kappa"]:
                     best = {"kappa": row["validation_qw_kappa"], "weights": self.trainer.model.get_weights(), "row": row}
-            history.append(row)
+            rows.append(row)
         if best["weights"] is not None:
             self.trainer.model.set_weights(best["weights"])
             best["row"]["kept"] = True
-        elif history:
-            history[-1]["kept"] = True
-        if start is not None:
-            self.trainer.model.set_weights(interpolated(start, self.trainer.model.get_weights(), profile.finetune_start_share))
-        return history
+        elif rows:
+            rows[-1]["kept"] = True
+        return rows
 
     def predict_grades(
         self, rows: np.ndarray, calibration: np.ndarray, train_indices: np.ndarray, frozen: bool
@@ -571,10 +586,10 @@ class FinetuneSession:
         Returns
         -------
         float
-            The penalty chosen, leaving an image out at a time, by the profile's
-            ``ridge_criterion``.
+            The penalty chosen, leaving an image out at a time, by the correlation of the
+            left-out predictions with the grades (what decoding by prior cut points needs).
         """
-        fit = fit_ridge(features, grades, groups=image_of_row, criterion=self.profile.ridge_criterion)
+        fit = fit_ridge(features, grades, groups=image_of_row, criterion="correlation")
         self.trainer.head.set_weights([fit.weights[:, None].astype(np.float32), np.array([fit.bias], np.float32)])
         return fit.penalty
 
@@ -620,31 +635,16 @@ def interpolated(start: list, trained: list, start_share: float) -> list:
     ]
 
 
-def feature_batches(features: np.ndarray, targets: np.ndarray, batch_size: int, seed: int) -> tf.data.Dataset:
-    """Shuffled, endlessly repeated batches of (features, targets) for a warm-up on features.
-
-    Parameters
-    ----------
-    features : numpy.ndarray
-        float32 (M, F): the frozen encoder's pooled features of the training images.
-    targets : numpy.ndarray
-        float32 (M, T).
-    batch_size : int
-    seed : int
-        The order depends on it alone (:func:`drnb.pipeline.shuffled_positions`).
-
-    Returns
-    -------
-    tf.data.Dataset
-        of (float32 (B, F), float32 (B, T)).
-    """
-    features = tf.constant(features)
-    targets = tf.constant(np.asarray(targets, np.float32))
-    batches = shuffled_positions(len(features), seed, batch_size)
-    return batches.map(lambda positions: (tf.gather(features, positions), tf.gather(targets, positions))).prefetch(2)
-
-
 HISTORY_COLUMNS = ("epoch", "phase", "steps", "learning_rate", "loss", "images_per_second")
+
+
+def _epoch_row(epoch: int, phase: str, steps: int, rate: float, step_log) -> dict:
+    """One row of ``history.csv``: the epoch, its phase and steps, its first step's learning
+    rate, its mean loss and speed (``step_log``: :class:`drnb.training.StepLog`)."""
+    return {
+        "epoch": epoch, "phase": phase, "steps": steps, "learning_rate": rate,
+        "loss": step_log.losses[-1], "images_per_second": step_log.images_per_second,
+    }
 
 
 def write_run(out_dir, metrics, history, test_rows, true_grades, predicted, probabilities) -> None:

@@ -1,9 +1,9 @@
 """Encoders and heads.
 
 Every encoder takes uint8-range images, float32 (B, S, S, 3) in [0, 255], scales them itself,
-and ends in the same global pooling for the pretext and for fine-tuning (the reference code
-pre-trains with max and fine-tunes with average pooling, so the fine-tuned head met features
-it was never trained on; drnb uses one ``pooling`` for both).
+and ends in the same global average pooling for the pretext and for fine-tuning (the reference
+code pre-trains with max and fine-tunes with average pooling, so the fine-tuned head met
+features it was never trained on).
 
 What is pooled is ``feature_stages``: the last stage's feature maps (``"last"``, as the study
 did), or every stage's maps, each pooled and concatenated (``"all"``). A network trained to
@@ -26,10 +26,14 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from drnb.profiles import ENCODERS, FEATURE_STAGES, POOLINGS
 from drnb.targets import TARGET_ACTIVATIONS, output_width
 
+ENCODERS = ("densenet121", "compact")
+FEATURE_STAGES = ("last", "all")
 HEAD_ACTIVATIONS = ("softmax", "sigmoid", "linear")
+PRECISION_MODES = ("auto", "on", "off")
+# Dropout after each hidden layer of a head, as in the reference code's heads.
+HEAD_DROPOUT = 0.5
 
 # The compact encoder is trained for hundreds, not tens of thousands, of steps: batch-norm
 # moving statistics that forget faster (Keras's default is 0.99) are usable after a few dozen.
@@ -52,7 +56,6 @@ def compact_densenet(
     stem_filters: int = 32,
     growth_rates: tuple[int, ...] = (16, 32, 48, 64),
     layers_per_stage: int = 3,
-    pooling: str = "avg",
     feature_stages: str = "last",
     name: str = "compact",
 ) -> keras.Model:
@@ -68,8 +71,6 @@ def compact_densenet(
         Filters each densely connected layer adds, per stage; one stage per entry.
     layers_per_stage : int
         Densely connected 3x3 layers per stage.
-    pooling : {"avg", "max"}
-        Global pooling at the end.
     feature_stages : {"last", "all"}
         Pool the last stage's maps, or every stage's (before its transition), concatenated.
 
@@ -106,10 +107,10 @@ def compact_densenet(
             x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"transition{stage}_bn")(x)
             x = layers.ReLU(name=f"transition{stage}_relu")(x)
             x = layers.AveragePooling2D(2, name=f"transition{stage}_pool")(x)
-    return keras.Model(inputs, pooled_features(stage_maps, pooling, feature_stages), name=name)
+    return keras.Model(inputs, pooled_features(stage_maps, feature_stages), name=name)
 
 
-def pooled_features(stage_maps: list, pooling: str, feature_stages: str):
+def pooled_features(stage_maps: list, feature_stages: str):
     """The encoder's output from its stages' feature maps, shallowest first.
 
     The last stage's pooling layer is always named ``global_pool`` (Grad-CAM explains the maps
@@ -123,17 +124,11 @@ def pooled_features(stage_maps: list, pooling: str, feature_stages: str):
     """
     if feature_stages not in FEATURE_STAGES:
         raise ValueError(f"feature_stages={feature_stages!r}: expected one of {FEATURE_STAGES}")
-    last = _global_pool(pooling, "global_pool")(stage_maps[-1])
+    last = layers.GlobalAveragePooling2D(name="global_pool")(stage_maps[-1])
     if feature_stages == "last" or len(stage_maps) == 1:
         return last
-    earlier = [_global_pool(pooling, f"stage{index}_pool")(maps) for index, maps in enumerate(stage_maps[:-1])]
+    earlier = [layers.GlobalAveragePooling2D(name=f"stage{index}_pool")(maps) for index, maps in enumerate(stage_maps[:-1])]
     return layers.Concatenate(name="pooled_stages")([*earlier, last])
-
-
-def _global_pool(pooling: str, name: str):
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling={pooling!r}: expected one of {POOLINGS}")
-    return (layers.GlobalAveragePooling2D if pooling == "avg" else layers.GlobalMaxPooling2D)(name=name)
 
 
 # DenseNet121's dense blocks 1-3, batch-normalised and activated at the start of the
@@ -142,7 +137,7 @@ DENSENET121_BLOCK_ENDS = ("pool2_relu", "pool3_relu", "pool4_relu")
 
 
 def build_encoder(
-    name: str, image_size: int, *, pooling: str = "avg", feature_stages: str = "last", weights: str | None = None
+    name: str, image_size: int, *, feature_stages: str = "last", weights: str | None = None
 ) -> keras.Model:
     """Build an encoder by name.
 
@@ -151,7 +146,6 @@ def build_encoder(
     name : {"densenet121", "compact"}
     image_size : int
         Input side in pixels.
-    pooling : {"avg", "max"}
     feature_stages : {"last", "all"}
         Pool the last stage, or every stage (DenseNet121: its four dense blocks, 256 + 512 +
         1024 + 1024 features).
@@ -171,7 +165,7 @@ def build_encoder(
     if name == "compact":
         if weights is not None:
             raise ValueError("encoder='compact' has no pretrained weights; use weights=None")
-        return compact_densenet(image_size, pooling=pooling, feature_stages=feature_stages)
+        return compact_densenet(image_size, feature_stages=feature_stages)
 
     inputs = keras.Input((image_size, image_size, 3), name="image")
     try:
@@ -190,11 +184,11 @@ def build_encoder(
         )
     stage_maps = backbone(_scale_inputs(inputs))
     stage_maps = stage_maps if isinstance(stage_maps, (list, tuple)) else [stage_maps]
-    return keras.Model(inputs, pooled_features(list(stage_maps), pooling, feature_stages), name="densenet121")
+    return keras.Model(inputs, pooled_features(list(stage_maps), feature_stages), name="densenet121")
 
 
 def profile_encoder(profile, *, weights: str | None = None) -> keras.Model:
-    """The profile's encoder (``encoder``, ``image_size``, ``pooling``, ``feature_stages``), fresh.
+    """The profile's encoder (``encoder``, ``image_size``, ``feature_stages``), fresh.
 
     Returns
     -------
@@ -202,7 +196,7 @@ def profile_encoder(profile, *, weights: str | None = None) -> keras.Model:
         (B, image_size, image_size, 3) in [0, 255] -> (B, features).
     """
     return build_encoder(
-        profile.encoder, profile.image_size, pooling=profile.pooling, feature_stages=profile.feature_stages, weights=weights
+        profile.encoder, profile.image_size, feature_stages=profile.feature_stages, weights=weights
     )
 
 
@@ -219,7 +213,7 @@ def build_head(
     outputs: int,
     *,
     hidden: tuple[int, ...] = (1024,),
-    dropout: float = 0.5,
+    dropout: float = HEAD_DROPOUT,
     activation: str = "softmax",
     name: str = "head",
 ) -> keras.Model:
@@ -252,18 +246,18 @@ def build_head(
 
 
 def rotation_head(feature_dim: int, profile) -> keras.Model:
-    """The profile's pretext head: ``pretext_hidden`` and ``pretext_dropout``, 4 rotations, softmax.
+    """The profile's pretext head: ``pretext_hidden`` layers, 4 rotations, softmax.
 
     Returns
     -------
     keras.Model
         (B, feature_dim) -> (B, 4) probabilities, float32.
     """
-    return build_head(feature_dim, 4, hidden=profile.pretext_hidden, dropout=profile.pretext_dropout, name="rotation_head")
+    return build_head(feature_dim, 4, hidden=profile.pretext_hidden, name="rotation_head")
 
 
 def grade_head(feature_dim: int, profile) -> keras.Model:
-    """The profile's fine-tuning head: ``finetune_hidden`` and ``finetune_dropout``, then 5
+    """The profile's fine-tuning head: ``finetune_hidden`` layers, then 5
     sigmoid outputs for the ``ordinal`` target (cumulative code), 5 softmax outputs for
     ``softmax``, one linear output for ``regression``.
 
@@ -274,7 +268,7 @@ def grade_head(feature_dim: int, profile) -> keras.Model:
     """
     return build_head(
         feature_dim, output_width(profile.target), hidden=profile.finetune_hidden,
-        dropout=profile.finetune_dropout, activation=TARGET_ACTIVATIONS[profile.target], name="grade_head",
+        activation=TARGET_ACTIVATIONS[profile.target], name="grade_head",
     )
 
 
@@ -329,8 +323,8 @@ def recalibrate_batchnorm(model: keras.Model, batches) -> int:
 def precision_policy(mode: str, *, accelerator: bool) -> str:
     """Keras's dtype policy for a profile's ``mixed_precision``: ``"mixed_float16"`` for
     ``"on"``, and for ``"auto"`` when an accelerator is present; ``"float32"`` otherwise."""
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"mixed_precision={mode!r}: expected 'auto', 'on' or 'off'")
+    if mode not in PRECISION_MODES:
+        raise ValueError(f"mixed_precision={mode!r}: expected one of {list(PRECISION_MODES)}")
     return "mixed_float16" if mode == "on" or (mode == "auto" and accelerator) else "float32"
 
 

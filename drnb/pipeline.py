@@ -14,7 +14,9 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from drnb.profiles import ROTATION_MODES
+# How the pretext shows its images: "all4", every image in its four quarter turns in the same
+# batch (RotNet); "random1", each image once per pass in one drawn turn (the reference code).
+ROTATION_MODES = ("all4", "random1")
 
 
 def _rotation_maps(size: tf.Tensor) -> tf.Tensor:

@@ -18,6 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
@@ -29,11 +30,40 @@ from drnb.duplicates import photograph_groups
 from drnb.files import atomic_path, write_json
 from drnb.models import profile_encoder, rotation_head
 from drnb.pipeline import rotation_batches
-from drnb.profiles import Profile
 from drnb.splits import split_holdout
-from drnb.training import Trainer, cosine_rate
+from drnb.training import Trainer
+
+if TYPE_CHECKING:
+    from drnb.profiles import Profile
 
 ENCODER_FILE = "encoder.keras"
+# Share of the images (whole patients and duplicate groups) held out to score rotation accuracy.
+HOLDOUT_FRACTION = 0.1
+
+
+def rotated_copies(profile: Profile) -> int:
+    """Rotated copies of each pretext image in one pass: 4 with ``rotation_mode="all4"``
+    (every quarter turn), 1 with ``"random1"`` (one drawn turn)."""
+    return 4 if profile.rotation_mode == "all4" else 1
+
+
+def planned_epochs(profile: Profile, rotated_per_epoch: int) -> int:
+    """The pretext's passes: ``pretext_epochs``, or more for a small set, so that it shows at
+    least ``pretext_min_steps`` batches of ``pretext_batch_size`` rotated images.
+
+    What the pretext needs is a number of gradient steps, not of passes. The floor counts
+    batches of one replica's batch size, so it asks for the same images on any number of
+    replicas.
+
+    Parameters
+    ----------
+    rotated_per_epoch : int
+        Rotated images in one pass: the pretext images times :func:`rotated_copies`.
+    """
+    if rotated_per_epoch < 1:
+        raise ValueError(f"rotated_per_epoch={rotated_per_epoch!r}: expected a positive number of images")
+    floor = math.ceil(profile.pretext_min_steps * profile.pretext_batch_size / rotated_per_epoch)
+    return max(profile.pretext_epochs, floor)
 
 
 @dataclass
@@ -87,8 +117,8 @@ def train_pretext(
     images : numpy.ndarray
         uint8 (N, S, S, 3), preprocessed, ``S == profile.image_size``.
     profile : Profile
-        Uses the ``encoder``, ``pooling``, ``rotation_mode``, ``duplicate_threshold`` and
-        ``pretext_*`` settings.
+        Uses the ``encoder``, ``feature_stages``, ``rotation_mode``, ``duplicate_threshold``
+        and ``pretext_*`` settings.
     out_dir : path
         Created if needed; see the module docstring for what is written.
     table : pandas.DataFrame, optional
@@ -115,14 +145,14 @@ def train_pretext(
     trainer = build_pretext_trainer(profile, strategy)
     batch_size, _ = scaled_batch_and_rate(profile.pretext_batch_size, profile.pretext_learning_rate, trainer.strategy)
     groups = None if table is None else photograph_groups(images, table, profile.duplicate_threshold)[0]
-    train_indices, holdout_indices = split_holdout(len(images), profile.pretext_holdout_fraction, profile.seed, groups)
+    train_indices, holdout_indices = split_holdout(len(images), HOLDOUT_FRACTION, profile.seed, groups)
     if len(holdout_indices) == 0:
         holdout_indices = train_indices[: min(len(train_indices), 64)]
-        log("pretext: no images held out (pretext_holdout_fraction=0); rotation accuracy is on training images")
+        log("pretext: too few images to hold any out; rotation accuracy is on training images")
     image_tensor = tf.constant(images)
-    rotated_per_epoch = len(train_indices) * profile.rotated_copies
+    rotated_per_epoch = len(train_indices) * rotated_copies(profile)
     steps_per_epoch = max(1, math.ceil(rotated_per_epoch / batch_size))
-    epochs = profile.planned_pretext_epochs(rotated_per_epoch)
+    epochs = planned_epochs(profile, rotated_per_epoch)
     if epochs > profile.pretext_epochs:
         log(
             f"pretext: {epochs} epochs instead of {profile.pretext_epochs}, to show at least pretext_min_steps="
@@ -134,20 +164,13 @@ def train_pretext(
         batch_size,
         mode=profile.rotation_mode,
         seed=profile.seed,
-        augment_options={"zoom": profile.pretext_zoom},
     )
     rows = []
     start = time.perf_counter()
     train_seconds, images_trained = 0.0, 0
     batches = trainer.batches(dataset)  # one iterator for all epochs: shuffling continues across epochs
-    base_rate = float(trainer.optimizers["full"].learning_rate.numpy())  # scaled for the strategy
-    total_steps = steps_per_epoch * epochs
     for epoch in range(1, epochs + 1):
-        rate_at = None
-        if profile.pretext_lr_schedule == "cosine":
-            done = (epoch - 1) * steps_per_epoch
-            rate_at = lambda index, done=done: cosine_rate(done + index, total_steps, base_rate)  # noqa: E731
-        step_log = trainer.train(batches, steps_per_epoch, phase="full", rate_at=rate_at)
+        step_log = trainer.train(batches, steps_per_epoch, phase="full")
         train_seconds += step_log.seconds
         images_trained += step_log.steps * batch_size
         scored = epoch % profile.pretext_eval_every == 0 or epoch == epochs

@@ -21,36 +21,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import typing
 from dataclasses import dataclass
 
 from drnb.datasets import DATASETS
-from drnb.ridge import CRITERIA as RIDGE_CRITERIA
+from drnb.finetune import HEAD_INITS, LR_SCHEDULES, METHODS, PROTOCOLS, SCRATCH_ENCODERS, VIEW_COUNTS
+from drnb.models import ENCODERS, FEATURE_STAGES, PRECISION_MODES
+from drnb.pipeline import ROTATION_MODES
 from drnb.splits import MODES as SPLIT_MODES
 from drnb.splits import REFERENCE_VALIDATION_FRACTION
 from drnb.targets import CUT_POINTS, TARGETS
-
-# Choices live here, not in the modules that use them, so that checking a profile (and every
-# command-line error) happens before TensorFlow is imported.
-ENCODERS = ("densenet121", "compact")
-POOLINGS = ("avg", "max")
-FEATURE_STAGES = ("last", "all")
-ROTATION_MODES = ("all4", "random1")
-METHODS = ("rotation", "scratch", "imagenet")
-# How a run uses its labelled subset: "finetune" trains the encoder with its head (the study's
-# protocol); "linear" keeps the starting encoder and trains or fits the head alone (linear
-# evaluation, the usual read-out of self-supervised features).
-PROTOCOLS = ("finetune", "linear")
-BATCHNORM_MODES = ("batch", "frozen")
-LR_SCHEDULES = ("constant", "cosine")
-HEAD_INITS = ("random", "ridge")
-SCRATCH_ENCODERS = ("per_repetition", "shared")
+from drnb.training import BATCHNORM_MODES
 
 
 @dataclass(frozen=True)
 class Profile:
-    """Every setting of a reproduction run. Field comments say what each one does."""
+    """Every setting of a reproduction run, in the order a run uses them: data, encoder,
+    pretext, fine-tuning, evaluation. Field comments say what each one does."""
 
     name: str = "custom"
     # --- data ---
@@ -63,86 +50,64 @@ class Profile:
     grade_column: str = ""  # layout override: column of grades 0-4; "" = registry's
     patient_column: str = ""  # label-file layouts: column of patient ids (eyes kept together); "" = none, or EyePACS-style ids
     suffix: str = ""  # layout override: image file suffix such as .jpg; "" = registry's
-    image_size: int = 128  # side of the square preprocessed images, pixels
-    ben_graham: bool = False  # Ben Graham's local colour normalisation in preprocessing
     drop_missing: bool = False  # drop listed-but-missing images with a warning instead of failing
     drop_unreadable: bool = False  # drop undecodable images with a warning instead of failing
+    image_size: int = 128  # side of the square preprocessed images, pixels
+    ben_graham: bool = False  # Ben Graham's local colour normalisation in preprocessing
     # --- encoder ---
-    encoder: str = "compact"  # "densenet121" or "compact"
-    pooling: str = "avg"  # global pooling, the same in pretext and fine-tuning
+    encoder: str = "compact"  # "densenet121" (the study's) or "compact" (for CPUs)
     feature_stages: str = "last"  # pool the "last" stage's maps, or "all" stages' pooled maps concatenated
     mixed_precision: str = "auto"  # "auto" (on when a GPU is present), "on" or "off"
     # --- rotation pretext ---
     rotation_mode: str = "all4"  # "all4": every image in 4 rotations per batch (RotNet); "random1": one random
     pretext_hidden: tuple[int, ...] = (256,)  # pretext head widths; (2048, 1024) is the reference head
-    pretext_dropout: float = 0.5  # dropout after each hidden pretext layer
     pretext_batch_size: int = 64  # rotated images per batch
     pretext_learning_rate: float = 1e-3  # Adam
     pretext_epochs: int = 10  # passes over the pretext images (all4: each pass shows every rotation)
     pretext_min_steps: int = 0  # show at least this many batches of pretext_batch_size: a small set gets more passes; 0: no floor
-    pretext_lr_schedule: str = "constant"  # "constant", or "cosine" decay from the rate towards 0, step by step over all epochs
-    pretext_holdout_fraction: float = 0.1  # images held out to measure rotation accuracy
     pretext_eval_every: int = 1  # score the held-out rotations after every this many epochs, and after the last
-    pretext_zoom: float = 0.1  # centred zoom range 1 +- zoom, before rotating
     # --- fine-tuning ---
-    methods: tuple[str, ...] = ("rotation", "scratch")  # encoders compared: rotation, scratch, imagenet
+    methods: tuple[str, ...] = ("rotation", "scratch")  # starting encoders compared: rotation, scratch, imagenet
     protocols: tuple[str, ...] = ("finetune",)  # "finetune" (encoder and head trained), "linear" (head alone)
+    target: str = "ordinal"  # "ordinal" (cumulative sigmoid code), "softmax" or "regression" (one linear output)
+    finetune_hidden: tuple[int, ...] = (1024,)  # "simple multiclass" head widths; () = a linear head
+    # "random" (Keras's initialisers) or "ridge": a linear regression head starts from ridge regression
+    # on the frozen encoder's features of the test_time_turns views, in closed form (drnb.ridge; LP-FT).
+    head_init: str = "random"
+    finetune_batch_size: int = 32  # images per batch
+    finetune_learning_rate: float = 5e-5  # Adam, both phases
+    warmup_epochs: int = 3  # epochs with the encoder frozen (head only)
+    # Epochs with everything training, after the warm-up (protocol "finetune"; protocol
+    # "linear" stops after the warm-up or the ridge fit). 0 only with protocols=("linear",).
+    finetune_epochs: int = 17
+    finetune_min_steps: int = 0  # at least this many steps with everything training (epochs stretched); 0: no floor
+    finetune_max_steps: int = 0  # at most this many steps with everything training (epochs shortened); 0: no cap
+    lr_schedule: str = "constant"  # full phase: "constant", or "cosine" decay from the rate towards 0, step by step
+    # Batch norm while everything trains: "batch" normalises each batch by its own statistics
+    # (Keras's fit, the study's code); "frozen" keeps the starting moving statistics.
+    finetune_batchnorm: str = "batch"
+    # After the full phase, every weight becomes this share of its starting value plus the rest
+    # of its trained value (WiSE-FT, a weight-space ensemble); 0: the trained weights as they are.
+    finetune_start_share: float = 0.0
+    # A fresh (scratch) encoder's batch-norm statistics re-estimated on calibration images
+    # before its head is fitted or warmed up (drnb.models.recalibrate_batchnorm).
+    recalibrate_batchnorm: bool = False
+    # "per_repetition": each scratch run starts from a fresh encoder seeded with seed + repetition;
+    # "shared": every scratch run starts from one fresh encoder seeded with seed, as every
+    # rotation run starts from the one pretext encoder.
+    scratch_encoder: str = "per_repetition"
+    validation_fraction: float = 0.1  # of the training pool, to choose the fine-tuning epoch kept
+    # --- evaluation ---
     fractions: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0)  # labelled fractions of the training pool
     repetitions: int = 5  # cross-validation repetitions (repetition r tests on fold r)
     folds: int = 5  # cross-validation folds
     split_mode: str = "stratified"  # "stratified" (drnb) or "reference" (the study's code, for comparison)
     duplicate_threshold: float = 0.97  # images whose fingerprints correlate this much share a fold (drnb.duplicates); 0: off
-    validation_fraction: float = 0.1  # of the training pool, for model selection only
-    target: str = "ordinal"  # "ordinal" (cumulative sigmoid code), "softmax" or "regression" (one linear output)
     cut_points: str = "fixed"  # outputs -> grades: "fixed" (0.5 per ordinal output; argmax) or "prior" (drnb.targets)
     # Training-pool images (never test) the prior cut points are fitted on, and a fresh encoder's
     # batch norm re-estimated on (a shared one's: as many images of the whole set, unlabelled).
     calibration_images: int = 256
     test_time_turns: int = 1  # predictions averaged over 1, 2 (0 and 180 degrees) or 4 quarter turns of each image, or 8 (also mirrored)
-    finetune_hidden: tuple[int, ...] = (1024,)  # "simple multiclass" head widths
-    finetune_dropout: float = 0.5  # dropout after each hidden fine-tuning layer
-    finetune_batch_size: int = 32  # images per batch
-    finetune_learning_rate: float = 5e-5  # Adam, both phases
-    # "random" (Keras's initialisers) or "ridge": a linear regression head starts from ridge regression
-    # on the frozen encoder's features, fitted in closed form (drnb.ridge; LP-FT).
-    head_init: str = "random"
-    # head_init="ridge": the head is fitted on each training image's frozen features at 1, 2 or 4
-    # evenly spaced quarter turns, or 8 (the four of the image and of its mirror image), each a
-    # sample with the image's grade (predictions: test_time_turns).
-    ridge_turns: int = 1
-    # head_init="ridge": the penalty is chosen by the least left-out squared "error" or the best
-    # left-out "correlation" with the grades (for outputs graded by rank: cut_points="prior").
-    ridge_criterion: str = "error"
-    warmup_epochs: int = 3  # epochs with the encoder frozen (head only)
-    warmup_on_features: bool = False  # warm up on features computed once (no augmentation, ~free per step)
-    # Epochs with everything training, after the warm-up (protocol "finetune"; protocol
-    # "linear" stops after the warm-up or the ridge fit, and its predictions reuse the frozen
-    # features). 0 only with protocols=("linear",).
-    finetune_epochs: int = 17
-    # Batch norm while everything trains: "batch" normalises each batch by its own statistics
-    # (Keras's fit, the study's code); "frozen" keeps the starting moving statistics, so the
-    # features under a fitted head do not jump at the first step.
-    finetune_batchnorm: str = "batch"
-    # After the full phase, every weight becomes this share of its starting value plus the rest
-    # of its trained value (a weight-space ensemble of the start and the fine-tuned network,
-    # "WiSE-FT"); 0: the trained weights as they are.
-    finetune_start_share: float = 0.0
-    min_steps: int = 0  # at least this many optimizer steps per run; a shortfall is made up in the warm-up
-    finetune_min_steps: int = 0  # at least this many steps with everything training (epochs stretched); 0: no floor
-    finetune_max_steps: int = 0  # at most this many steps with everything training (epochs shortened); 0: no cap
-    # A fresh encoder's (scratch) batch-norm statistics re-estimated on the run's calibration
-    # images (a shared fresh encoder's once, see scratch_encoder) before its head is fitted or
-    # warmed up (drnb.models.recalibrate_batchnorm).
-    recalibrate_batchnorm: bool = False
-    # Where scratch runs start: "per_repetition", a fresh encoder seeded with seed + repetition
-    # (its batch norm, when re-estimated, on the run's calibration images); or "shared", one
-    # fresh encoder seeded with seed for every run, as every rotation run starts from the one
-    # pretext encoder (its batch norm, when re-estimated, on calibration_images images of the
-    # whole set, unlabelled, as the pretext sees them).
-    scratch_encoder: str = "per_repetition"
-    lr_schedule: str = "constant"  # full phase: "constant", or "cosine" decay from the rate towards 0, step by step
-    finetune_zoom: float = 0.1  # centred zoom range 1 +- zoom
-    finetune_colour: float = 0.1  # brightness (share of 255) and contrast jitter inside the fundus
     bootstrap_resamples: int = 1000  # for the 95% CI of each run's kappa
     # --- reproducibility ---
     seed: int = 0  # repetition r uses seed + r for its split, initialisation and shuffling
@@ -151,17 +116,14 @@ class Profile:
     def __post_init__(self):
         _check_choice("dataset", self.dataset, tuple(DATASETS))
         _check_choice("encoder", self.encoder, ENCODERS)
-        _check_choice("pooling", self.pooling, POOLINGS)
         _check_choice("feature_stages", self.feature_stages, FEATURE_STAGES)
-        _check_choice("mixed_precision", self.mixed_precision, ("auto", "on", "off"))
+        _check_choice("mixed_precision", self.mixed_precision, PRECISION_MODES)
         _check_choice("rotation_mode", self.rotation_mode, ROTATION_MODES)
         _check_choice("target", self.target, TARGETS)
         _check_choice("cut_points", self.cut_points, CUT_POINTS)
         _check_choice("split_mode", self.split_mode, SPLIT_MODES)
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _check_choice("pretext_lr_schedule", self.pretext_lr_schedule, LR_SCHEDULES)
         _check_choice("head_init", self.head_init, HEAD_INITS)
-        _check_choice("ridge_criterion", self.ridge_criterion, RIDGE_CRITERIA)
         _check_choice("scratch_encoder", self.scratch_encoder, SCRATCH_ENCODERS)
         _check_choice("finetune_batchnorm", self.finetune_batchnorm, BATCHNORM_MODES)
         if not self.protocols or len(set(self.protocols)) < len(self.protocols):
@@ -194,17 +156,10 @@ class Profile:
         for name in ("warmup_epochs", "finetune_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected an epoch count >= 0")
-        for name in ("test_time_turns", "ridge_turns"):
-            if getattr(self, name) not in (1, 2, 4, 8):
-                raise ValueError(
-                    f"{name}={getattr(self, name)!r}: expected 1 (each image as it is), 2 (0 and 180 degrees), "
-                    "4 (every quarter turn) or 8 (every quarter turn of the image and of its mirror image)"
-                )
-        if self.ridge_turns > 1 and self.head_init != "ridge":
-            raise ValueError(f"ridge_turns={self.ridge_turns} turns the images a ridge head is fitted on: expected head_init='ridge'")
-        if self.ridge_criterion != "error" and self.head_init != "ridge":
+        if self.test_time_turns not in VIEW_COUNTS:
             raise ValueError(
-                f"ridge_criterion={self.ridge_criterion!r} chooses a ridge head's penalty: expected head_init='ridge'"
+                f"test_time_turns={self.test_time_turns!r}: expected 1 (each image as it is), 2 (0 and 180 degrees), "
+                "4 (every quarter turn) or 8 (every quarter turn of the image and of its mirror image)"
             )
         if "finetune" in self.protocols and not self.finetune_epochs:
             raise ValueError(
@@ -216,14 +171,11 @@ class Profile:
                 "protocol 'linear' trains the head alone, and warmup_epochs=0 trains nothing: expected "
                 "head_init='ridge' (a head fitted in closed form on the frozen features), or warm-up epochs"
             )
-        if "finetune" not in self.protocols:
-            if self.validation_fraction:
-                raise ValueError(
-                    f"validation_fraction={self.validation_fraction!r} chooses among fine-tuning epochs, "
-                    "and protocols=('linear',) has none: expected 0"
-                )
-            if not self.warmup_epochs and self.min_steps:
-                raise ValueError(f"min_steps={self.min_steps}: expected 0 when warmup_epochs=0 and nothing is fine-tuned")
+        if "finetune" not in self.protocols and self.validation_fraction:
+            raise ValueError(
+                f"validation_fraction={self.validation_fraction!r} chooses among fine-tuning epochs, "
+                "and protocols=('linear',) has none: expected 0"
+            )
         if self.finetune_start_share and self.validation_fraction:
             raise ValueError(
                 f"finetune_start_share={self.finetune_start_share!r} moves the last weights back towards the start, "
@@ -236,15 +188,14 @@ class Profile:
             raise ValueError(f"pretext_batch_size={self.pretext_batch_size}: 'all4' needs a multiple of 4")
         if not 0 <= self.finetune_start_share < 1:
             raise ValueError(f"finetune_start_share={self.finetune_start_share!r}: expected a share in [0, 1)")
-        for name in ("pretext_holdout_fraction", "validation_fraction"):
-            if not 0 <= getattr(self, name) < 0.5:
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected a fraction in [0, 0.5)")
+        if not 0 <= self.validation_fraction < 0.5:
+            raise ValueError(f"validation_fraction={self.validation_fraction!r}: expected a fraction in [0, 0.5)")
         if not (self.duplicate_threshold == 0 or 0.5 <= self.duplicate_threshold <= 1):
             raise ValueError(
                 f"duplicate_threshold={self.duplicate_threshold!r}: expected a cosine similarity in [0.5, 1], "
                 "or 0 to split image by image"
             )
-        for name in ("min_steps", "finetune_min_steps", "finetune_max_steps", "pretext_min_steps"):
+        for name in ("finetune_min_steps", "finetune_max_steps", "pretext_min_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a step count >= 0 (0: none)")
         if self.finetune_max_steps and self.finetune_max_steps < max(self.finetune_min_steps, self.finetune_epochs):
@@ -262,37 +213,6 @@ class Profile:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
-
-    @property
-    def rotated_copies(self) -> int:
-        """Rotated copies of each pretext image in one pass: 4 with ``rotation_mode="all4"``
-        (every quarter turn), 1 with ``"random1"`` (one drawn turn)."""
-        return 4 if self.rotation_mode == "all4" else 1
-
-    def planned_pretext_epochs(self, rotated_per_epoch: int) -> int:
-        """The pretext's passes: ``pretext_epochs``, or more for a small set, so that the
-        pretext shows at least ``pretext_min_steps`` batches of ``pretext_batch_size`` rotated
-        images.
-
-        What the pretext needs is a number of gradient steps, not of passes: three passes over
-        3,300 photographs are 300 batches of 128 rotated images, over IDRiD's 460 about 45.
-        The floor counts batches of the profile's batch size, one replica's, so it asks for
-        the same images on any number of replicas.
-
-        Parameters
-        ----------
-        rotated_per_epoch : int
-            Rotated images in one pass: the pretext images times :attr:`rotated_copies`.
-
-        Returns
-        -------
-        int
-            At least ``pretext_epochs``.
-        """
-        if rotated_per_epoch < 1:
-            raise ValueError(f"rotated_per_epoch={rotated_per_epoch!r}: expected a positive number of images")
-        floor = math.ceil(self.pretext_min_steps * self.pretext_batch_size / rotated_per_epoch)
-        return max(self.pretext_epochs, floor)
 
     def derive(self, **changes) -> "Profile":
         """A copy with some fields changed (validated again)."""
@@ -327,61 +247,52 @@ PROFILES: dict[str, Profile] = {
     ),
     "quick": Profile(
         name="quick",
-        dataset="synthetic",
         synthetic_images=400,
         image_size=128,
         ben_graham=True,
         feature_stages="all",
-        rotation_mode="all4",
         pretext_hidden=(256,),
         pretext_batch_size=128,
         pretext_learning_rate=2e-3,
         pretext_epochs=3,
         pretext_min_steps=300,  # what 3 passes make on ~3,300 images; a smaller set gets more passes
-        validation_fraction=0.0,
-        finetune_hidden=(),
-        finetune_batch_size=32,
-        target="regression",
-        head_init="ridge",
-        ridge_turns=8,  # every quarter turn of each training image and of its mirror image
-        ridge_criterion="correlation",
-        test_time_turns=8,  # the views the head was fitted on, read from the kept features
-        recalibrate_batchnorm=True,
-        scratch_encoder="shared",  # one fresh encoder for every scratch run, as rotation's one pretext
         protocols=("finetune", "linear"),
+        # LP-FT: a ridge head fitted on the frozen features, then everything trained with batch
+        # norm frozen, at a small rate decayed to 0, and the weights moved halfway back to the
+        # start (WiSE-FT); docs/decisions.md says why each.
+        target="regression",
+        finetune_hidden=(),
+        head_init="ridge",
+        finetune_learning_rate=1e-4,
         warmup_epochs=0,
-        # LP-FT: the ridge head fitted on the frozen features, then everything trained with batch
-        # norm frozen, at a small rate decayed to 0 (docs/decisions.md).
         finetune_epochs=6,
         finetune_min_steps=200,
         finetune_max_steps=480,
-        finetune_learning_rate=1e-4,
-        finetune_batchnorm="frozen",
-        finetune_start_share=0.5,  # the weights halfway back to the start (WiSE-FT)
         lr_schedule="cosine",
+        finetune_batchnorm="frozen",
+        finetune_start_share=0.5,
+        recalibrate_batchnorm=True,
+        scratch_encoder="shared",  # one fresh encoder for every scratch run, as rotation's one pretext
+        validation_fraction=0.0,
         cut_points="prior",
+        test_time_turns=8,  # every quarter turn of each image and of its mirror image: fit and predictions
     ),
     "paper": Profile(
         name="paper",
         dataset="aptos2019",
         image_size=224,
         encoder="densenet121",
-        mixed_precision="auto",
         rotation_mode="random1",
         pretext_hidden=(2048, 1024),
-        pretext_dropout=0.5,
         pretext_batch_size=32,
         pretext_learning_rate=1e-5,
         pretext_epochs=200,
         pretext_eval_every=10,  # scoring after each of 200 epochs would be a fifth of the pretext on a GPU
         finetune_hidden=(1024,),
-        finetune_dropout=0.5,
-        finetune_batch_size=32,
         finetune_learning_rate=5e-5,
         warmup_epochs=3,
         finetune_epochs=17,
         validation_fraction=REFERENCE_VALIDATION_FRACTION,  # the study's val_split, the same at every fraction
-        min_steps=0,
     ),
 }
 
@@ -444,14 +355,33 @@ def parse_assignments(assignments: list[str]) -> dict[str, str]:
 SETTINGS_BEFORE_THEY_EXISTED = {"duplicate_threshold": 0.0, "cut_points": "fixed", "feature_stages": "last"}
 
 
+# Settings drnb no longer has, with the value every run now uses: a folder written with that
+# value resumes as it was; with another, its runs cannot be continued the same way.
+SETTINGS_REMOVED = {
+    "pooling": "avg",
+    "pretext_dropout": 0.5,
+    "finetune_dropout": 0.5,
+    "pretext_holdout_fraction": 0.1,
+    "pretext_lr_schedule": "constant",
+    "pretext_zoom": 0.1,
+    "finetune_zoom": 0.1,
+    "finetune_colour": 0.1,
+    "warmup_on_features": False,
+    "min_steps": 0,
+    "ridge_criterion": "correlation",
+}
+
+
 def load_profile(path) -> Profile:
     """Read a resolved profile written by :meth:`Profile.to_json`.
 
     A setting the file does not name takes its value from :data:`SETTINGS_BEFORE_THEY_EXISTED`
     when it has one there (the behaviour before the setting existed), else the default;
-    ``protocols`` is ``("linear",)`` for a file with ``finetune_epochs=0``.
+    ``protocols`` is ``("linear",)`` for a file with ``finetune_epochs=0``. A removed setting
+    (:data:`SETTINGS_REMOVED`) must hold the value drnb now always uses, or not matter.
     """
     values = json.loads(open(path).read())
+    _drop_removed_settings(values, path)
     hints = typing.get_type_hints(Profile)
     unknown = sorted(set(values) - set(hints))
     if unknown:
@@ -461,3 +391,23 @@ def load_profile(path) -> Profile:
         values["protocols"] = ["linear"] if values.get("finetune_epochs") == 0 else ["finetune"]
     return Profile(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
 
+
+def _drop_removed_settings(values: dict, path) -> None:
+    """Remove the settings drnb no longer has from ``values``; ValueError for one whose value
+    would have changed what the folder's runs did."""
+    ridge_head = values.get("head_init") == "ridge"
+    if ridge_head and values.get("ridge_turns", values.get("test_time_turns")) != values.get("test_time_turns"):
+        raise ValueError(
+            f"{path}: ridge_turns={values['ridge_turns']} differs from test_time_turns={values.get('test_time_turns')}; "
+            "drnb now fits a ridge head on the views it predicts on. Start a new run folder."
+        )
+    values.pop("ridge_turns", None)
+    for key, now in SETTINGS_REMOVED.items():
+        if key not in values:
+            continue
+        value = values.pop(key)
+        irrelevant = key == "ridge_criterion" and not ridge_head
+        if value != now and not irrelevant:
+            raise ValueError(
+                f"{path}: {key}={value!r}; drnb no longer has this setting and always uses {now!r}. Start a new run folder."
+            )

@@ -11,9 +11,7 @@ instead traces two ``tf.function`` steps per model shape, once per process:
 - ``full`` step: everything trains; batch norm normalises each batch by its own statistics
   and updates its moving ones (``batchnorm="batch"``, Keras's ``fit``), or keeps normalising
   by the moving statistics it starts with (``batchnorm="frozen"``), so a head fitted on the
-  frozen encoder's features meets the same features at the first step;
-- ``features`` step: the head alone on encoder features computed beforehand
-  (:meth:`Trainer.encode`), for a warm-up that costs almost nothing per step.
+  frozen encoder's features meets the same features at the first step.
 
 Between runs, :meth:`Trainer.reset` assigns new weights and restores the optimizers'
 variables (step counter, moments, learning rate) to their starting values; nothing is
@@ -33,13 +31,14 @@ import tensorflow as tf
 
 from drnb.models import leaf_layers, stack
 from drnb.pipeline import without_autotune
-from drnb.profiles import BATCHNORM_MODES
 
 logger = logging.getLogger(__name__)
 
 # Keras's names for them (drnb.targets.TARGET_LOSSES gives a fine-tuning target's).
 LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy", "mean_squared_error")
-PHASES = ("head", "full", "features")
+PHASES = ("head", "full")
+# How batch norm behaves while everything trains (see Trainer).
+BATCHNORM_MODES = ("batch", "frozen")
 
 
 def cosine_rate(position: float, length: float, base_rate: float) -> float:
@@ -126,10 +125,10 @@ class Trainer:
         return -tf.reduce_mean(binary, axis=-1)
 
     def _optimizer(self, phase: str):
-        """The optimizer ``phase`` trains with: the full one, or the head's (head and features)."""
+        """The optimizer ``phase`` trains with: the full one, or the head's."""
         if phase not in PHASES:
             raise ValueError(f"phase={phase!r}: expected one of {PHASES}")
-        return self.optimizers["full" if phase == "full" else "head"]
+        return self.optimizers[phase]
 
     def _step(self, phase: str):
         if phase in self._steps:
@@ -142,8 +141,6 @@ class Trainer:
                 if phase == "head" or (phase == "full" and self.batchnorm == "frozen"):
                     # Inference mode in the encoder: its batch norm uses the moving statistics.
                     probabilities = self.head(self.encoder(inputs, training=False), training=True)
-                elif phase == "features":
-                    probabilities = self.head(inputs, training=True)
                 else:
                     probabilities = self.model(inputs, training=True)
                 per_example = self._per_example_loss(targets, probabilities)
@@ -207,9 +204,8 @@ class Trainer:
 
         Parameters
         ----------
-        phase : {"head", "full", "features"}
-            Train the head on a frozen encoder, everything, or the head on batches of
-            features from :meth:`encode`.
+        phase : {"head", "full"}
+            Train the head on a frozen encoder, or everything.
         log_every : int
             Record the mean loss every this many steps (0: once, at the end).
         rate_at : callable, optional

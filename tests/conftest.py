@@ -141,8 +141,8 @@ def linear_settings():
     cut points by the prior."""
     return {
         "methods": "rotation,scratch", "bootstrap_resamples": "0", "calibration_images": "40", "target": "regression",
-        "finetune_hidden": "", "head_init": "ridge", "ridge_turns": "4", "test_time_turns": "2", "cut_points": "prior",
-        "warmup_epochs": "0", "finetune_epochs": "0", "min_steps": "0", "validation_fraction": "0",
+        "finetune_hidden": "", "head_init": "ridge", "test_time_turns": "4", "cut_points": "prior",
+        "warmup_epochs": "0", "finetune_epochs": "0", "validation_fraction": "0",
         "recalibrate_batchnorm": "true", "protocols": "linear",
     }
 

@@ -77,7 +77,7 @@ class CountingBatches:
 
 def count_trainer_work(trainer) -> dict:
     """Wrap ``trainer``'s train, encode and predict so that they count the images they process."""
-    counts = {"head": 0, "full": 0, "features": 0, "encode": 0, "predict": 0}
+    counts = {"head": 0, "full": 0, "encode": 0, "predict": 0}
     train, encode, predict = trainer.train, trainer.encode, trainer.predict
 
     def counting_train(batches, steps, *, phase="full", **kwargs):
@@ -112,20 +112,20 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
     smoke = resolve_profile("smoke", {})
     encoder_path = tmp_path / "encoder.keras"  # an untrained encoder stands in for the pretext's
     save_atomically(profile_encoder(smoke), encoder_path)
-    ridge = {"target": "regression", "finetune_hidden": "", "head_init": "ridge", "ridge_turns": "4", "recalibrate_batchnorm": "true"}
+    ridge = {"target": "regression", "finetune_hidden": "", "head_init": "ridge", "test_time_turns": "4", "recalibrate_batchnorm": "true"}
     for case, overrides in enumerate((
-        {}, {"warmup_on_features": "true", "min_steps": "30"}, {"test_time_turns": "4", "cut_points": "prior"}, ridge,
-        {**ridge, "ridge_turns": "2", "warmup_on_features": "true", "warmup_epochs": "1"},  # the unturned features serve both
+        {}, {"finetune_min_steps": "6"}, {"test_time_turns": "4", "cut_points": "prior"}, ridge,
+        {**ridge, "test_time_turns": "2", "warmup_epochs": "1"},
         # Nothing trains: the predictions read the features, kept per starting encoder.
         {**ridge, "test_time_turns": "2", "cut_points": "prior", "warmup_epochs": "0", "finetune_epochs": "0",
-         "min_steps": "0", "validation_fraction": "0", "protocols": "linear"},
+         "validation_fraction": "0", "protocols": "linear"},
         # ... or the head alone trains, on the images.
-        {**ridge, "warmup_epochs": "1", "finetune_epochs": "0", "min_steps": "0", "validation_fraction": "0", "protocols": "linear"},
+        {**ridge, "warmup_epochs": "1", "finetune_epochs": "0", "validation_fraction": "0", "protocols": "linear"},
         # Nothing trains, and every scratch run starts from one fresh encoder.
         {**ridge, "test_time_turns": "2", "cut_points": "prior", "warmup_epochs": "0", "finetune_epochs": "0",
-         "min_steps": "0", "validation_fraction": "0", "scratch_encoder": "shared", "protocols": "linear"},
+         "validation_fraction": "0", "scratch_encoder": "shared", "protocols": "linear"},
         # Both protocols, LP-FT as quick runs it: a ridge fit, then everything trained, or not.
-        {**ridge, "test_time_turns": "2", "cut_points": "prior", "warmup_epochs": "0", "min_steps": "0",
+        {**ridge, "test_time_turns": "2", "cut_points": "prior", "warmup_epochs": "0",
          "validation_fraction": "0", "scratch_encoder": "shared", "finetune_batchnorm": "frozen"},
     )):
         # Two fractions, two notebooks (one session each) that share their kept features
@@ -138,7 +138,7 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
             for _ in profile.fractions
         ]
         work = benchmark_module.planned_work(profile, sessions[0], len(images))
-        counts = {"head": 0, "full": 0, "features": 0, "encode": 0, "predict": 0}
+        counts = {"head": 0, "full": 0, "encode": 0, "predict": 0}
         fitted_rows, built = [], []
         monkeypatch.setattr(drnb.finetune, "profile_encoder", lambda *a, **k: built.append(1) or profile_encoder(*a, **k))
         for fraction, session in zip(profile.fractions, sessions):
@@ -158,21 +158,18 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
         assert counts["full"] == work["finetune_full"]
         assert (work["finetune_full"] > 0) == ("finetune" in profile.protocols)
         assert counts["head"] == work["finetune_head"]
-        assert counts["features"] == work["finetune_features"]
-        assert (work["finetune_features"] > 0) == profile.warmup_on_features
         assert counts["predict"] == work["finetune_predict"] > 0
         assert counts["encode"] == work["finetune_encode"]
-        # Features are encoded for a warm-up on them, a ridge fit, or a linear run's predictions.
-        assert (work["finetune_encode"] > 0) == (
-            profile.warmup_on_features or profile.head_init == "ridge" or "linear" in profile.protocols
-        )
+        # Features are encoded for a ridge fit, or a linear run's predictions.
+        assert (work["finetune_encode"] > 0) == (profile.head_init == "ridge" or "linear" in profile.protocols)
         assert work["ridge_fits"] == len(fitted_rows) and work["ridge_rows"] == sum(fitted_rows)
         assert (work["ridge_fits"] > 0) == (profile.head_init == "ridge")
         runs = len(profile.fractions) * profile.repetitions * len(profile.protocols)
         assert work["runs"] == 2 * runs and work["fresh_encoders"] == len(built)
         assert len(built) == (len(profile.fractions) if profile.scratch_encoder == "shared" else runs)
         assert work["notebooks"] == 5 and work["images"] == 80
-        if profile.test_time_turns == 4:  # test fold, validation after each full epoch and calibration, each in four turns
+        if profile.test_time_turns == 4 and not profile.recalibrate_batchnorm:
+            # The fine-tuned runs' test fold, validation after each full epoch and calibration, each in four turns.
             scored = sum(
                 len(split.test) + profile.finetune_epochs * len(split.validation_for(f))
                 + len(session.calibration_rows(split, profile.seed + r))
@@ -185,11 +182,11 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
 def test_predicted_sweep_adds_each_stage_at_its_rate(benchmark_module):
     work = {
         "images": 100, "notebooks": 5, "fresh_encoders": 4, "pretext_train": 1200, "pretext_predict": 40,
-        "finetune_full": 3000, "finetune_head": 600, "finetune_features": 0, "finetune_encode": 800, "finetune_predict": 500,
+        "finetune_full": 3000, "finetune_head": 600, "finetune_encode": 800, "finetune_predict": 500,
         "ridge_fits": 6, "ridge_rows": 9000,
     }
     rates = {
-        "preprocess": 50, "pretext_train": 100, "finetune_full": 100, "finetune_head": 300, "finetune_features": 1000,
+        "preprocess": 50, "pretext_train": 100, "finetune_full": 100, "finetune_head": 300,
         "encode": 40, "predict": 20, "ridge_rows": 3000,
     }
     fixed = {"kernel": 10, "load": 1, "pretext_tracing": 4, "finetune_tracing": 3, "fresh_model": 0.5, "ridge_fit": 0.25}
@@ -217,7 +214,7 @@ def test_ridge_timing_splits_a_fit_into_fixed_seconds_and_seconds_per_row(benchm
         clock["now"] += 0.5 + 0.001 * len(features)
 
     monkeypatch.setattr(drnb.ridge, "fit_ridge", fake_fit)
-    timing = benchmark_module.ridge_fit_timing(12, 4, "correlation", rows=(40, 400))
+    timing = benchmark_module.ridge_fit_timing(12, 4, rows=(40, 400))
     assert timing == pytest.approx({"ridge_fit_seconds": 0.5, "ridge_seconds_per_row": 0.001})
     assert fitted == [((40, 12), 10, "correlation"), ((400, 12), 100, "correlation")]  # an image's four views together
 
@@ -227,7 +224,7 @@ def test_sweep_rates_prefer_drnb_then_fit_then_one_batch_at_a_time(benchmark_mod
         "preprocess_uncached_images_per_second": 50, "predict_images_per_second": 20,
         "pretext_drnb_images_per_second": 1, "pretext_fit_images_per_second": 2, "pretext_bare_images_per_second": 3,
         "finetune_full_fit_images_per_second": 4, "finetune_full_bare_images_per_second": 5,
-        "finetune_head_bare_images_per_second": 6, "finetune_features_images_per_second": 7,
+        "finetune_head_bare_images_per_second": 6,
         "ridge_seconds_per_row": 0.001,
     }
     rates = benchmark_module.sweep_rates(figures)
@@ -239,8 +236,6 @@ def test_sweep_rates_prefer_drnb_then_fit_then_one_batch_at_a_time(benchmark_mod
     benchmark_module.check_ridge_timing({"ridge_fits": 0}, figures, "old.json")
     with pytest.raises(ValueError, match=r"old.json has no ridge fit timing .* fits 50 ridge heads"):
         benchmark_module.check_ridge_timing({"ridge_fits": 50}, figures, "old.json")
-    assert rates["finetune_features"] == float("inf")  # no warm-up on features: no image counted at it
-    assert benchmark_module.sweep_rates(figures, warmup_on_features=True)["finetune_features"] == 7
     del figures["finetune_full_fit_images_per_second"], figures["finetune_full_bare_images_per_second"]
     with pytest.raises(ValueError, match="finetune_full_bare_images_per_second"):
         benchmark_module.sweep_rates(figures)

@@ -172,7 +172,7 @@ def test_finetune_session_keeps_each_duplicate_pair_in_one_fold():
     assert reference.patient_ids is None and reference.duplicate_pairs.empty
 
 
-def test_pretext_holds_out_a_patients_eyes_and_twin_photographs_together(tmp_path):
+def test_pretext_holds_out_a_patients_eyes_and_twin_photographs_together(tmp_path, monkeypatch):
     from drnb.pretext import train_pretext
 
     images, grades = make_fundus_images(60, size=32, seed=2)
@@ -185,7 +185,8 @@ def test_pretext_holds_out_a_patients_eyes_and_twin_photographs_together(tmp_pat
     with pytest.raises(ValueError, match="63 images but 62 table rows"):
         photograph_groups(images, table.iloc[:62], THRESHOLD)
 
-    profile = resolve_profile("smoke", {"pretext_holdout_fraction": "0.3", "pretext_epochs": "1"})
+    monkeypatch.setattr("drnb.pretext.HOLDOUT_FRACTION", 0.3)  # enough held out that pairs could be parted
+    profile = resolve_profile("smoke", {"pretext_epochs": "1"})
     together = [(2 * k, 2 * k + 1) for k in range(30)] + [(3, 60), (4, 61), (7, 62)]
     _, image_by_image = split_holdout(63, 0.3, profile.seed)
     assert any((a in image_by_image) != (b in image_by_image) for a, b in together)  # the test has teeth

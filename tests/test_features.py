@@ -156,7 +156,7 @@ def test_a_later_notebooks_session_reads_the_features_an_earlier_one_kept(tmp_pa
     from drnb.profiles import resolve_profile
 
     images, _, table = tiny_fundus_set
-    profile = resolve_profile("smoke", {**linear_settings, "ridge_turns": "2", "fractions": "0.25,1.0"})
+    profile = resolve_profile("smoke", {**linear_settings, "test_time_turns": "2", "fractions": "0.25,1.0"})
     encoder_path = tmp_path / "encoder.keras"
     save_atomically(profile_encoder(profile), encoder_path)
 

@@ -11,7 +11,7 @@ import pytest
 from drnb.finetune import FinetuneSession, learning_rate_at, plan_steps, run_directory, run_fraction
 from drnb.metrics import quadratic_weighted_kappa
 from drnb.preprocessing import PreprocessConfig, preprocess_image
-from drnb.pretext import train_pretext
+from drnb.pretext import planned_epochs, train_pretext
 from drnb.profiles import resolve_profile
 from drnb.synthetic import make_fundus_images
 from drnb.targets import decode, decode_with_cut_points, expected_grade
@@ -28,9 +28,7 @@ SETTINGS = {
     "finetune_hidden": (64,),
     "finetune_learning_rate": 2e-3,
     "warmup_epochs": 2,
-    "warmup_on_features": True,
     "finetune_epochs": 6,
-    "min_steps": 150,
     "fractions": (0.25, 1.0),
     "repetitions": 2,
     "bootstrap_resamples": 100,
@@ -102,25 +100,12 @@ def test_a_small_set_gets_more_pretext_passes_up_to_the_minimum_steps(synthetic,
     session = FinetuneSession(images, synthetic[1].iloc[:60], profile, log=lambda line: None)
     assert benchmark_module.planned_work(profile, session, len(images))["pretext_train"] == 3 * 7 * 32  # 7 steps per pass
     # The floor only ever adds passes; a set large enough keeps the profile's epochs.
-    assert profile.planned_pretext_epochs(216) == 3 and profile.planned_pretext_epochs(640) == 1
-    assert profile.derive(pretext_epochs=5).planned_pretext_epochs(216) == 5
+    assert planned_epochs(profile, 216) == 3 and planned_epochs(profile, 640) == 1
+    assert planned_epochs(profile.derive(pretext_epochs=5), 216) == 5
     with pytest.raises(ValueError, match="rotated_per_epoch=0"):
-        profile.planned_pretext_epochs(0)
+        planned_epochs(profile, 0)
     with pytest.raises(ValueError, match="pretext_min_steps=-1"):
         resolve_profile("smoke", {"pretext_min_steps": "-1"})
-
-
-def test_cosine_pretext_schedule_decays_the_rate_step_by_step(synthetic, pretext, tmp_path):
-    images = synthetic[0][:60, ::2, ::2]  # 32 px: only the schedule is under test
-    settings = {"image_size": 32, "pretext_epochs": 3, "pretext_batch_size": 32, "pretext_learning_rate": 1e-3}
-    cosine = train_pretext(images, resolve_profile("smoke", {**settings, "pretext_lr_schedule": "cosine"}), tmp_path / "cosine", log=lambda line: None)
-    steps_per_epoch = int(np.ceil(54 * 4 / 32))  # 54 images after the hold-out, all four rotations each
-    total = 3 * steps_per_epoch
-    expected = [1e-3 * (1 + np.cos(np.pi * (epoch * steps_per_epoch - 1) / total)) / 2 for epoch in (1, 2, 3)]
-    assert cosine.history["learning_rate"].tolist() == pytest.approx(expected, rel=1e-5)
-    assert cosine.history["learning_rate"].iloc[-1] < 0.01 * 1e-3
-    # The module's pretext keeps the default constant rate.
-    assert pretext.history["learning_rate"].tolist() == pytest.approx([SETTINGS["pretext_learning_rate"]] * SETTINGS["pretext_epochs"])
 
 
 def test_finetuning_reaches_kappa_above_0_5_and_writes_its_run(synthetic, profile, pretext, tmp_path):
@@ -135,38 +120,26 @@ def test_finetuning_reaches_kappa_above_0_5_and_writes_its_run(synthetic, profil
     assert sorted(predictions["image_id"]) == sorted(table["image_id"].iloc[split.test])
     assert predictions["predicted"].between(0, 4).all()
     assert metrics["n_test"] == len(split.test) and metrics["n_train"] == len(split.train[1.0])
-    assert metrics["steps"] >= profile.min_steps
     assert {"metrics.json", "history.csv", "model.keras"} <= {p.name for p in out.iterdir()}
 
 
-def test_small_fractions_get_at_least_min_steps(profile):
-    warmup, finetune = plan_steps(10, 32, profile)
-    assert warmup * profile.warmup_epochs + finetune * profile.finetune_epochs >= profile.min_steps
-    assert finetune == 1  # the shortfall goes to the warm-up
-    assert plan_steps(10_000, 32, profile) == (313, 313)  # a large subset: one pass per epoch
-    no_warmup = profile.derive(warmup_epochs=0, protocols=("finetune",))
-    assert plan_steps(10, 32, no_warmup)[1] * no_warmup.finetune_epochs >= profile.min_steps
-
-
 def test_full_fine_tuning_steps_are_floored_and_capped(profile):
-    bounded = profile.derive(warmup_epochs=2, finetune_epochs=4, min_steps=0, finetune_min_steps=40, finetune_max_steps=100)
+    bounded = profile.derive(warmup_epochs=2, finetune_epochs=4, finetune_min_steps=40, finetune_max_steps=100)
     assert plan_steps(10, 32, bounded) == (1, 10)  # one pass is 1 step; 4 epochs stretched to the floor of 40
     assert plan_steps(640, 32, bounded) == (20, 20)  # 4 x 20 = 80 lies between the bounds: one pass per epoch
     assert plan_steps(10_000, 32, bounded) == (313, 25)  # 4 x 313 capped at 100; the warm-up keeps its passes
-    with_floor = bounded.derive(min_steps=120)
-    warmup, finetune = plan_steps(10, 32, with_floor)
-    assert (finetune, 2 * warmup + 4 * finetune) == (10, 120)  # the run's floor fills the warm-up
+    assert plan_steps(10_000, 32, bounded.derive(finetune_max_steps=0)) == (313, 313)  # no cap: one pass per epoch
 
 
 def test_a_profile_without_epochs_plans_no_steps(profile):
-    linear = profile.derive(warmup_epochs=0, finetune_epochs=0, min_steps=0, validation_fraction=0.0, head_init="ridge",
+    linear = profile.derive(warmup_epochs=0, finetune_epochs=0, validation_fraction=0.0, head_init="ridge",
                             target="regression", finetune_hidden=(), protocols=("linear",))
     assert plan_steps(10, 32, linear) == (0, 0)
-    assert plan_steps(10, 32, linear.derive(warmup_epochs=2, min_steps=30)) == (15, 0)  # the head alone makes up the floor
-    # A linear run of a profile that also fine-tunes: its warm-up alone makes up the floor.
-    both = profile.derive(warmup_epochs=2, finetune_epochs=4, min_steps=30, protocols=("finetune", "linear"))
-    assert plan_steps(10, 32, both, "linear") == (15, 0)
-    assert plan_steps(10, 32, both, "finetune")[1] > 0
+    assert plan_steps(10, 32, linear.derive(warmup_epochs=2)) == (1, 0)  # the head alone, one pass per epoch
+    # A linear run of a profile that also fine-tunes has its warm-up and no full epoch.
+    both = profile.derive(warmup_epochs=2, finetune_epochs=4, finetune_min_steps=30, protocols=("finetune", "linear"))
+    assert plan_steps(10, 32, both, "linear") == (1, 0)
+    assert plan_steps(10, 32, both, "finetune") == (1, 8)
 
 
 def test_cosine_schedule_decays_towards_zero_step_by_step_and_constant_does_not(profile):
@@ -181,7 +154,7 @@ def test_cosine_schedule_decays_towards_zero_step_by_step_and_constant_does_not(
 
 def test_sweep_skips_finished_runs(synthetic, profile, pretext, tmp_path):
     images, table = synthetic
-    quick = profile.derive(warmup_epochs=1, finetune_epochs=1, min_steps=0)
+    quick = profile.derive(warmup_epochs=1, finetune_epochs=1)
     session = FinetuneSession(images, table, quick, encoder_path=pretext.encoder_path, log=lambda line: None)
     first = run_fraction(session, 0.25, tmp_path)
     assert sorted(zip(first["protocol"], first["method"], first["repetition"])) == [
@@ -423,16 +396,16 @@ def test_a_shared_fresh_encoder_starts_every_scratch_run_and_is_recalibrated_onc
     np.testing.assert_array_equal(calls[0], rows)
 
 
-@pytest.mark.parametrize("ridge_turns", [1, 4, 8])
-def test_a_ridge_head_is_fitted_on_the_training_images_in_each_turn(ridge_turns, tmp_path, monkeypatch):
+@pytest.mark.parametrize("turns", [1, 4, 8])
+def test_a_ridge_head_is_fitted_on_the_training_images_in_each_view_the_predictions_average(turns, tmp_path, monkeypatch):
     from drnb.ridge import fit_ridge
 
     images, grades = make_fundus_images(80, size=32, seed=1)
     table = pd.DataFrame({"image_id": [str(i) for i in range(80)], "path": "", "grade": grades, "patient_id": None, "split": None})
     settings = {
         "methods": "scratch", "bootstrap_resamples": "0", "calibration_images": "40", "target": "regression",
-        "finetune_hidden": "", "head_init": "ridge", "ridge_turns": str(ridge_turns), "warmup_epochs": "0",
-        "finetune_epochs": "1", "finetune_learning_rate": "1e-9", "min_steps": "0",
+        "finetune_hidden": "", "head_init": "ridge", "test_time_turns": str(turns), "warmup_epochs": "0",
+        "finetune_epochs": "1", "finetune_learning_rate": "1e-9",
     }
     session = FinetuneSession(images, table, resolve_profile("smoke", settings), log=lambda line: None)
     fits, turns_encoded = [], []
@@ -447,25 +420,23 @@ def test_a_ridge_head_is_fitted_on_the_training_images_in_each_turn(ridge_turns,
     )
     metrics = session.run("scratch", 1.0, 0, tmp_path)
     train = session.split(0, 1.0).train[1.0]
-    assert turns_encoded == ([0] if ridge_turns == 1 else list(range(ridge_turns)))  # 4-7: the mirror image's turns
+    assert turns_encoded == ([0] if turns == 1 else list(range(turns)))  # 4-7: the mirror image's turns
     features, targets, images = fits[0]
-    assert features.shape == (ridge_turns * len(train), session.trainer.encoder.output_shape[-1])
-    np.testing.assert_array_equal(targets, np.tile(grades[train], ridge_turns))
-    np.testing.assert_array_equal(images, np.tile(np.arange(len(train)), ridge_turns))  # an image's turns leave together
+    assert features.shape == (turns * len(train), session.trainer.encoder.output_shape[-1])
+    np.testing.assert_array_equal(targets, np.tile(grades[train], turns))
+    np.testing.assert_array_equal(images, np.tile(np.arange(len(train)), turns))  # an image's turns leave together
     # The head holds that fit: a rate of 1e-9 leaves it where it started.
-    expected = fit_ridge(features, targets, groups=images, criterion=session.profile.ridge_criterion)
+    expected = fit_ridge(features, targets, groups=images, criterion="correlation")
     weights, bias = session.trainer.head.get_weights()
     np.testing.assert_allclose(weights[:, 0], expected.weights, rtol=1e-3, atol=1e-6)
     assert metrics["ridge_penalty"] == expected.penalty
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"ridge_turns": "3"}, "ridge_turns=3: expected 1"),
-    ({"ridge_turns": "4", "head_init": "random"}, "ridge_turns=4 turns the images a ridge head is fitted on"),
-    ({"ridge_criterion": "kappa"}, "ridge_criterion='kappa': expected one of"),
-    ({"ridge_turns": "1", "head_init": "random"}, "ridge_criterion='correlation' chooses a ridge head's penalty"),
+    ({"test_time_turns": "3"}, "test_time_turns=3: expected 1"),
+    ({"head_init": "ridge", "target": "ordinal"}, "head_init='ridge' fits a linear regression head"),
 ])
-def test_ridge_turns_must_be_1_2_4_or_8_and_need_a_ridge_head(overrides, message):
+def test_views_must_be_1_2_4_or_8_and_a_ridge_head_must_be_linear(overrides, message):
     with pytest.raises(ValueError, match=message):
         resolve_profile("quick", overrides)
 
@@ -473,7 +444,6 @@ def test_ridge_turns_must_be_1_2_4_or_8_and_need_a_ridge_head(overrides, message
 @pytest.mark.parametrize("warmup", [
     {"warmup_epochs": "0"},  # the ridge fit alone (quick)
     {"warmup_epochs": "1"},  # the head also trains, on the images, with the encoder frozen
-    {"warmup_epochs": "1", "warmup_on_features": "true"},  # ... or on the kept features
 ])
 def test_without_epochs_the_encoder_is_untouched_and_predicts_from_its_kept_features(
     warmup, tmp_path, monkeypatch, tiny_fundus_set, linear_settings
@@ -510,10 +480,10 @@ def test_without_epochs_the_encoder_is_untouched_and_predicts_from_its_kept_feat
         np.testing.assert_allclose(session._predict(split.test, frozen=True), session._predict(split.test), rtol=1e-4, atol=1e-5)
         if profile.warmup_epochs:
             continue  # the warm-up reads features or images of its own; the counts below are the fit's
-        # Each row once per turn: the fit's four, then the test fold's two (calibration rows
+        # Each row once per turn: the fit's four, then the test fold's four (calibration rows
         # are training rows at 100 %), for the pretext's encoder and a fresh one alike.
         assert np.isin(calibration, split.train[1.0]).all()
-        assert encoded == [n_train] * 4 + [len(split.test)] * 2
+        assert encoded == [n_train] * 4 + [len(split.test)] * 4
 
 
 @pytest.fixture
@@ -526,8 +496,8 @@ def lp_ft_session(tmp_path, tiny_fundus_set):
     images, _, table = tiny_fundus_set
     profile = resolve_profile("smoke", {
         "methods": "rotation,scratch", "protocols": "finetune,linear", "bootstrap_resamples": "0", "calibration_images": "40",
-        "target": "regression", "finetune_hidden": "", "head_init": "ridge", "ridge_turns": "2", "test_time_turns": "2",
-        "cut_points": "prior", "warmup_epochs": "0", "finetune_epochs": "2", "finetune_min_steps": "6", "min_steps": "0",
+        "target": "regression", "finetune_hidden": "", "head_init": "ridge", "test_time_turns": "2",
+        "cut_points": "prior", "warmup_epochs": "0", "finetune_epochs": "2", "finetune_min_steps": "6",
         "validation_fraction": "0", "finetune_batchnorm": "frozen", "lr_schedule": "cosine", "recalibrate_batchnorm": "true",
         "scratch_encoder": "shared",
     })

@@ -56,9 +56,7 @@ def test_smoke_reproduction_reports_failures_keeps_results_and_resumes(tmp_path,
     nbformat.write(finetune, broken / NOTEBOOKS["finetune"])
     out = tmp_path / "run"
     lines = []
-    on_features = {"warmup_on_features": "true"}  # the warm-up reads kept features, which the notebooks share
-
-    report = reproduce("smoke", out=str(out), notebooks=broken, kernel="python3", overrides=on_features, log=lines.append)
+    report = reproduce("smoke", out=str(out), notebooks=broken, kernel="python3", log=lines.append)
 
     assert [label for label, _, _ in report.failed] == ["03_finetune_fractions (fraction=0.25)"]
     failed_notebook = report.failed[0][1]
@@ -70,7 +68,7 @@ def test_smoke_reproduction_reports_failures_keeps_results_and_resumes(tmp_path,
     assert len(list((out / "features").glob("features_*.npz"))) == 1 + 2  # the pretext's encoder, a fresh one per repetition
 
     lines.clear()
-    report = reproduce("smoke", out=str(out), kernel="python3", overrides=on_features, log=lines.append)
+    report = reproduce("smoke", out=str(out), kernel="python3", log=lines.append)
 
     assert report.ok, report.failed
     assert not (out / "features").exists() and any("removed" in line and "features" in line for line in lines)

@@ -12,7 +12,7 @@ def test_paper_profile_is_the_study_configuration():
     paper = PROFILES["paper"]
     assert (paper.encoder, paper.image_size) == ("densenet121", 224)
     assert (paper.pretext_learning_rate, paper.pretext_batch_size, paper.pretext_epochs) == (1e-5, 32, 200)
-    assert paper.pretext_hidden == (2048, 1024) and paper.pretext_dropout == 0.5
+    assert paper.pretext_hidden == (2048, 1024)
     assert (paper.finetune_learning_rate, paper.finetune_batch_size) == (5e-5, 32)
     assert (paper.warmup_epochs, paper.finetune_epochs, paper.repetitions) == (3, 17, 5)
     assert paper.fractions == (0.05, 0.1, 0.25, 0.5, 1.0)
@@ -140,22 +140,19 @@ def test_quick_pools_every_stage_and_a_run_folder_from_before_keeps_the_last(tmp
 def test_quick_starts_a_regression_head_from_a_ridge_fit_and_old_run_folders_do_not(tmp_path):
     quick = PROFILES["quick"]
     assert (quick.target, quick.head_init, quick.finetune_hidden, quick.recalibrate_batchnorm) == ("regression", "ridge", (), True)
-    assert (quick.ridge_turns, quick.test_time_turns) == (8, 8)  # fitted and predicted on every symmetry of the square
-    assert (quick.ridge_criterion, PROFILES["paper"].ridge_criterion) == ("correlation", "error")
+    assert quick.test_time_turns == 8  # fitted and predicted on every symmetry of the square
     assert (PROFILES["paper"].head_init, PROFILES["paper"].recalibrate_batchnorm) == ("random", False)  # as the study
-    assert (PROFILES["paper"].ridge_turns, PROFILES["paper"].test_time_turns) == (1, 1)
+    assert PROFILES["paper"].test_time_turns == 1
     assert (quick.scratch_encoder, PROFILES["paper"].scratch_encoder) == ("shared", "per_repetition")
     values = json.loads(quick.to_json())
-    for name in ("head_init", "recalibrate_batchnorm", "ridge_turns", "ridge_criterion", "test_time_turns", "scratch_encoder",
-                 "protocols", "finetune_batchnorm", "finetune_colour"):
+    for name in ("head_init", "recalibrate_batchnorm", "test_time_turns", "scratch_encoder", "protocols", "finetune_batchnorm"):
         del values[name]
     values.update(target="ordinal", finetune_hidden=[256], finetune_epochs=8)  # what a quick run folder from before holds
     (tmp_path / "profile.json").write_text(json.dumps(values))
     old = load_profile(tmp_path / "profile.json")
-    assert (old.head_init, old.recalibrate_batchnorm, old.ridge_turns, old.test_time_turns) == ("random", False, 1, 1)
-    assert old.ridge_criterion == "error"
+    assert (old.head_init, old.recalibrate_batchnorm, old.test_time_turns) == ("random", False, 1)
     assert old.scratch_encoder == "per_repetition"  # a resumed sweep keeps its scratch runs' encoders
-    assert (old.protocols, old.finetune_batchnorm, old.finetune_colour) == (("finetune",), "batch", 0.1)
+    assert (old.protocols, old.finetune_batchnorm) == (("finetune",), "batch")
     # A folder from when quick evaluated linearly alone (no epoch) resumes as linear evaluation.
     values = json.loads(quick.to_json())
     del values["protocols"]
@@ -192,5 +189,25 @@ def test_scratch_encoder_must_be_per_repetition_or_shared():
 
 
 def test_rotated_copies_follow_the_rotation_mode():
-    assert PROFILES["quick"].rotation_mode == "all4" and PROFILES["quick"].rotated_copies == 4
-    assert PROFILES["paper"].rotation_mode == "random1" and PROFILES["paper"].rotated_copies == 1
+    from drnb.pretext import rotated_copies
+
+    assert PROFILES["quick"].rotation_mode == "all4" and rotated_copies(PROFILES["quick"]) == 4
+    assert PROFILES["paper"].rotation_mode == "random1" and rotated_copies(PROFILES["paper"]) == 1
+
+
+def test_a_run_folder_with_a_removed_setting_loads_only_with_the_value_drnb_now_uses(tmp_path):
+    values = json.loads(PROFILES["quick"].to_json())
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({**values, "pooling": "avg", "ridge_turns": 8, "ridge_criterion": "correlation", "min_steps": 0}))
+    assert load_profile(path) == PROFILES["quick"]
+    path.write_text(json.dumps({**values, "pooling": "max"}))
+    with pytest.raises(ValueError, match="pooling='max'; drnb no longer has this setting and always uses 'avg'"):
+        load_profile(path)
+    path.write_text(json.dumps({**values, "ridge_turns": 4}))
+    with pytest.raises(ValueError, match="ridge_turns=4 differs from test_time_turns=8"):
+        load_profile(path)
+    paper = json.loads(PROFILES["paper"].to_json())
+    path.write_text(json.dumps({**paper, "ridge_criterion": "error", "ridge_turns": 1}))  # no ridge head: irrelevant
+    assert load_profile(path) == PROFILES["paper"]
+    with pytest.raises(ValueError, match="--set pooling: no such setting"):
+        resolve_profile("quick", {"pooling": "max"})

@@ -160,20 +160,6 @@ def test_default_strategy_without_tf_config(monkeypatch):
     assert select_strategy().num_replicas_in_sync == 1
 
 
-def test_warmup_on_cached_features_trains_the_head_only():
-    trainer = make_trainer()
-    images, labels = next(iter(constant_batches()))
-    features = trainer.encode(tf.data.Dataset.from_tensors((images, labels)))
-    assert features.shape == (32, trainer.encoder.output_shape[-1])
-    encoder_before = [w.copy() for w in trainer.encoder.get_weights()]
-    batches = trainer.batches(tf.data.Dataset.from_tensors((features, labels)).repeat())
-    first = trainer.train(batches, 2, phase="features").losses[-1]
-    last = trainer.train(batches, 30, phase="features").losses[-1]
-    assert last < first
-    for before, after in zip(encoder_before, trainer.encoder.get_weights()):
-        np.testing.assert_array_equal(before, after)
-
-
 def test_inference_passes_read_their_batches_with_autotuning_off(autotune_of_iterated_datasets):
     # With tf.data's autotuning on, an encoding pass ran at random at ~60 % of the speed of
     # the others on 2 cores; encode and predict switch it off, as training batches do.
