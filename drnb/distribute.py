@@ -70,7 +70,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed Python, NumPy and TensorFlow (``keras.utils.set_random_seed``); optionally make ops deterministic.
 
     Call it once per process: ``tf.random.set_seed`` clears TensorFlow's kernel cache, so the
-    next step of every traced model is instantiated again (about 2 s on CPU). Between runs
+    next step of every traced model is instantiated again. Between runs
     use :func:`seed_weights`.
     """
     keras.utils.set_random_seed(int(seed))

@@ -45,7 +45,7 @@ def shuffled_positions(count: int, seed: int, batch_size: int) -> tf.data.Datase
     Pass ``e`` is the argsort of ``stateless_uniform`` keyed by ``(seed, e)``, so the order
     depends on ``seed`` alone. ``Dataset.shuffle(seed=...)`` would mix in TensorFlow's global
     seed, and resetting that per run (``tf.random.set_seed``) clears TensorFlow's kernel
-    cache, which costs about 2 s per fine-tuning run on CPU. Batch ``b`` holds stream items
+    cache, which every fine-tuning run would pay again. Batch ``b`` holds stream items
     ``b * batch_size`` to ``(b + 1) * batch_size - 1``, so a batch may end one pass and
     start the next; each batch recomputes the one or two permutations it touches (an
     argsort of ``count`` keys, well under a millisecond for a few thousand images).
@@ -78,11 +78,9 @@ def shuffled_positions(count: int, seed: int, batch_size: int) -> tf.data.Datase
 def without_autotune(dataset: tf.data.Dataset) -> tf.data.Dataset:
     """``dataset`` with tf.data's autotuning off: fixed parallelism (the core count) and buffers.
 
-    Deleting an endless iterator while its autotuner runs waited 10-20 s at random on the
-    development machine (measured: 3 of 6 fine-tuning runs; none with this option); the
+    Deleting an endless iterator while its autotuner runs stalls at random for seconds; the
     training batches run no slower without it. Inference passes read their batches this way
-    too: with autotuning on, a pass over a few hundred images ran at random at about 60 % of
-    the speed of the others on 2 cores.
+    too: with autotuning on, a pass on a few cores ran slow at random.
     """
     options = tf.data.Options()
     options.autotune.enabled = False

@@ -1,43 +1,17 @@
-"""Label codings for the fine-tuning head: ordinal (cumulative), one-hot and regression.
+"""What the fine-tuning head predicts, and how its outputs become grades 0 (no DR) to 4.
 
-Diabetic-retinopathy grades are the integers 0 (no DR) to 4 (proliferative DR).
-Three codings are offered:
+Targets: ``"ordinal"``, the study's cumulative code (grade k is k + 1 leading ones, output j
+meaning "grade >= j"; five sigmoids, binary cross-entropy); ``"softmax"``, one-hot for a
+five-way softmax; ``"regression"``, the grade as one number (one linear output, squared
+error: the grades' order and distances are what quadratic weighted kappa weighs).
 
-``"ordinal"``
-    The cumulative code of the study's reference code (HealthML/self-supervised-3d-tasks,
-    ``KaggleGenerator`` with ``multilabel=True``): grade ``k`` becomes ``k + 1`` leading ones,
-    so output ``j`` means "grade >= j". Output 0 ("grade >= 0") is always 1. The head has five
-    sigmoid units trained with binary cross-entropy.
-``"softmax"``
-    A plain one-hot code for a five-way softmax head.
-``"regression"``
-    The grade itself, as one number, for a head with one linear output trained with mean
-    squared error: the grade's order and distances are the target, as quadratic weighted
-    kappa weighs them (most of the APTOS 2019 competition's leading entries regressed the
-    grade and cut the prediction at thresholds). Its output is a score, not a probability,
-    and is decoded by rounding (clipped to 0-4) or by cut points.
-
-Decoding the ordinal code
--------------------------
-The reference decodes with ``(p > 0.5).sum(1) - 1``. When every output is below 0.5 (which
-includes output 0, which the network is supposed to keep at 1) that gives ``-1``, a grade that
-does not exist. ``sklearn.metrics.cohen_kappa_score(..., labels=[0, 1, 2, 3, 4])`` then drops
-those images from the confusion matrix without a word, so the reported kappa is computed on
-fewer test images than claimed. drnb therefore decodes with the ``"count"`` rule by default:
-the grade is the number of outputs 1..4 above 0.5, which is always in 0..4 and ignores output 0.
-The reference rule is kept, as ``rule="reference"``, only to reproduce the reference numbers.
-
-Cut points matched to the grade prior
--------------------------------------
-A fixed threshold of 0.5 per output suits a network that has learnt the grades well. One
-that has only started to (a CPU budget, few labels) ranks images better than it places them:
-its outputs hover near the grade prior, so the count rule answers "grade 0" or "grade 1" for
-almost every image and kappa sees little of the ranking. :func:`expected_grade` turns the
-outputs into one score, and :func:`prior_cut_points` places four cut points on the scores of
-images the run may see (its training pool, never the test fold) so that the grades they
-receive occur as often as in the labelled subset; :func:`decode_with_cut_points` applies them
-to each test image on its own. Kaggle's DR solutions tuned such thresholds on validation
-labels; matching the prior needs no labels beyond the subset's grade counts.
+Decoding: the study decodes the ordinal code with ``(p > 0.5).sum(1) - 1``, which gives -1
+when every output is low, and scikit-learn's kappa then drops those images silently; drnb
+counts outputs 1-4 above 0.5 instead (always 0-4) and keeps the study's rule as
+``rule="reference"``. A network trained on few labels ranks images better than it places
+them, so ``cut_points="prior"`` cuts one score per image (:func:`expected_grade`) where the
+training pool's scores give each grade as often as the labelled subset has it
+(:func:`prior_cut_points`): no label beyond the subset's grade counts is needed.
 """
 
 from __future__ import annotations
@@ -86,26 +60,10 @@ def _first_bad(valid: np.ndarray) -> int:
 
 
 def validate_grades(grades, name: str = "grades") -> np.ndarray:
-    """Check that ``grades`` holds integer DR grades 0-4 and return them as int64.
+    """``grades`` as int64 (N,) in 0..4; ValueError naming the first bad row otherwise.
 
-    Parameters
-    ----------
-    grades : array-like, shape (N,)
-        Integer grades in 0..4. Floats are accepted when they are whole numbers (a pandas
-        column read with missing values turns into float64); NaN, fractions, booleans,
-        strings and values outside 0..4 are rejected.
-    name : str
-        Parameter name used in the error message.
-
-    Returns
-    -------
-    numpy.ndarray
-        int64 (N,) in 0..4. May be empty.
-
-    Raises
-    ------
-    ValueError
-        If ``grades`` is not 1-D, or names the first row that is not an integer in 0..4.
+    Whole floats are accepted (a pandas column with missing values reads as float64); NaN,
+    fractions, booleans and strings are not. ``name`` is used in the message.
     """
     arr = np.asarray(grades)
     if arr.ndim != 1:
@@ -166,61 +124,18 @@ def _validate_outputs(probabilities, name: str = "probabilities", unit_interval:
 
 
 def ordinal_encode(grades) -> np.ndarray:
-    """Encode grades with the reference's cumulative (ordinal) code.
-
-    Parameters
-    ----------
-    grades : array-like, shape (N,)
-        Integer grades in 0..4.
-
-    Returns
-    -------
-    numpy.ndarray
-        float32 (N, 5) of 0/1. Grade ``k`` has ones in columns ``0..k``:
-        0 -> ``[1, 0, 0, 0, 0]``, 2 -> ``[1, 1, 1, 0, 0]``, 4 -> ``[1, 1, 1, 1, 1]``.
-        Column ``j`` means "grade >= j".
-
-    Raises
-    ------
-    ValueError
-        If a grade is not an integer in 0..4 (the message names the row).
-    """
+    """Grades (N,) -> float32 (N, 5) cumulative code: grade k has ones in columns 0..k
+    (column j means "grade >= j")."""
     g = validate_grades(grades)
     return (np.arange(N_GRADES)[None, :] <= g[:, None]).astype(np.float32)
 
 
 def ordinal_decode(probabilities, rule: str = "count") -> np.ndarray:
-    """Turn sigmoid outputs of an ordinal head into grades.
+    """Ordinal sigmoid outputs float (N, 5) in [0, 1] -> int64 (N,) grades.
 
-    Parameters
-    ----------
-    probabilities : array-like, shape (N, 5)
-        Sigmoid outputs in [0, 1]; column ``j`` estimates P(grade >= j).
-    rule : {"count", "reference"}
-        ``"count"`` (default): grade = number of outputs 1..4 above 0.5. Output 0
-        ("grade >= 0") is always true and is ignored. The result is always in 0..4: all
-        outputs below 0.5 give 0, and non-monotone outputs still land in range, e.g.
-        ``[.9, .2, .8, .1, .1]`` -> 1 (only output 2 is above 0.5) and
-        ``[.1, .9, .9, .1, .1]`` -> 2.
-
-        ``"reference"``: ``(p > 0.5).sum(1) - 1`` exactly as the reference code
-        (``transform_multilabel_to_continuous`` in ``self_supervised_3d_tasks/metrics.py``).
-        This CAN return -1 (all five outputs below 0.5), and it counts output 0 like the
-        others (``[.1, .9, .9, .1, .1]`` -> 1). The reference then passed such -1 grades to
-        ``cohen_kappa_score(labels=[0..4])``, which silently drops them. Use it only to
-        reproduce reference numbers, and score its output with
-        :func:`drnb.metrics.evaluate_predictions`, which counts the -1 rows instead of
-        dropping them.
-
-    Returns
-    -------
-    numpy.ndarray
-        int64 (N,): in 0..4 for ``"count"``, in -1..4 for ``"reference"``.
-
-    Raises
-    ------
-    ValueError
-        If ``probabilities`` is not (N, 5), not finite, outside [0, 1], or ``rule`` is unknown.
+    ``"count"``: the number of outputs 1-4 above 0.5, always in 0..4 (output 0 is ignored).
+    ``"reference"``: the study's ``(p > 0.5).sum(1) - 1``, in -1..4; score it with
+    :func:`drnb.metrics.evaluate_predictions`, which counts the -1 rows instead of dropping them.
     """
     if rule not in DECODE_RULES:
         raise ValueError(f"rule must be one of {DECODE_RULES}, got {rule!r}")
@@ -232,36 +147,13 @@ def ordinal_decode(probabilities, rule: str = "count") -> np.ndarray:
 
 
 def onehot_encode(grades) -> np.ndarray:
-    """Encode grades one-hot for a softmax head.
-
-    Parameters
-    ----------
-    grades : array-like, shape (N,)
-        Integer grades in 0..4.
-
-    Returns
-    -------
-    numpy.ndarray
-        float32 (N, 5) with a single 1 per row, in the column of the grade.
-    """
+    """Grades (N,) -> float32 (N, 5) one-hot, for a softmax head."""
     g = validate_grades(grades)
     return np.eye(N_GRADES, dtype=np.float32)[g]
 
 
 def softmax_decode(probabilities) -> np.ndarray:
-    """Turn softmax outputs (or logits) into grades by argmax.
-
-    Parameters
-    ----------
-    probabilities : array-like, shape (N, 5)
-        Softmax probabilities or logits (any finite values; argmax is the same). Ties go to
-        the lower grade.
-
-    Returns
-    -------
-    numpy.ndarray
-        int64 (N,) in 0..4.
-    """
+    """Softmax outputs or logits float (N, 5) -> int64 (N,) grades by argmax (ties to the lower grade)."""
     p = _validate_outputs(probabilities, unit_interval=False)
     return np.argmax(p, axis=1).astype(np.int64)
 
@@ -278,21 +170,7 @@ def output_width(target: str) -> int:
 
 
 def encode(grades, target: str) -> np.ndarray:
-    """Encode grades for the head named by ``target``.
-
-    Parameters
-    ----------
-    grades : array-like, shape (N,)
-        Integer grades in 0..4.
-    target : {"ordinal", "softmax", "regression"}
-        ``"ordinal"`` -> :func:`ordinal_encode`, ``"softmax"`` -> :func:`onehot_encode`,
-        ``"regression"`` -> the grades as numbers.
-
-    Returns
-    -------
-    numpy.ndarray
-        float32 (N, 5), or (N, 1) for ``"regression"``.
-    """
+    """Grades (N,) -> the ``target``'s training targets: float32 (N, 5), or (N, 1) for ``"regression"``."""
     _check_target(target)
     if target == "regression":
         return validate_grades(grades).astype(np.float32)[:, None]
@@ -300,24 +178,10 @@ def encode(grades, target: str) -> np.ndarray:
 
 
 def decode(probabilities, target: str, rule: str = "count") -> np.ndarray:
-    """Decode head outputs into grades for the head named by ``target``.
+    """Head outputs (N, 5), or (N, 1) for ``"regression"``, -> int64 (N,) grades by the fixed rule.
 
-    Parameters
-    ----------
-    probabilities : array-like, shape (N, 5), or (N, 1) for ``"regression"``
-        Head outputs.
-    target : {"ordinal", "softmax", "regression"}
-        ``"ordinal"`` -> :func:`ordinal_decode` with ``rule``; ``"softmax"`` ->
-        :func:`softmax_decode`; ``"regression"``: the output rounded to the nearest grade,
-        clipped to 0-4.
-    rule : {"count", "reference"}
-        Ordinal decoding rule (see :func:`ordinal_decode`). ``"reference"`` only exists for
-        the ordinal head and is refused for the others.
-
-    Returns
-    -------
-    numpy.ndarray
-        int64 (N,); in 0..4 except for ``rule="reference"``, which can give -1.
+    Ordinal: :func:`ordinal_decode` with ``rule``; softmax: argmax; regression: rounded and
+    clipped to 0-4. ``rule="reference"`` (which can give -1) exists for the ordinal head only.
     """
     _check_target(target)
     if rule not in DECODE_RULES:
@@ -335,21 +199,8 @@ def decode(probabilities, target: str, rule: str = "count") -> np.ndarray:
 
 
 def expected_grade(probabilities, target: str) -> np.ndarray:
-    """One score per image from the head's outputs: the grade it expects.
-
-    Parameters
-    ----------
-    probabilities : array-like, shape (N, 5), or (N, 1) for ``"regression"``
-        Ordinal sigmoid outputs ("grade >= j", in [0, 1]), softmax probabilities, or the
-        regression head's output.
-    target : {"ordinal", "softmax", "regression"}
-
-    Returns
-    -------
-    numpy.ndarray
-        float64 (N,): ordinal, the sum of outputs 1-4; softmax, ``sum_k k * p_k`` (both in
-        [0, 4]); regression, the output itself (any real number).
-    """
+    """One score per image, float64 (N,): ordinal, the sum of outputs 1-4; softmax,
+    ``sum_k k * p_k`` (both in [0, 4]); regression, the output itself (any real)."""
     _check_target(target)
     if target == "regression":
         return _validate_outputs(probabilities, "outputs", unit_interval=False, width=1)[:, 0]
@@ -360,21 +211,9 @@ def expected_grade(probabilities, target: str) -> np.ndarray:
 
 
 def prior_cut_points(scores, labelled_grades) -> np.ndarray:
-    """Four cut points that give ``scores`` the grade proportions of ``labelled_grades``.
-
-    Parameters
-    ----------
-    scores : array-like, shape (M,)
-        Scores (:func:`expected_grade`) of the images the cut points are fitted on.
-    labelled_grades : array-like, shape (L,)
-        Grades 0-4 of the labelled training subset: only their proportions are used.
-
-    Returns
-    -------
-    numpy.ndarray
-        float64 (4,), non-decreasing: cut ``j`` is the score quantile at the proportion of
-        labelled grades below ``j + 1``.
-    """
+    """Four non-decreasing cut points, float64 (4,), that give ``scores`` (M,) the grade
+    proportions of ``labelled_grades`` (L,): cut j is the scores' quantile at the share of
+    labelled grades below j + 1."""
     scores = np.asarray(scores, np.float64)
     if scores.ndim != 1 or not len(scores) or not np.isfinite(scores).all():
         raise ValueError(f"scores must be a non-empty 1-D array of finite numbers; got shape {scores.shape}")
@@ -386,18 +225,8 @@ def prior_cut_points(scores, labelled_grades) -> np.ndarray:
 
 
 def decode_with_cut_points(scores, cut_points) -> np.ndarray:
-    """Grade = how many cut points a score exceeds (ties go to the lower grade).
-
-    Parameters
-    ----------
-    scores : array-like, shape (N,)
-    cut_points : array-like, shape (4,), non-decreasing
-
-    Returns
-    -------
-    numpy.ndarray
-        int64 (N,) in 0..4.
-    """
+    """Scores (N,) and cut points (4,) -> int64 (N,) grades: how many cuts a score exceeds
+    (ties go to the lower grade)."""
     cuts = np.asarray(cut_points, np.float64)
     if cuts.shape != (N_GRADES - 1,) or np.any(np.diff(cuts) < 0):
         raise ValueError(f"cut_points must be {N_GRADES - 1} non-decreasing numbers; got {cuts.tolist()}")

@@ -1,7 +1,7 @@
 """The training engine shared by the pretext and fine-tuning: traced once, reused many times.
 
-Tracing a Keras model's training graph is the largest fixed cost on a CPU (DenseNet121:
-70-100 s for the first ``fit``, ~65 s again after every ``compile``). Freezing an encoder the
+Tracing a Keras model's training graph is the largest fixed cost on a CPU, paid at the first
+``fit`` and again after every ``compile``. Freezing an encoder the
 Keras way (``trainable = False`` then ``compile``) pays it again at every warm-up -> unfreeze
 switch, and a new model per repetition pays it again per repetition. :class:`Trainer`
 instead traces two ``tf.function`` steps per model shape, once per process:
@@ -194,8 +194,7 @@ class Trainer:
         shuffle and augmentation from the beginning.
 
         The dataset's autotuning is switched off (:func:`drnb.pipeline.without_autotune`):
-        deleting an endless iterator whose autotuner is running stalled for 10-20 s at
-        random, once every two or three fine-tuning runs.
+        deleting an endless iterator whose autotuner is running stalls at random.
         """
         return iter(self.strategy.experimental_distribute_dataset(without_autotune(dataset)))
 
@@ -237,9 +236,7 @@ class Trainer:
         """Encoder features (inference mode) for every batch of ``dataset`` (images, anything): float32 (N, F).
 
         It reads ``dataset`` with tf.data's autotuning off
-        (:func:`drnb.pipeline.without_autotune`): on 2 cores, a pass with it ran at random at
-        about 60 % of the speed of the others (the eight views of 1,024 EyePACS images at
-        128 px, three times: 974-1,154 images/s with it, 1,230-1,308 without).
+        (:func:`drnb.pipeline.without_autotune`): with it, a pass on a few cores ran slow at random.
         """
         if self._encode is None:
             self._encode = tf.function(lambda images: self.encoder(images, training=False), reduce_retracing=True)
