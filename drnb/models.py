@@ -113,9 +113,9 @@ def compact_densenet(
 def pooled_features(stage_maps: list, feature_stages: str):
     """The encoder's output from its stages' feature maps, shallowest first.
 
-    The last stage's pooling layer is always named ``global_pool`` (Grad-CAM explains the maps
-    at its input); with ``"all"`` the earlier stages' are ``stage<i>_pool``, and the last one
-    comes last in the concatenation ``pooled_stages``.
+    The last stage's pooling layer is always named ``global_pool``; with ``"all"`` the earlier
+    stages' are ``stage<i>_pool``, and the last one comes last in the concatenation
+    ``pooled_stages`` (:func:`drnb.plots.grad_cam` explains the maps at every pooling's input).
 
     Returns
     -------

@@ -153,55 +153,125 @@ def plot_kappa_vs_fraction(
     return ax
 
 
-def grad_cam(model, images: np.ndarray, target: str = "ordinal") -> np.ndarray:
-    """Grad-CAM heat maps of a fine-tuned classifier (encoder -> head).
+def grad_cam(model, images: np.ndarray, target: str = "ordinal", *, views: int = 1, mask: bool = True) -> np.ndarray:
+    """Grad-CAM heat maps of the prediction a fine-tuned classifier (encoder -> head) made.
 
-    The score explained is the expected grade for ``ordinal`` (sum of outputs 1-4), the
-    output itself for ``regression``, and the predicted grade's probability for
-    ``softmax``; the maps are taken at the input of the
-    encoder's global pooling of its last stage.
+    The score explained is the expected grade for ``ordinal`` (sum of outputs 1-4), the output
+    itself for ``regression``, the predicted grade's probability for ``softmax``, averaged over
+    ``views``. Each stage whose pooled features the head reads (``feature_stages="all"``: every
+    stage; ``"last"``: the last) gives its feature maps weighted by the score's gradient with
+    respect to their pooled values, upsampled to the image; the maps of all stages and views
+    (each turned back) are summed, and the ReLU keeps what raised the score.
+    Why summed with these weights: each stage's map then averages to its pooled features'
+    first-order share of the score, so stages of every resolution add up on one scale.
 
     Parameters
     ----------
     model : keras.Model
-        A classifier saved by a fine-tuning run (layers ``encoder``-like then head).
+        A classifier saved by a fine-tuning run: an encoder of :mod:`drnb.models`, then a head.
     images : numpy.ndarray
-        uint8 (N, S, S, 3).
+        uint8 (N, S, S, 3), preprocessed (zero outside the fundus mask).
+    target : {"ordinal", "softmax", "regression"}
+    views : {1, 2, 4, 8}
+        The symmetries whose outputs the prediction averaged: the profile's ``test_time_turns``.
+    mask : bool
+        Zero the heat outside each image's retina, :func:`drnb.preprocessing.fundus_mask` (read
+        off the image, as preprocessing's own mask also holds black where a disc fell short of
+        it): the black surround shows no retina, only a constant the head reads like a bias.
 
     Returns
     -------
     numpy.ndarray
-        float32 (N, S, S) in [0, 1].
+        float32 (N, S, S) in [0, 1], each map divided by its peak; all zero where nothing raised
+        the score.
     """
     import keras
+
+    from drnb.finetune import symmetry_views
+    from drnb.preprocessing import fundus_mask
+
+    if target not in ("ordinal", "softmax", "regression"):
+        raise ValueError(f"target={target!r}: expected 'ordinal', 'softmax' or 'regression'")
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[3] != 3:
+        raise ValueError(f"images have shape {images.shape}; expected (N, S, S, 3)")
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if len(nested) != 2:
+        raise ValueError(f"model {model.name!r} holds {len(nested)} nested models; expected an encoder and a head")
+    encoder, head = nested
+    pools = _stage_pools(encoder)
+    mapper = keras.Model(encoder.input, [pool.input for pool in pools])
+    chosen_views = symmetry_views(views)
+    heat = np.concatenate([
+        _signed_heat(mapper, pools, head, model, images[start : start + 32], target, chosen_views)
+        for start in range(0, len(images), 32)
+    ])
+    heat = np.maximum(heat, 0)
+    if mask:
+        heat *= np.stack([fundus_mask(image) for image in images])
+    peak = heat.reshape(len(heat), -1).max(axis=1).reshape(-1, 1, 1)
+    return (heat / np.where(peak > 0, peak, 1)).astype(np.float32)
+
+
+def _stage_pools(encoder) -> list:
+    """The encoder's global pooling layers, in the order the head reads their features:
+    ``stage<i>_pool`` by stage, then ``global_pool`` (see :func:`drnb.models.pooled_features`)."""
+    import re
+
+    names = [layer.name for layer in encoder.layers]
+    if "global_pool" not in names:
+        raise ValueError(f"encoder {encoder.name!r} has no layer 'global_pool'; expected an encoder of drnb.models")
+    earlier = sorted(
+        (name for name in names if re.fullmatch(r"stage\d+_pool", name)), key=lambda name: int(name[5:-5])
+    )
+    pools = [encoder.get_layer(name) for name in [*earlier, "global_pool"]]
+    width = sum(pool.input.shape[-1] for pool in pools)
+    if width != encoder.output_shape[-1]:
+        raise ValueError(
+            f"encoder {encoder.name!r} outputs {encoder.output_shape[-1]} features; its pooling layers give {width}"
+        )
+    return pools
+
+
+def _signed_heat(mapper, pools, head, model, images: np.ndarray, target: str, views) -> np.ndarray:
+    """Grad-CAM before the ReLU of :func:`grad_cam`, summed over stages and averaged over
+    ``views``: float32 (N, S, S), any sign."""
     import tensorflow as tf
 
-    encoder, head = model.layers[1], model.layers[2]
-    feature_maps = encoder.get_layer("global_pool").input
-    mapper = keras.Model(encoder.inputs, [feature_maps, encoder.output])
+    size = images.shape[1]
     batch = tf.cast(images, tf.float32)
-    with tf.GradientTape() as tape:
-        maps, features = mapper(batch, training=False)
-        tape.watch(maps)
-        # Pool again from the watched maps (the same op as the encoder's) so gradients reach
-        # them; with feature_stages="all" the earlier stages' pooled features come first and
-        # are held as they are.
-        average = isinstance(encoder.get_layer("global_pool"), keras.layers.GlobalAveragePooling2D)
-        pooled = tf.reduce_mean(maps, axis=[1, 2]) if average else tf.reduce_max(maps, axis=[1, 2])
-        earlier = features[:, : features.shape[-1] - maps.shape[-1]]
-        probabilities = head(tf.concat([earlier, pooled], axis=-1), training=False)
-        if target == "ordinal":
-            score = tf.reduce_sum(probabilities[:, 1:], axis=1)
-        elif target == "regression":
-            score = probabilities[:, 0]
-        else:
-            score = tf.reduce_max(probabilities, axis=1)
-    gradients = tape.gradient(score, maps)
-    weights = tf.reduce_mean(gradients, axis=[1, 2], keepdims=True)
-    cams = tf.nn.relu(tf.reduce_sum(weights * maps, axis=-1))[..., None]
-    cams = tf.image.resize(cams, images.shape[1:3])[..., 0].numpy()
-    peak = cams.reshape(len(cams), -1).max(axis=1).reshape(-1, 1, 1)
-    return (cams / np.where(peak > 0, peak, 1)).astype(np.float32)
+    # The view as drnb.pipeline.labelled_batches shows it: mirrored left to right, then turned.
+    shown = {
+        view: tf.image.rot90(tf.reverse(batch, axis=[2]) if view >= 4 else batch, k=view % 4) for view in views
+    }
+    if target == "softmax":  # the grade predicted from the views' mean, explained in every view
+        mean = np.mean([np.asarray(model(shown_batch, training=False), np.float32) for shown_batch in shown.values()], axis=0)
+        predicted = tf.one_hot(mean.argmax(axis=1), mean.shape[1])
+    heat = np.zeros(images.shape[:3], np.float32)
+    for view, view_batch in shown.items():
+        # Computed before the tape: each stage is credited with what its own pooled features
+        # give the head, not again with what it gives through the later stages.
+        maps = [tf.cast(stage, tf.float32) for stage in tf.nest.flatten(mapper(view_batch, training=False))]
+        with tf.GradientTape() as tape:
+            tape.watch(maps)
+            features = [pool(stage) for pool, stage in zip(pools, maps)]
+            pooled = tf.concat(features, axis=-1) if len(features) > 1 else features[0]
+            outputs = tf.cast(head(pooled, training=False), tf.float32)
+            if target == "ordinal":
+                score = tf.reduce_sum(outputs[:, 1:], axis=1)
+            elif target == "regression":
+                score = outputs[:, 0]
+            else:
+                score = tf.reduce_sum(outputs * predicted, axis=1)
+        signed = tf.zeros((len(images), size, size), tf.float32)
+        for stage, gradient in zip(maps, tape.gradient(score, maps)):
+            # Summed over positions, the gradient is d score / d pooled feature.
+            weights = tf.reduce_sum(gradient, axis=[1, 2], keepdims=True)
+            signed += tf.image.resize(tf.reduce_sum(weights * stage, axis=-1, keepdims=True), (size, size))[..., 0]
+        # Back to the image's orientation: undo the turn, then the mirror.
+        signed = np.rot90(signed.numpy(), -(view % 4), axes=(1, 2))
+        heat += (np.flip(signed, axis=2) if view >= 4 else signed) / len(views)
+    return heat
 
 
 def overlay_heatmaps(images: np.ndarray, heatmaps: np.ndarray, titles: list[str] | None = None, columns: int = 5):

@@ -154,6 +154,31 @@ def rotation_invariant_mask(size: int, radius_fraction: float, square_fraction: 
     return disc & square
 
 
+def fundus_mask(image: np.ndarray) -> np.ndarray:
+    """The retina of a preprocessed image: its pixels that are not black, with the black they enclose.
+
+    Read off the image rather than rebuilt with :func:`rotation_invariant_mask`: where a
+    photograph's disc falls short of the mask (the corners of a disc cut flat), the mask holds
+    black that is no retina. Enclosed black is kept: dark lesions that Ben Graham's
+    normalisation clipped to 0.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        uint8 (H, W, 3), black outside the fundus (as :func:`preprocess_image` returns it).
+
+    Returns
+    -------
+    numpy.ndarray
+        bool (H, W); all False for an all-black image.
+    """
+    from scipy import ndimage
+
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image has shape {image.shape}; expected an (H, W, 3) preprocessed image")
+    return ndimage.binary_fill_holes(image.max(axis=2) > 0)
+
+
 def ben_graham(image: np.ndarray, sigma: float, fundus: np.ndarray | None = None) -> np.ndarray:
     """Ben Graham's local colour normalisation: ``4 * image - 4 * local_mean(image) + 128``.
 

@@ -134,6 +134,13 @@ def kernel_manager_class():
             super().__init__(**kwargs)
             KERNEL_MANAGERS.add(self)  # so that a signal can stop its kernel (stop_kernels)
 
+        async def _async_interrupt_kernel(self):
+            # jupyter_client interrupts every kernel before asking it to shut down, and the
+            # kernel logs the interrupt as an error; a notebook papermill has finished runs
+            # nothing to interrupt, and a stopped run's kernel is killed instead.
+            if not self.shutting_down:
+                await super()._async_interrupt_kernel()
+
     return IPCKernelManager
 
 

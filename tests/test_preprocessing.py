@@ -24,6 +24,7 @@ from drnb.preprocessing import (
     ben_graham,
     cache_key,
     find_fundus,
+    fundus_mask,
     preprocess_image,
     preprocess_table,
     rotation_invariant_mask,
@@ -204,6 +205,25 @@ def test_mask_of_a_clipped_disc_is_cut_on_all_four_sides():
     half_side = 0.6 * size / 2
     for line in (mask[size // 2], mask[:, size // 2]):
         assert line.sum() == pytest.approx(2 * half_side, abs=1)
+
+
+@pytest.mark.parametrize("layout", ["wide_border", "clipped_rows", "odd_sizes"])
+@pytest.mark.parametrize("graham", [False, True])
+def test_fundus_mask_is_the_retina_with_its_dark_lesions(draw_fundus, layout, graham):
+    height, width, center, radius, clip = LAYOUTS[layout]
+    config = PreprocessConfig(size=63, ben_graham=graham)
+    geometry = find_fundus(draw_fundus(height, width, center=center, radius=radius, clip=clip))
+    image = preprocess_image(draw_fundus(height, width, center=center, radius=radius, clip=clip), config, geometry)
+    cut = rotation_invariant_mask(63, 1 - config.margin, geometry.half_extent / geometry.radius * (1 - config.margin))
+    np.testing.assert_array_equal(fundus_mask(image), cut)
+    # A black blot inside (a lesion Ben Graham clipped to 0) stays; black reaching in from the
+    # rim (a disc that falls short of the mask) goes.
+    image[20:26, 30:36] = 0
+    image[:, :8] = 0
+    np.testing.assert_array_equal(fundus_mask(image), cut & (np.arange(63) >= 8))
+    assert not fundus_mask(np.zeros((16, 16, 3), np.uint8)).any()
+    with pytest.raises(ValueError, match="preprocessed"):
+        fundus_mask(np.zeros((16, 16), np.uint8))
 
 
 def test_margin_shrinks_the_disc(draw_fundus):
