@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine with Python 3.10+:
-#   make reproduce   the main job: the quick profile on the synthetic default dataset
+#   make reproduce   the main job: the whole study, quick's recipe on drnb's synthetic photographs (demo)
 #   make test        the test suite (what CI runs)
 # Both create or reuse .venv, install drnb into it and register the Jupyter kernel "drnb";
 # a second run reinstalls nothing unless pyproject.toml changed.
@@ -8,7 +8,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.drnb-installed
-# Extra arguments: make reproduce ARGS="--dataset eyepacs2015 --data-dir ../shared/data/eyepacs"
+# Another profile and data: make reproduce PROFILE=quick ARGS="--dataset aptos2019 --data-dir data/aptos2019"
+PROFILE ?= demo
 ARGS ?=
 PYTEST_ARGS ?=
 
@@ -25,7 +26,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 reproduce: $(STAMP)
-	$(BIN)/drnb reproduce --profile quick $(ARGS)
+	$(BIN)/drnb reproduce --profile $(PROFILE) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

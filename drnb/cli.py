@@ -5,7 +5,7 @@
     drnb datasets                                  registered datasets, sources, licences, layouts
     drnb inspect --dataset NAME [--data-dir DIR]   counts per grade, given splits, every problem found
     drnb profiles [NAME]                           the settings of each profile
-    drnb reproduce --profile {smoke,quick,paper} [--dataset NAME] [--data-dir DIR]
+    drnb reproduce --profile {smoke,demo,quick,paper} [--dataset NAME] [--data-dir DIR]
                    [--set key=value ...] [--out runs/NAME] [--overwrite]
 """
 
@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     profiles.add_argument("name", nargs="?", help="one profile (default: all)")
 
     reproduce = commands.add_parser("reproduce", help="run notebooks 01-04 headlessly with papermill")
-    reproduce.add_argument("--profile", default="quick", help="smoke (seconds), quick (CPU, < 1 h), paper (GPU)")
+    reproduce.add_argument("--profile", default="quick", help="smoke (tests), demo (synthetic, minutes), quick (CPU, < 1 h), paper (GPU)")
     reproduce.add_argument("--dataset", help="registered dataset name; default the profile's (synthetic)")
     reproduce.add_argument("--data-dir", help="the dataset's folder as it comes from its source")
     reproduce.add_argument(

@@ -272,6 +272,27 @@ def grade_head(feature_dim: int, profile) -> keras.Model:
     )
 
 
+def encoder_blocks(encoder: keras.Model):
+    """The encoder as a reader sees it: one row per block (stem, stages, transitions, the pooled
+    features last) with its layer count, output shape and weights.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Indexed by block name; columns ``layers``, ``output`` (shape without the batch) and
+        ``weights``, in the order the image passes through them.
+    """
+    import pandas as pd
+
+    rows = [
+        ("pooling" if len(layer.output.shape) == 2 else layer.name.split("_")[0], tuple(layer.output.shape[1:]), layer.count_params())
+        for layer in encoder.layers
+    ]
+    rows.sort(key=lambda row: row[0] == "pooling")  # the pooled features last, whichever stages they come from
+    table = pd.DataFrame(rows, columns=["block", "output", "weights"])
+    return table.groupby("block", sort=False).agg(layers=("output", "size"), output=("output", "last"), weights=("weights", "sum"))
+
+
 def leaf_layers(model: keras.Model) -> list:
     """Every layer of ``model`` that is not itself a model, nested models searched, in order."""
     leaves = []

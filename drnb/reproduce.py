@@ -260,7 +260,7 @@ def reproduce(
 
     Parameters
     ----------
-    profile_name : {"smoke", "quick", "paper"}
+    profile_name : {"smoke", "demo", "quick", "paper"}
     dataset, data_dir : str, optional
         Override the profile's dataset and its folder.
     overrides : dict, optional

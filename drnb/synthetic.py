@@ -18,24 +18,28 @@ What is drawn, and why
 * A superior and an inferior vascular arcade (a vein and an artery each) leaving the disc and
   arching around the macula, with a few branches; veins are thicker and darker than arteries,
   and each vessel gets its own random curvature so the arcades are never mirror images.
-* Lesions that accumulate with the grade:
+* Lesions that accumulate with the grade, in counts that overlap between neighbouring grades:
 
   ===== ==================================================================================
   grade lesions
   ===== ==================================================================================
   0     none
-  1     a few microaneurysms (tiny dark-red dots)
+  1     one to a few faint microaneurysms (tiny dark-red dots)
   2     more microaneurysms, blot haemorrhages, clusters of hard exudates (yellow-white)
   3     many haemorrhages in all four quadrants, more exudates, venous beading
   4     all of grade 3, plus new vessels at the disc and a boat-shaped preretinal haemorrhage
   ===== ==================================================================================
 
-All random choices come from a ``numpy.random.Generator``, and the anatomy is drawn from it
-before any lesion, so the same generator state gives the same eye at every grade (only the
-lesions differ). The background is vectorised NumPy arithmetic; vessels and lesions are drawn
-with ``PIL.ImageDraw``; a light PIL Gaussian blur softens the result (about a third of the
-time). On one core of a small shared VM this makes roughly 300 images/s at 128 px (the APTOS
-class mix; grades 3-4 are slower than 0-2) and 120 images/s at 256 px.
+* A camera's faults, drawn per photograph: focus blur, illumination that falls off towards
+  one side and the rim, exposure, and sensor noise. With the faint early lesions they make
+  grading as uncertain as it is on real photographs at 64-128 px, so that more labels help.
+* Label noise: ``LABEL_NOISE`` of the photographs show the lesions of a neighbouring grade
+  (graders disagree by one grade on real photographs); the grade counts stay as asked.
+
+All random choices come from a ``numpy.random.Generator``, and the anatomy and the camera are
+drawn from it before any lesion, so the same generator state gives the same eye at every
+grade (only the lesions differ). The background is vectorised NumPy arithmetic; vessels and
+lesions are drawn with ``PIL.ImageDraw``.
 """
 
 from __future__ import annotations
@@ -52,35 +56,28 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
+from drnb.checks import check_integer
 from drnb.files import atomic_path, write_text_atomically
+from drnb.targets import N_GRADES
 
 APTOS_GRADE_COUNTS = (1805, 370, 999, 193, 295)
 """Images per grade (0-4) in the APTOS 2019 ``train.csv``: the default class balance."""
 
-N_GRADES = 5
 FIELD_RADIUS_FRACTION = 0.46
 MAX_CLIP = 0.3
 MIN_SIZE = 16
 # Clipped images get a clip drawn uniformly from this range: below 0.1 the cut is barely
 # visible, and MAX_CLIP is the most APTOS-like photographs lose.
 _RANDOM_CLIP_RANGE = (0.1, MAX_CLIP)
+# Share of photographs drawn with the lesions of a grade next to their label's.
+LABEL_NOISE = 0.08
 # Bump when the drawing changes, so write_synthetic_dataset regenerates cached datasets.
-_GENERATOR_VERSION = 1
+_GENERATOR_VERSION = 2
 
 
 # --------------------------------------------------------------------------------------------
 # Input validation
 # --------------------------------------------------------------------------------------------
-
-
-def _check_int(value, name: str, minimum: int, maximum: int | None = None) -> int:
-    """Return ``value`` as an int, or raise ValueError naming ``name`` and the allowed range."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    if value < minimum or (maximum is not None and value > maximum):
-        expected = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
-        raise ValueError(f"{name} must be an integer {expected}, got {value}")
-    return int(value)
 
 
 def _check_fraction(value, name: str, maximum: float) -> float:
@@ -438,14 +435,14 @@ class _LesionLoad:
 
 _LESION_LOAD_BY_GRADE = {
     0: _LesionLoad(),
-    1: _LesionLoad(microaneurysms=(2, 6)),
-    2: _LesionLoad(microaneurysms=(6, 15), blots_anywhere=(2, 7), exudate_clusters=(1, 4)),
+    1: _LesionLoad(microaneurysms=(1, 5)),
+    2: _LesionLoad(microaneurysms=(3, 12), blots_anywhere=(1, 5), exudate_clusters=(0, 3)),
     3: _LesionLoad(
-        microaneurysms=(12, 25),
-        blots_per_quadrant=(4, 8),
-        flame_haemorrhages=(2, 6),
-        exudate_clusters=(2, 5),
-        beaded_veins=(1, 3),
+        microaneurysms=(8, 20),
+        blots_per_quadrant=(2, 6),
+        flame_haemorrhages=(1, 5),
+        exudate_clusters=(1, 4),
+        beaded_veins=(0, 3),
     ),
     4: _LesionLoad(
         microaneurysms=(12, 25),
@@ -460,7 +457,7 @@ _LESION_LOAD_BY_GRADE = {
 
 # Transmittance (0-255) of dark-red lesions: blood absorbs green and blue far more than red.
 # Every channel stays below 255, which is how the lesion mask finds them.
-_MICROANEURYSM_FILL = (115, 45, 60)
+_MICROANEURYSM_FILL = (150, 80, 95)  # faint: the earliest sign, and the hardest to see
 _HAEMORRHAGE_FILL = (140, 60, 75)
 _PRERETINAL_FILL = (95, 25, 35)
 _NEW_VESSEL_FILL = (150, 90, 105)
@@ -671,6 +668,49 @@ def _draw_lesions(
 
 
 # --------------------------------------------------------------------------------------------
+# The camera
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Camera:
+    """One photograph's faults: focus blur (Gaussian radius, pixels), a multiplicative
+    illumination field (float32 (size, size), around 1), and sensor noise (its standard
+    deviation in 0-255 and the seed of its generator)."""
+
+    blur: float
+    illumination: np.ndarray
+    noise: float
+    noise_seed: int
+
+
+def _draw_camera(anatomy: _Anatomy, rng: np.random.Generator) -> _Camera:
+    """Draw a photograph's faults; always the same number of draws, so the lesions that follow
+    come from the same generator state whatever the camera did."""
+    size = anatomy.size
+    grid = _pixel_grid(size)
+    blur = size / 320.0 * rng.uniform(1.0, 4.0)
+    # Light falling off towards a random side (weaker than the field's brighter top, which the
+    # rotation pretext reads), towards the rim, and an exposure of the whole photograph.
+    side = rng.uniform(0.0, 2 * math.pi)
+    tilt = rng.uniform(0.0, 0.12)
+    rim = rng.uniform(0.0, 0.35)
+    exposure = rng.uniform(0.75, 1.15)
+    along = (np.cos(side) * (grid.x - anatomy.centre) + np.sin(side) * (grid.y - anatomy.centre)) / anatomy.field_radius
+    illumination = exposure * (1.0 - tilt * along - rim * grid.squared_radius)
+    noise = rng.uniform(2.0, 9.0)
+    return _Camera(blur, illumination.astype(np.float32), noise, int(rng.integers(2**31)))
+
+
+def _photograph(image: Image.Image, camera: _Camera) -> Image.Image:
+    """``image`` as ``camera`` takes it: blurred, unevenly lit and noisy (RGB, 0-255)."""
+    blurred = np.asarray(image.filter(ImageFilter.GaussianBlur(camera.blur)), np.float32)
+    noise = np.random.default_rng(camera.noise_seed).normal(0.0, camera.noise, blurred.shape)
+    taken = blurred * camera.illumination[:, :, None] + noise
+    return Image.fromarray(np.clip(taken + 0.5, 0, 255).astype(np.uint8))
+
+
+# --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
 
@@ -719,8 +759,8 @@ def make_fundus(
         If ``grade``, ``size``, ``eye`` or ``clip`` is out of range, or ``rng`` is not a
         ``numpy.random.Generator``.
     """
-    grade = _check_int(grade, "grade", 0, N_GRADES - 1)
-    size = _check_int(size, "size", MIN_SIZE)
+    grade = check_integer(grade, "grade", 0, N_GRADES - 1)
+    size = check_integer(size, "size", MIN_SIZE)
     clip = _check_fraction(clip, "clip", MAX_CLIP)
     if eye not in ("left", "right", None):
         raise ValueError(f"eye must be 'left', 'right' or None (random), got {eye!r}")
@@ -744,6 +784,7 @@ def make_fundus(
     image = Image.merge("RGB", [Image.fromarray(channel) for channel in channels])
     vessel_layer = Image.new("RGB", (size, size), (255, 255, 255))
     vessels = _draw_vessels(ImageDraw.Draw(vessel_layer), anatomy, rng)
+    camera = _draw_camera(anatomy, rng)
     lesion_layer = Image.new("RGB", (size, size), (255, 255, 255))
     exudate_layer = Image.new("L", (size, size), 0)
     if grade > 0:
@@ -756,9 +797,9 @@ def make_fundus(
     image = ImageChops.multiply(image, vessel_layer)
     if grade >= 2:  # the only grades with hard exudates
         image = Image.composite(Image.new("RGB", (size, size), _EXUDATE_RGB), image, exudate_layer)
-    blurred = image.filter(ImageFilter.GaussianBlur(max(0.4, size / 320.0)))
+    photograph = _photograph(image, camera)
 
-    # The field edge is applied after the blur so that it stays crisp (one pixel of
+    # The field edge is applied after the camera so that it stays crisp (one pixel of
     # anti-aliasing) and the corners and clipped rows are exactly black.
     field_alpha = _pixel_grid(size).field_alpha
     if clip > 0:
@@ -766,7 +807,7 @@ def make_fundus(
         row_offset = np.abs(np.arange(size) + 0.5 - anatomy.centre)
         field_alpha[row_offset > anatomy.field_radius * (1.0 - clip)] = 0
     result = np.array(
-        Image.composite(blurred, Image.new("RGB", (size, size)), Image.fromarray(field_alpha))
+        Image.composite(photograph, Image.new("RGB", (size, size)), Image.fromarray(field_alpha))
     )
     if not return_lesion_mask:
         return result
@@ -807,7 +848,8 @@ def _iter_fundus_images(
     Each image has its own child generator. Its first draw is a sort key: ranking the keys
     is a seeded uniform shuffle of the largest-remainder grade list, and because each key
     belongs to its image, an image's grade mostly stays put as ``n`` changes. Its next draws
-    decide the clip, and the rest draw the image; so image i depends only on (seed, i, grade).
+    decide the clip and whether its lesions are a neighbouring grade's (:func:`drawn_grade`),
+    and the rest draw the image; so image i depends only on (seed, i, grade).
     """
     shuffle_keys = np.array([_image_rng(seed, index).random() for index in range(n)])
     grades = np.empty(n, dtype=np.int64)
@@ -822,15 +864,26 @@ def _iter_fundus_images(
         is_clipped = rng.random() < clipped_share
         clip_if_clipped = rng.uniform(*_RANDOM_CLIP_RANGE)
         clip = clip_if_clipped if is_clipped else 0.0
-        yield int(grades[index]), make_fundus(int(grades[index]), size, rng, clip=clip)
+        drawn = drawn_grade(int(grades[index]), rng)
+        yield int(grades[index]), make_fundus(drawn, size, rng, clip=clip)
+
+
+def drawn_grade(label: int, rng: np.random.Generator) -> int:
+    """The grade whose lesions a photograph labelled ``label`` shows: ``label``, or with
+    probability :data:`LABEL_NOISE` a neighbouring grade (two draws, always made)."""
+    mislabelled = rng.random() < LABEL_NOISE
+    step = 1 if rng.random() < 0.5 else -1
+    if not mislabelled:
+        return label
+    return label + step if 0 <= label + step < N_GRADES else label - step
 
 
 def _check_dataset_args(n, size, seed, grade_weights, clipped_share):
     """Validate the shared arguments of the dataset functions; return them normalised."""
     return (
-        _check_int(n, "n", 1),
-        _check_int(size, "size", MIN_SIZE),
-        _check_int(seed, "seed", 0),
+        check_integer(n, "n", 1),
+        check_integer(size, "size", MIN_SIZE),
+        check_integer(seed, "seed", 0),
         _check_grade_weights(grade_weights),
         _check_fraction(clipped_share, "clipped_share", 1.0),
     )

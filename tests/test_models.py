@@ -188,3 +188,13 @@ def test_recalibrating_a_model_without_batchnorm_changes_nothing():
     inputs = keras.Input((3,))
     model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
     assert recalibrate_batchnorm(model, [np.ones((4, 3), np.float32)]) == 0
+
+
+def test_encoder_blocks_account_for_every_layer_and_weight_pooled_features_last():
+    from drnb.models import encoder_blocks
+
+    encoder = build_encoder("compact", 32, feature_stages="all")
+    blocks = encoder_blocks(encoder)
+    assert blocks["layers"].sum() == len(encoder.layers) and blocks["weights"].sum() == encoder.count_params()
+    assert list(blocks.index[-1:]) == ["pooling"] and blocks["output"].iloc[-1] == (encoder.output_shape[-1],)
+    assert list(blocks.index).index("stage0") < list(blocks.index).index("stage3")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from drnb.profiles import PROFILES
 from drnb.reproduce import NOTEBOOKS, kernel_manager_class, reproduce
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
@@ -26,8 +28,16 @@ def test_notebook_is_thin_narrated_parameterised_and_stripped(name):
     nbformat.validate(notebook)  # papermill logs an invalid notebook as an ERROR on every run
     first = notebook.cells[0]
     assert first.cell_type == "markdown" and "papermill" in first.source and "Writes" in first.source
+    # A short opening; the explanations sit beside the steps they explain.
+    assert len(first.source.split()) <= 150, f"the opening cell has {len(first.source.split())} words"
+    for before, cell in zip(notebook.cells, notebook.cells[1:]):
+        if cell.cell_type == "code":
+            assert before.cell_type == "markdown", f"no markdown says what this step does:\n{cell.source[:200]}"
     tagged = [cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", [])]
     assert len(tagged) == 1
+    # drnb is imported before TensorFlow, so that TensorFlow's C++ start-up log stays hidden.
+    code = [cell for cell in notebook.cells if cell.cell_type == "code" and cell is not tagged[0]]
+    assert code[0].source.startswith("import drnb"), "the first code cell after the parameters imports drnb first"
     for line in tagged[0].source.splitlines():
         assert "#" in line, f"parameter without a comment: {line!r}"
         # papermill skips a parameter line holding more than one "=", even inside the comment.
@@ -36,6 +46,8 @@ def test_notebook_is_thin_narrated_parameterised_and_stripped(name):
         if cell.cell_type == "code":
             assert not cell.outputs and cell.execution_count is None, "commit notebooks with outputs stripped"
             assert "def " not in cell.source and "sys.path" not in cell.source
+            for setting in re.findall(r"\bprofile\.(\w+)", cell.source):
+                assert hasattr(PROFILES["smoke"], setting), f"profile.{setting}: no such setting"
     assert notebook.metadata.kernelspec.name == "drnb"
 
 
@@ -52,7 +64,8 @@ def test_smoke_reproduction_reports_failures_keeps_results_and_resumes(tmp_path,
     broken = tmp_path / "notebooks"
     shutil.copytree(NOTEBOOK_DIR, broken)
     finetune = nbformat.read(broken / NOTEBOOKS["finetune"], as_version=4)
-    finetune.cells.insert(3, nbformat.v4.new_code_cell('if fraction == 0.25:\n    raise RuntimeError("injected failure")'))
+    after_parameters = next(i for i, cell in enumerate(finetune.cells) if "parameters" in cell.metadata.get("tags", [])) + 1
+    finetune.cells.insert(after_parameters, nbformat.v4.new_code_cell('if fraction == 0.25:\n    raise RuntimeError("injected failure")'))
     nbformat.write(finetune, broken / NOTEBOOKS["finetune"])
     out = tmp_path / "run"
     lines = []
@@ -91,8 +104,12 @@ def test_smoke_reproduction_reports_failures_keeps_results_and_resumes(tmp_path,
     assert "| method |" in (out / "table.md").read_text()
     assert json.loads((out / "profile.json").read_text())["name"] == "smoke"
     assert any("table:" in line for line in lines)
+    captured = capfd.readouterr()
     if os.name == "posix":  # kernels talk over Unix sockets, so ipykernel has no plain-TCP warning to give
-        assert "without encryption" not in capfd.readouterr().err
+        assert "without encryption" not in captured.err
+    # drnb's lines only: neither TensorFlow's C++ log nor a kernel's shutdown noise.
+    for noise in ("absl::InitializeLog", "oneDNN", "cuda", "KeyboardInterrupt"):
+        assert noise not in captured.out + captured.err, noise
 
 
 @pytest.mark.skipif(os.name != "posix", reason="the ipc transport needs Unix domain sockets")
