@@ -211,3 +211,10 @@ def test_a_run_folder_with_a_removed_setting_loads_only_with_the_value_drnb_now_
     assert load_profile(path) == PROFILES["paper"]
     with pytest.raises(ValueError, match="--set pooling: no such setting"):
         resolve_profile("quick", {"pooling": "max"})
+
+
+def test_demo_is_quicks_recipe_on_synthetic_photographs_at_64_px():
+    demo, quick = PROFILES["demo"].to_dict(), PROFILES["quick"].to_dict()
+    differing = {key for key in demo if demo[key] != quick[key]}
+    assert differing == {"name", "image_size", "synthetic_images"}
+    assert (demo["dataset"], demo["image_size"]) == ("synthetic", 64)
