@@ -1,7 +1,8 @@
-"""A profile's models timed on any Keras backend: for an accelerator machine without TensorFlow.
+"""A profile's models timed on any Keras backend: for an accelerator machine where drnb's own loop cannot run.
 
 drnb trains with TensorFlow (``tf.data`` and a traced step). A lent GPU machine may hold JAX or
-PyTorch but no TensorFlow, and no package registry to install it from. This script builds the
+PyTorch and only a CPU TensorFlow, or none; drnb's settings (:mod:`drnb.profiles`) gather their
+options from modules that import TensorFlow, so it must be importable. This script builds the
 profile's own models with :mod:`drnb.models` (encoder, head widths, dropout, the
 profile's learning rates and mixed-precision policy) and times Keras's own compiled step on
 photographs held in memory, on whatever backend ``KERAS_BACKEND`` names. It measures:

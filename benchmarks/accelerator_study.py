@@ -1,7 +1,8 @@
 """A profile's study on one repetition, on any Keras backend: kappa and time per stage.
 
-drnb trains with TensorFlow; a lent GPU machine may have only JAX or PyTorch (see
-``accelerator_rates.py``, which times the same models' steps). This script runs the profile's
+drnb trains with TensorFlow; a lent GPU machine may run Keras on JAX or PyTorch instead (see
+``accelerator_rates.py``, which times the same models' steps; TensorFlow must still be
+importable for drnb's settings). This script runs the profile's
 configuration through Keras's own ``fit`` on photographs held in memory, on one repetition
 (one test fold), within a time limit, and records what it learnt and how long each stage took:
 

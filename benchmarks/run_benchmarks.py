@@ -175,7 +175,7 @@ def ridge_fit_timing(n_features: int, views: int, rows: tuple[int, int] = RIDGE_
     return {"ridge_fit_seconds": max(seconds[0] - per_row * rows[0], 0.0), "ridge_seconds_per_row": per_row}
 
 
-def planned_work(profile, session, n_images: int) -> dict:
+def planned_work(profile, session, n_images: int, walkthrough: bool = True) -> dict:
     """What a ``drnb reproduce`` sweep of ``profile`` trains and predicts, counted, not guessed.
 
     Pretext: its epochs x steps per epoch, as :func:`drnb.pretext.train_pretext` plans them,
@@ -194,7 +194,9 @@ def planned_work(profile, session, n_images: int) -> dict:
     every fraction); a fresh encoder's batch-norm re-estimate passes the run's calibration
     images once per run, a shared fresh encoder's its unlabelled calibration images once per
     notebook. A ridge-fitted head is one fit per run on its training subset's rows in every
-    view.
+    view. With ``walkthrough``, each fraction's notebook also walks through repetition 0 of the
+    first method and protocol before its sweep, training and predicting that run once more (its
+    features are the sweep's, kept).
 
     Returns
     -------
@@ -245,6 +247,8 @@ def planned_work(profile, session, n_images: int) -> dict:
             batch = min(session.batch_size, len(train))
             calibration = session.calibration_rows(split, profile.seed + repetition)
             for protocol in profile.protocols:
+                # The runs this (repetition, protocol) trains: one per method, and notebook 03's walkthrough.
+                runs = len(methods) + (walkthrough and repetition == 0 and protocol == profile.protocols[0])
                 warmup_steps, finetune_steps = plan_steps(len(train), batch, profile, protocol)
                 trains = protocol == "finetune"  # predicts through the network; a linear run reads features
                 epochs = full_epochs(profile, protocol)
@@ -261,13 +265,13 @@ def planned_work(profile, session, n_images: int) -> dict:
                     if not trains:
                         for view in test_views:
                             encoded.setdefault((encoder, view), set()).update(np.concatenate(scored).tolist())
-                work["finetune_predict"] += len(methods) * predicted if trains else 0
+                work["finetune_predict"] += runs * predicted if trains else 0
                 warmup_images = profile.warmup_epochs * warmup_steps * batch
-                work["finetune_head"] += len(methods) * warmup_images
-                work["finetune_full"] += len(methods) * epochs * finetune_steps * batch
+                work["finetune_head"] += runs * warmup_images
+                work["finetune_full"] += runs * epochs * finetune_steps * batch
                 if fit_views:
-                    work["ridge_fits"] += len(methods)
-                    work["ridge_rows"] += len(methods) * len(fit_views) * len(train)
+                    work["ridge_fits"] += runs
+                    work["ridge_rows"] += runs * len(fit_views) * len(train)
     work["finetune_encode"] = sum(len(rows) for rows in encoded.values())
     runs_per_notebook = profile.repetitions * len(profile.protocols)
     work["runs"] = len(methods) * len(profile.fractions) * runs_per_notebook

@@ -37,7 +37,10 @@ def _stderr_discarded():
 if os.environ.get(TF_LOG_VARIABLE, "0") in ("", "0"):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if importlib.util.find_spec("tensorflow") is not None:  # an accelerator machine may run Keras without it
-        with _stderr_discarded():
-            import tensorflow  # noqa: F401  (imported once here, quietly; every later import reuses it)
+        try:
+            with _stderr_discarded():
+                import tensorflow  # noqa: F401  (imported once here, quietly; every later import reuses it)
+        except Exception as error:
+            raise ImportError(f"TensorFlow failed to import ({error}); set {TF_LOG_VARIABLE}=1 to see its own log") from error
 
 __version__ = "0.1.0"

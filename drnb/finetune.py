@@ -489,6 +489,8 @@ class FinetuneSession:
         epochs = full_epochs(profile, protocol)
         start = self.trainer.model.get_weights() if epochs and profile.finetune_start_share else None
         history += self._full_epochs(batches, finetune_steps, epochs, validation_indices, first_epoch=len(history) + 1)
+        if history and not any(row.get("kept") for row in history):
+            history[-1]["kept"] = True  # a run that only warmed its head up keeps its last epoch
         if start is not None:
             self.trainer.model.set_weights(interpolated(start, self.trainer.model.get_weights(), profile.finetune_start_share))
         return history
@@ -540,8 +542,8 @@ class FinetuneSession:
         return probabilities, predicted, fixed_grades, cut_points
 
     def frozen_features(self, rows: np.ndarray, view: int = 0) -> np.ndarray:
-        """The encoder's pooled features of ``rows`` as its weights are now, for a warm-up on
-        features, a ridge head's fit, or the predictions of a run that never trains its encoder.
+        """The encoder's pooled features of ``rows`` as its weights are now, for a ridge head's
+        fit or the predictions of a run that never trains its encoder.
 
         Call it with the trainer reset to the run's starting weights (and a fresh encoder's
         batch norm re-estimated). Features are kept under a fingerprint of those weights

@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import logging
 import warnings
-from numbers import Integral, Real
+from numbers import Real
 
 import numpy as np
 from scipy import stats
@@ -291,10 +291,7 @@ def evaluate_predictions(y_true, y_pred, *, n_resamples: int = 1000, seed: int =
         is not integer, or ``n_resamples`` is negative.
     """
     t, p = _checked_pair(y_true, y_pred)
-    if isinstance(n_resamples, (bool, np.bool_)) or not isinstance(n_resamples, Integral):
-        raise ValueError(f"n_resamples must be an integer >= 0, got {n_resamples!r}")
-    if n_resamples < 0:
-        raise ValueError(f"n_resamples must be an integer >= 0, got {n_resamples!r}")
+    check_integer(n_resamples, "n_resamples", 0)
     invalid = _outside(p)
     n_invalid = int(invalid.sum())
     if n_invalid:

@@ -216,6 +216,12 @@ def augment(
     return images
 
 
+def shown_in_view(batch: tf.Tensor, view: int) -> tf.Tensor:
+    """A batch (B, S, S, C) in ``view`` (0-7): mirrored left to right for 4-7, then turned
+    ``view % 4`` quarter turns counter-clockwise."""
+    return tf.image.rot90(tf.reverse(batch, axis=[2]) if view >= 4 else batch, k=view % 4)
+
+
 def check_view(view) -> int:
     """``view`` if it names a symmetry of the square (an int 0-7, see :func:`labelled_batches`),
     else ValueError."""
@@ -284,11 +290,8 @@ def labelled_batches(
             num_parallel_calls=tf.data.AUTOTUNE,
         )
     else:
-        turns, mirrored = view % 4, view >= 4
-
         def shown(batch_indices):
-            batch = tf.gather(images, batch_indices)
-            return tf.image.rot90(tf.reverse(batch, axis=[2]) if mirrored else batch, k=turns)
+            return shown_in_view(tf.gather(images, batch_indices), view)
 
         dataset = dataset.map(
             lambda batch_indices, batch_targets: (tf.cast(shown(batch_indices), tf.float32), batch_targets),

@@ -12,6 +12,7 @@ import pandas as pd
 
 from drnb.datasets import GRADE_NAMES
 from drnb.results import PAPER_KAPPA
+from drnb.targets import TARGETS
 
 METHOD_COLOURS = {"rotation": "tab:blue", "scratch": "tab:orange", "imagenet": "tab:green"}
 PROTOCOL_LINES = {"finetune": "-", "linear": "--"}
@@ -190,8 +191,8 @@ def grad_cam(model, images: np.ndarray, target: str = "ordinal", *, views: int =
     from drnb.finetune import symmetry_views
     from drnb.preprocessing import fundus_mask
 
-    if target not in ("ordinal", "softmax", "regression"):
-        raise ValueError(f"target={target!r}: expected 'ordinal', 'softmax' or 'regression'")
+    if target not in TARGETS:
+        raise ValueError(f"target={target!r}: expected one of {list(TARGETS)}")
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[3] != 3:
         raise ValueError(f"images have shape {images.shape}; expected (N, S, S, 3)")
@@ -238,12 +239,11 @@ def _signed_heat(mapper, pools, head, model, images: np.ndarray, target: str, vi
     ``views``: float32 (N, S, S), any sign."""
     import tensorflow as tf
 
+    from drnb.pipeline import shown_in_view
+
     size = images.shape[1]
     batch = tf.cast(images, tf.float32)
-    # The view as drnb.pipeline.labelled_batches shows it: mirrored left to right, then turned.
-    shown = {
-        view: tf.image.rot90(tf.reverse(batch, axis=[2]) if view >= 4 else batch, k=view % 4) for view in views
-    }
+    shown = {view: shown_in_view(batch, view) for view in views}  # as drnb.pipeline.labelled_batches shows it
     if target == "softmax":  # the grade predicted from the views' mean, explained in every view
         mean = np.mean([np.asarray(model(shown_batch, training=False), np.float32) for shown_batch in shown.values()], axis=0)
         predicted = tf.one_hot(mean.argmax(axis=1), mean.shape[1])

@@ -401,12 +401,16 @@ def _drop_removed_settings(values: dict, path) -> None:
     """Remove the settings drnb no longer has from ``values``; ValueError for one whose value
     would have changed what the folder's runs did."""
     ridge_head = values.get("head_init") == "ridge"
-    if ridge_head and values.get("ridge_turns", values.get("test_time_turns")) != values.get("test_time_turns"):
+    if ridge_head and "pooling" in values:  # an older drnb's file (every one names pooling), from before
+        # ridge_turns and ridge_criterion existed, fitted a ridge head on 1 view by squared error
+        values.setdefault("ridge_turns", 1)
+        values.setdefault("ridge_criterion", "error")
+    turns = values.pop("ridge_turns", None)
+    if ridge_head and turns is not None and turns != values.get("test_time_turns", 1):
         raise ValueError(
-            f"{path}: ridge_turns={values['ridge_turns']} differs from test_time_turns={values.get('test_time_turns')}; "
+            f"{path}: ridge_turns={turns} differs from test_time_turns={values.get('test_time_turns', 1)}; "
             "drnb now fits a ridge head on the views it predicts on. Start a new run folder."
         )
-    values.pop("ridge_turns", None)
     for key, now in SETTINGS_REMOVED.items():
         if key not in values:
             continue

@@ -68,7 +68,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from numbers import Integral, Real
+from numbers import Real
 
 import numpy as np
 import pandas as pd
@@ -432,16 +432,7 @@ def _checked_common(grades, fractions, patient_ids, n_folds, seed, validation_fr
 
 
 def _check_repetition(repetition, n_folds: int) -> int:
-    if (
-        isinstance(repetition, (bool, np.bool_))
-        or not isinstance(repetition, Integral)
-        or not 0 <= repetition < n_folds
-    ):
-        raise ValueError(
-            f"repetition must be an integer in range(n_folds) = 0..{n_folds - 1}, "
-            f"got {repetition!r}"
-        )
-    return int(repetition)
+    return check_integer(repetition, "repetition", 0, n_folds - 1)  # repetition r tests on fold r
 
 
 def make_repetition_split(
@@ -575,6 +566,6 @@ def split_holdout(n_images: int, fraction: float, seed: int, groups=None) -> tup
     if 2 * held.sum() >= n_images:
         raise ValueError(
             f"holding out {fraction:.0%} of {n_images} images by whole groups ({len(uniques)} of them) takes "
-            f"{held.sum()}: expected fewer than half; lower pretext_holdout_fraction or give the images smaller groups"
+            f"{held.sum()}: expected fewer than half; give the images smaller groups (patient ids) or more images"
         )
     return np.flatnonzero(~held).astype(np.int64), np.flatnonzero(held).astype(np.int64)

@@ -101,7 +101,7 @@ def count_trainer_work(trainer) -> dict:
 
 def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark_module, monkeypatch):
     import drnb.finetune
-    from drnb.finetune import FinetuneSession
+    from drnb.finetune import FinetuneSession, full_epochs, plan_steps
     from drnb.models import profile_encoder
     from drnb.pretext import save_atomically
     from drnb.profiles import resolve_profile
@@ -137,7 +137,7 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
             FinetuneSession(images, table, profile, encoder_path=encoder_path, feature_dir=tmp_path / f"features-{case}", log=lambda line: None)
             for _ in profile.fractions
         ]
-        work = benchmark_module.planned_work(profile, sessions[0], len(images))
+        work = benchmark_module.planned_work(profile, sessions[0], len(images), walkthrough=False)
         counts = {"head": 0, "full": 0, "encode": 0, "predict": 0}
         fitted_rows, built = [], []
         monkeypatch.setattr(drnb.finetune, "profile_encoder", lambda *a, **k: built.append(1) or profile_encoder(*a, **k))
@@ -168,6 +168,16 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
         assert work["runs"] == 2 * runs and work["fresh_encoders"] == len(built)
         assert len(built) == (len(profile.fractions) if profile.scratch_encoder == "shared" else runs)
         assert work["notebooks"] == 5 and work["images"] == 80
+        # Notebook 03's walkthrough trains repetition 0 of the first method and protocol once more.
+        walked = benchmark_module.planned_work(profile, sessions[0], len(images))
+        walkthrough_full = 0
+        for fraction in profile.fractions:
+            n_train = len(sessions[0].split(0, fraction).train[fraction])
+            batch = min(sessions[0].batch_size, n_train)
+            steps = plan_steps(n_train, batch, profile, profile.protocols[0])[1]
+            walkthrough_full += full_epochs(profile, profile.protocols[0]) * steps * batch
+        assert walked["finetune_full"] - work["finetune_full"] == walkthrough_full
+        assert walked["ridge_fits"] - work["ridge_fits"] == (len(profile.fractions) if profile.head_init == "ridge" else 0)
         if profile.test_time_turns == 4 and not profile.recalibrate_batchnorm:
             # The fine-tuned runs' test fold, validation after each full epoch and calibration, each in four turns.
             scored = sum(

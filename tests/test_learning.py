@@ -473,6 +473,7 @@ def test_without_epochs_the_encoder_is_untouched_and_predicts_from_its_kept_feat
                 np.testing.assert_array_equal(kept, started)
         n_train = len(session.split(0, 1.0).train[1.0])
         assert metrics["steps"] == profile.warmup_epochs * plan_steps(n_train, min(session.batch_size, n_train), profile)[0]
+        assert metrics["best_epoch"] == profile.warmup_epochs  # the last warm-up epoch is kept; none without one
         assert list(pd.read_csv(tmp_path / method / "history.csv").columns)[:2] == ["epoch", "phase"]
         split = session.split(0, 1.0)
         calibration = session.calibration_rows(split, profile.seed)

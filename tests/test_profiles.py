@@ -200,11 +200,14 @@ def test_a_run_folder_with_a_removed_setting_loads_only_with_the_value_drnb_now_
     path = tmp_path / "profile.json"
     path.write_text(json.dumps({**values, "pooling": "avg", "ridge_turns": 8, "ridge_criterion": "correlation", "min_steps": 0}))
     assert load_profile(path) == PROFILES["quick"]
-    path.write_text(json.dumps({**values, "pooling": "max"}))
+    path.write_text(json.dumps({**values, "pooling": "max", "ridge_turns": 8, "ridge_criterion": "correlation"}))
     with pytest.raises(ValueError, match="pooling='max'; drnb no longer has this setting and always uses 'avg'"):
         load_profile(path)
     path.write_text(json.dumps({**values, "ridge_turns": 4}))
     with pytest.raises(ValueError, match="ridge_turns=4 differs from test_time_turns=8"):
+        load_profile(path)
+    path.write_text(json.dumps({**values, "pooling": "avg"}))  # an older drnb's, from before ridge_turns: one view
+    with pytest.raises(ValueError, match="ridge_turns=1 differs from test_time_turns=8"):
         load_profile(path)
     paper = json.loads(PROFILES["paper"].to_json())
     path.write_text(json.dumps({**paper, "ridge_criterion": "error", "ridge_turns": 1}))  # no ridge head: irrelevant
