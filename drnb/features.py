@@ -1,6 +1,7 @@
 """Frozen-encoder features, kept under the encoder that made them, in memory and on disk.
 
-A run that fits its head on frozen features (``head_init="ridge"``), or never trains its encoder (protocol ``linear``), reads each image's pooled features in
+A run that fits its head on frozen features (``head_init="ridge"``), or never trains its
+encoder (protocol ``linear``), reads each image's pooled features in
 each view it uses (a quarter turn, or a quarter turn of its mirror image). Those features
 depend on nothing but the encoder (its architecture, weights and precision), the image and
 the view, so :class:`FeatureStore` keeps them under a key made of exactly these

@@ -10,7 +10,8 @@ A run, given a repetition's split (:mod:`drnb.splits`):
    ``seed``, as every rotation run starts from the one pretext encoder);
 2. with ``head_init="ridge"`` fits its linear head in closed form on the frozen encoder's
    features of the ``test_time_turns`` views (LP-FT's "linear probe"); warms the head up
-   for ``warmup_epochs`` with the encoder frozen; then, under the ``finetune`` protocol only, trains everything for
+   for ``warmup_epochs`` with the encoder frozen; then, under the ``finetune`` protocol
+   only, trains everything for
    ``finetune_epochs`` with a fresh optimizer state, the rate constant or cosine-decayed
    step by step, batch norm on each batch's statistics or frozen (``finetune_batchnorm``).
    Under the ``linear`` protocol the encoder keeps its start, and predictions reuse the
@@ -490,7 +491,7 @@ class FinetuneSession:
         start = self.trainer.model.get_weights() if epochs and profile.finetune_start_share else None
         history += self._full_epochs(batches, finetune_steps, epochs, validation_indices, first_epoch=len(history) + 1)
         if history and not any(row.get("kept") for row in history):
-            history[-1]["kept"] = True  # a run that only warmed its head up keeps its last epoch
+            history[-1]["kept"] = True  # no epoch chosen by validation: the last one is kept
         if start is not None:
             self.trainer.model.set_weights(interpolated(start, self.trainer.model.get_weights(), profile.finetune_start_share))
         return history
@@ -498,7 +499,7 @@ class FinetuneSession:
     def _full_epochs(self, batches, steps: int, epochs: int, validation_indices: np.ndarray, first_epoch: int) -> list[dict]:
         """``epochs`` epochs of ``steps`` steps with everything training, the rate following
         :func:`learning_rate_at`; with validation rows, the best-scoring epoch's weights are
-        restored at the end and its row marked ``kept``, else the last row is."""
+        restored at the end and its row marked ``kept`` (without them :meth:`train` keeps the last)."""
         rows, best = [], {"kappa": -np.inf, "weights": None, "row": None}
         total = steps * epochs
         for index in range(epochs):
@@ -515,8 +516,6 @@ class FinetuneSession:
         if best["weights"] is not None:
             self.trainer.model.set_weights(best["weights"])
             best["row"]["kept"] = True
-        elif rows:
-            rows[-1]["kept"] = True
         return rows
 
     def predict_grades(
