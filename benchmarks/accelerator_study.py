@@ -351,7 +351,8 @@ class Study:
             The encoder's weights (None when no epoch ran) and the pretext's figures.
         """
         from drnb.models import profile_encoder, rotation_head, stack
-        from drnb.pretext import HOLDOUT_FRACTION, planned_epochs, rotated_copies
+        from drnb.pretext import HOLDOUT_FRACTION, planned_epochs
+        from drnb.pretexts.rotation import rotated_copies
         from drnb.splits import split_holdout
 
         profile, keras = self.profile, self.keras

@@ -175,12 +175,13 @@ def ridge_fit_timing(n_features: int, views: int, rows: tuple[int, int] = RIDGE_
     return {"ridge_fit_seconds": max(seconds[0] - per_row * rows[0], 0.0), "ridge_seconds_per_row": per_row}
 
 
-def planned_work(profile, session, n_images: int, walkthrough: bool = True) -> dict:
+def planned_work(profile, session, n_images: int, walkthrough: bool = True, archive_images: int = 0) -> dict:
     """What a ``drnb reproduce`` sweep of ``profile`` trains and predicts, counted, not guessed.
 
-    Pretext: its epochs x steps per epoch, as :func:`drnb.pretext.train_pretext` plans them,
-    and the held-out rotations it scores (every ``pretext_eval_every`` epochs and after the
-    last). Fine-tuning: for every method, protocol, fraction and repetition, the run's real labelled
+    Pretext: for each pretext method, its epochs x steps per epoch, as
+    :func:`drnb.pretext.train_pretext` plans them on the study's ``n_images`` and
+    ``archive_images`` more (each its own group when held out), and the held-out views it
+    scores (every ``pretext_eval_every`` epochs and after the last). Fine-tuning: for every method, protocol, fraction and repetition, the run's real labelled
     subset (from ``session``'s splits) through
     :func:`drnb.finetune.plan_steps`; the validation images scored after each full epoch; the
     images the cut points are fitted on; the test fold (each of these three
@@ -201,35 +202,46 @@ def planned_work(profile, session, n_images: int, walkthrough: bool = True) -> d
     Returns
     -------
     dict
-        Image counts per kind of work (``pretext_train``, ``pretext_predict``,
+        Image counts per kind of work (``archive_images`` to preprocess, ``pretext_train``, ``pretext_predict``,
         ``finetune_full``, ``finetune_head``, ``finetune_encode``
         (features), ``finetune_predict`` (through the network)), the ridge fits and their
         rows (``ridge_fits``, ``ridge_rows``), the number of fine-tuning runs, of fresh
         encoders built (``fresh_encoders``: one per run, or one per notebook for a shared
-        scratch encoder) and of notebooks, and ``images`` (``n_images``).
+        scratch encoder), of pretext tasks (``pretexts``) and of notebooks, and ``images`` (``n_images``).
     """
     import math
 
     from drnb.distribute import scaled_batch_and_rate
-    from drnb.finetune import full_epochs, plan_steps, runnable_methods, shares_fresh_encoder, starts_shared, symmetry_views
-    from drnb.pretext import HOLDOUT_FRACTION, planned_epochs, rotated_copies
+    from drnb.finetune import (
+        PRETEXT_METHODS, full_epochs, plan_steps, pretext_methods, runnable_methods, shares_fresh_encoder, starts_shared,
+        symmetry_views,
+    )
+    from drnb.pretext import HOLDOUT_FRACTION, planned_epochs
+    from drnb.pretexts import PRETEXT_TASKS
     from drnb.splits import split_holdout
 
-    # The session's groups are the pretext's (patients and near duplicates) in the stratified split mode.
-    pretext_train, holdout = split_holdout(n_images, HOLDOUT_FRACTION, profile.seed, session.patient_ids)
-    rotated_per_epoch = len(pretext_train) * rotated_copies(profile)
+    # The session's groups are the pretext's (patients and near duplicates) in the stratified
+    # split mode; an archive photograph is its own group.
+    groups = session.patient_ids
+    if groups is not None and archive_images:
+        groups = np.concatenate([groups, np.array([f"archive {i}" for i in range(archive_images)], dtype=object)])
+    pretext_train, holdout = split_holdout(n_images + archive_images, HOLDOUT_FRACTION, profile.seed, groups)
     # Batches are per replica; the global batch grows with the replicas, as in the runs.
     pretext_batch, _ = scaled_batch_and_rate(profile.pretext_batch_size, profile.pretext_learning_rate, session.strategy)
-    pretext_steps = max(1, math.ceil(rotated_per_epoch / pretext_batch))
-    # Held-out rotations are scored every pretext_eval_every epochs and after the last.
-    epochs = planned_epochs(profile, rotated_per_epoch)
-    scored_epochs = math.ceil(epochs / profile.pretext_eval_every)
     work = {
-        "pretext_train": epochs * pretext_steps * pretext_batch,
-        "pretext_predict": scored_epochs * 4 * (len(holdout) or min(len(pretext_train), 64)),
+        "archive_images": archive_images, "pretext_train": 0, "pretext_predict": 0,
         "finetune_full": 0, "finetune_head": 0, "finetune_encode": 0, "finetune_predict": 0,
         "ridge_fits": 0, "ridge_rows": 0,
     }
+    for method in pretext_methods(profile):
+        task = PRETEXT_TASKS[method]
+        views_per_epoch = len(pretext_train) * task.views_per_image(profile)
+        epochs = planned_epochs(profile, views_per_epoch)
+        work["pretext_train"] += epochs * max(1, math.ceil(views_per_epoch / pretext_batch)) * pretext_batch
+        # Held-out views are scored every pretext_eval_every epochs and after the last.
+        scored = len(holdout) or min(len(pretext_train), 64)
+        work["pretext_predict"] += math.ceil(epochs / profile.pretext_eval_every) * task.scored_views_per_image * scored
+    work["pretexts"] = len(pretext_methods(profile))
     methods = runnable_methods(profile)
     test_views = symmetry_views(profile.test_time_turns)
     fit_views = test_views if profile.head_init == "ridge" else ()
@@ -275,9 +287,9 @@ def planned_work(profile, session, n_images: int, walkthrough: bool = True) -> d
     work["finetune_encode"] = sum(len(rows) for rows in encoded.values())
     runs_per_notebook = profile.repetitions * len(profile.protocols)
     work["runs"] = len(methods) * len(profile.fractions) * runs_per_notebook
-    built_per_run = sum(method != "rotation" for method in methods) - shared_fresh  # ImageNet's too
+    built_per_run = sum(method not in PRETEXT_METHODS for method in methods) - shared_fresh  # ImageNet's too
     work["fresh_encoders"] = (built_per_run * runs_per_notebook + shared_fresh) * len(profile.fractions)
-    work["notebooks"] = 3 + len(profile.fractions)
+    work["notebooks"] = 2 + (work["pretexts"] > 0) + len(profile.fractions)
     work["images"] = n_images
     return work
 
@@ -307,10 +319,11 @@ def predicted_sweep_seconds(work: dict, rates: dict, fixed: dict) -> dict:
     """
     data = fixed["kernel"] + work["images"] / rates["preprocess"]
     pretext = (
-        fixed["kernel"] + fixed["load"] + fixed["pretext_tracing"]
+        (fixed["kernel"] + fixed["load"]) * (work["pretexts"] > 0) + fixed["pretext_tracing"] * work["pretexts"]
+        + work["archive_images"] / rates["preprocess"]
         + work["pretext_train"] / rates["pretext_train"] + work["pretext_predict"] / rates["predict"]
     )
-    fractions = work["notebooks"] - 3
+    fractions = work["notebooks"] - 2 - (work["pretexts"] > 0)
     finetune = (
         fractions * (fixed["kernel"] + fixed["load"] + fixed["finetune_tracing"])
         + work["fresh_encoders"] * fixed["fresh_model"]
@@ -368,10 +381,11 @@ def check_ridge_timing(work: dict, figures: dict, source: str) -> None:
         )
 
 
-def predicted_figures(figures: dict, profile, session, n_images: int, source: str = "the figures") -> dict:
+def predicted_figures(figures: dict, profile, session, n_images: int, source: str = "the figures", archive_images: int = 0) -> dict:
     """The sweep's predicted minutes per stage from measured rates and fixed costs, and the
     total if the photographs were APTOS-sized PNGs (decoded on every core of the machine
-    measured)."""
+    measured); with ``archive_images``, the pretext also preprocesses and trains on that many
+    unlabelled photographs."""
     import os
     import re
 
@@ -388,7 +402,7 @@ def predicted_figures(figures: dict, profile, session, n_images: int, source: st
         "fresh_model": figures["fresh_model_seconds"],
         "ridge_fit": figures.get("ridge_fit_seconds", 0.0),
     }
-    work = planned_work(profile, session, n_images)
+    work = planned_work(profile, session, n_images, archive_images=archive_images)
     check_ridge_timing(work, figures, source)
     stages = predicted_sweep_seconds(work, rates, fixed)
     predicted = {f"predicted_{stage}_minutes": seconds / 60 for stage, seconds in stages.items()}
@@ -401,7 +415,7 @@ def predicted_figures(figures: dict, profile, session, n_images: int, source: st
     return predicted
 
 
-def scaled_prediction(figures: dict, profile, images: np.ndarray, table, n_images: int) -> dict:
+def scaled_prediction(figures: dict, profile, images: np.ndarray, table, n_images: int, archive_images: int = 0) -> dict:
     """The sweep's predicted minutes on a set of ``n_images`` with this set's grade proportions.
 
     The set's rows are repeated (or cut) to ``n_images`` and split as the sweep would split
@@ -419,7 +433,7 @@ def scaled_prediction(figures: dict, profile, images: np.ndarray, table, n_image
     scaled_table = table.iloc[rows].reset_index(drop=True).assign(image_id=[str(i) for i in range(n_images)], patient_id=None)
     scaled = profile.derive(duplicate_threshold=0.0)
     session = FinetuneSession(images[rows], scaled_table, scaled, log=lambda line: None)
-    predicted = predicted_figures(figures, scaled, session, n_images)
+    predicted = predicted_figures(figures, scaled, session, n_images, archive_images=archive_images)
     return {key.replace("predicted_", f"predicted_{n_images}_images_", 1): value for key, value in predicted.items()}
 
 
@@ -491,9 +505,10 @@ def predict_from_rates(args) -> None:
     images, table = load_images(profile, log=lambda line: None)
     session = FinetuneSession(images, table, profile, log=lambda line: None)
     predicted = {"rates_from": str(args.rates), "measured_on": figures.get("devices", "?"), "dataset": profile.dataset,
-                 "images": len(images), **predicted_figures(figures, profile, session, len(images), source=str(args.rates))}
+                 "images": len(images), "archive_images": args.archive_images,
+                 **predicted_figures(figures, profile, session, len(images), source=str(args.rates), archive_images=args.archive_images)}
     if args.predict_images:
-        predicted.update(scaled_prediction(figures, profile, images, table, args.predict_images))
+        predicted.update(scaled_prediction(figures, profile, images, table, args.predict_images, args.archive_images))
     _report(predicted, args.json or Path(__file__).parent / "results" / f"{profile.name}-{profile.dataset}-predicted.json")
 
 
@@ -532,10 +547,15 @@ def main() -> None:
         "--predict-images", type=int, default=0, metavar="N",
         help="also predict the sweep on N images with this set's grade proportions (e.g. 3662, APTOS 2019's training set)",
     )
+    parser.add_argument(
+        "--archive-images", type=int, default=0, metavar="N",
+        help="count N unlabelled archive photographs in the pretext's work (pretext_images), in every prediction",
+    )
     parser.add_argument("--json", help="output file (default benchmarks/results/<profile>-<dataset>.json)")
     args = parser.parse_args()
-    if args.predict_images < 0:
-        parser.error(f"--predict-images {args.predict_images}: expected a positive number of images, or 0 for none")
+    for name in ("predict_images", "archive_images"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive number of images, or 0 for none")
     if args.rates:
         predict_from_rates(args)
         return
@@ -548,6 +568,7 @@ def main() -> None:
     from drnb.pipeline import labelled_batches, rotation_batches
     from drnb.preprocessing import preprocess_table
     from drnb.pretext import build_pretext_trainer
+    from drnb.pretexts import PRETEXT_TASKS
     from drnb.runs import load_table, preprocess_config
     from drnb.targets import encode
 
@@ -580,7 +601,7 @@ def main() -> None:
         _report(figures, args.json or Path(__file__).parent / "results" / f"{profile.name}-{profile.dataset}-input.json")
         return
     start = time.perf_counter()
-    pretext = build_pretext_trainer(profile)
+    pretext = build_pretext_trainer(profile, PRETEXT_TASKS["rotation"])
     figures["pretext_build_seconds"] = time.perf_counter() - start
     pretext_rates = training_rates(pretext, pretext_data, profile.pretext_batch_size, args.steps)
     figures.update({f"pretext_{k}": v for k, v in pretext_rates.items()})
@@ -629,9 +650,9 @@ def main() -> None:
 
     figures["python_import_seconds"] = import_seconds()
     figures["kernel_start_and_import_seconds"] = kernel_start_seconds()
-    figures.update(predicted_figures(figures, profile, session, len(images)))
+    figures.update(predicted_figures(figures, profile, session, len(images), archive_images=args.archive_images))
     if args.predict_images:
-        figures.update(scaled_prediction(figures, profile, images, table, args.predict_images))
+        figures.update(scaled_prediction(figures, profile, images, table, args.predict_images, args.archive_images))
     for name in filter(None, args.end_to_end.split(",")):
         figures[f"end_to_end_{name}_seconds"] = end_to_end_seconds(name, args.dataset, args.data_dir)
 

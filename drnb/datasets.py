@@ -341,8 +341,8 @@ def _check_ids_stay_inside(ids: pd.Series, source: Path, column: str, image_root
             )
 
 
-def _patient_ids(image_ids: pd.Series) -> pd.Series:
-    # EyePACS names images <patient>_<left|right>; other layouts give no patient.
+def patient_ids_from_names(image_ids: pd.Series) -> pd.Series:
+    """The patient of each image named EyePACS-style, ``<patient>_<left|right>``; None elsewhere."""
     match = image_ids.str.extract(r"^(.+)_(?:left|right)$", flags=re.IGNORECASE)[0]
     return match.where(match.notna(), None)
 
@@ -359,7 +359,7 @@ def _load_csv_layout(info: DatasetInfo, data_dir: Path) -> pd.DataFrame:
         patients = labels[info.patient_column].str.strip()
         patients = patients.where(patients != "", None)
     else:
-        patients = _patient_ids(ids)
+        patients = patient_ids_from_names(ids)
     return pd.DataFrame(
         {
             "image_id": ids,

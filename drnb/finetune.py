@@ -56,6 +56,7 @@ from drnb.metrics import evaluate_predictions, quadratic_weighted_kappa
 from drnb.models import grade_head, imagenet_weights_available, profile_encoder, recalibrate_batchnorm
 from drnb.pipeline import check_view, labelled_batches, without_autotune
 from drnb.pretext import load_encoder, save_atomically
+from drnb.pretexts import PRETEXT_TASKS
 from drnb.ridge import fit_ridge
 from drnb.splits import RepetitionSplit, make_repetition_split, validate_fraction
 from drnb.targets import TARGET_LOSSES, decode, decode_with_cut_points, encode, expected_grade, ordinal_decode, prior_cut_points
@@ -64,8 +65,10 @@ from drnb.training import Trainer, cosine_rate
 if TYPE_CHECKING:
     from drnb.profiles import Profile
 
-# The encoders a sweep compares: the pretext's, a fresh random one, DenseNet121's ImageNet weights.
-METHODS = ("rotation", "scratch", "imagenet")
+# The encoders a sweep compares: a pretext task's (drnb.pretexts), a fresh random one,
+# DenseNet121's ImageNet weights.
+PRETEXT_METHODS = tuple(PRETEXT_TASKS)
+METHODS = (*PRETEXT_METHODS, "scratch", "imagenet")
 # How a run uses its labelled subset: "finetune" trains the encoder with its head (the study's
 # protocol); "linear" keeps the starting encoder and trains or fits the head alone (linear
 # evaluation, the usual read-out of self-supervised features).
@@ -84,7 +87,7 @@ MODEL_FILE = "model.keras"
 # Methods whose runs all start from the same trained encoder weights; scratch runs start from a
 # fresh initialisation, whose batch-norm statistics may need re-estimating, and share it only
 # with scratch_encoder="shared" (see starts_shared).
-SHARED_START_METHODS = ("rotation", "imagenet")
+SHARED_START_METHODS = (*PRETEXT_METHODS, "imagenet")
 
 
 def shares_fresh_encoder(method: str, profile: Profile) -> bool:
@@ -120,6 +123,11 @@ def runnable_methods(profile: Profile) -> list[str]:
     """The profile's methods that can run here: ``imagenet`` needs DenseNet121 and its cached weights."""
     imagenet_ok = profile.encoder == "densenet121" and imagenet_weights_available()
     return [method for method in profile.methods if method != "imagenet" or imagenet_ok]
+
+
+def pretext_methods(profile: Profile) -> list[str]:
+    """The profile's methods whose encoder a pretext task trains (notebook 02), in its order."""
+    return [method for method in profile.methods if method in PRETEXT_METHODS]
 
 
 def full_epochs(profile: Profile, protocol: str) -> int:
@@ -177,8 +185,9 @@ class FinetuneSession:
     table : pandas.DataFrame
         The dataset table (``grade``, ``patient_id``, ``image_id``), row-aligned with ``images``.
     profile : Profile
-    encoder_path : path, optional
-        The pretext encoder; needed for the ``rotation`` method.
+    encoder_paths : dict, optional
+        Pretext method (``rotation``, ``contrastive``) -> the encoder its pretext saved;
+        needed for each pretext method the session runs.
     feature_dir : path, optional
         Where frozen features are kept between sessions (:class:`drnb.features.FeatureStore`),
         so that the notebooks of a sweep encode each image once per encoder and view; None
@@ -188,7 +197,7 @@ class FinetuneSession:
         Receives progress lines.
     """
 
-    def __init__(self, images, table, profile: Profile, *, encoder_path=None, feature_dir=None, strategy=None, log=print):
+    def __init__(self, images, table, profile: Profile, *, encoder_paths=None, feature_dir=None, strategy=None, log=print):
         if len(images) != len(table):
             raise ValueError(f"{len(images)} images but {len(table)} table rows; expected one row per image")
         self.profile, self.log = profile, log
@@ -211,8 +220,8 @@ class FinetuneSession:
         self.learning_rate = learning_rate
         self.images = tf.constant(images)
         self.targets = encode(self.grades, profile.target)
-        self.encoder_path = Path(encoder_path) if encoder_path else None
-        self._pretrained = None
+        self.encoder_paths = {method: Path(path) for method, path in (encoder_paths or {}).items()}
+        self._pretrained: dict[str, list] = {}
         self._shared_fresh = None
         with self.strategy.scope():
             encoder = profile_encoder(profile)
@@ -263,10 +272,10 @@ class FinetuneSession:
         """
         seed_weights(seed)
         head_weights = grade_head(self.trainer.encoder.output_shape[-1], self.profile).get_weights()
-        if method == "rotation":
-            if self._pretrained is None:
-                self._pretrained = self._load_pretrained()
-            return self._pretrained, head_weights
+        if method in PRETEXT_METHODS:
+            if method not in self._pretrained:
+                self._pretrained[method] = self._load_pretrained(method)
+            return self._pretrained[method], head_weights
         if shares_fresh_encoder(method, self.profile):
             return self.shared_fresh_encoder(), head_weights
         fresh_encoder = profile_encoder(self.profile, weights="imagenet" if method == "imagenet" else None)
@@ -310,14 +319,15 @@ class FinetuneSession:
         count = min(self.profile.calibration_images, len(self.grades))
         return np.sort(np.random.default_rng(self.profile.seed).choice(len(self.grades), count, replace=False)).astype(np.int64)
 
-    def _load_pretrained(self) -> list:
-        if self.encoder_path is None:
-            raise ValueError("method 'rotation' needs encoder_path: the encoder saved by the pretext")
-        pretrained = load_encoder(self.encoder_path)
+    def _load_pretrained(self, method: str) -> list:
+        if method not in self.encoder_paths:
+            raise ValueError(f"method {method!r} needs encoder_paths[{method!r}]: the encoder saved by its pretext")
+        path = self.encoder_paths[method]
+        pretrained = load_encoder(path)
         expected = self.trainer.encoder
         if pretrained.input_shape != expected.input_shape or [w.shape for w in pretrained.weights] != [w.shape for w in expected.weights]:
             raise ValueError(
-                f"encoder {self.encoder_path} takes {pretrained.input_shape} with {len(pretrained.weights)} "
+                f"encoder {path} takes {pretrained.input_shape} with {len(pretrained.weights)} "
                 f"weights; the profile builds {self.profile.encoder} taking {expected.input_shape}. "
                 "Train the pretext with the same profile."
             )

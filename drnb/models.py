@@ -34,6 +34,8 @@ HEAD_ACTIVATIONS = ("softmax", "sigmoid", "linear")
 PRECISION_MODES = ("auto", "on", "off")
 # Dropout after each hidden layer of a head, as in the reference code's heads.
 HEAD_DROPOUT = 0.5
+# Outputs of the contrastive pretext's projection head (SimCLR's width).
+PROJECTION_WIDTH = 128
 
 # The compact encoder is trained for hundreds, not tens of thousands, of steps: batch-norm
 # moving statistics that forget faster (Keras's default is 0.99) are usable after a few dozen.
@@ -254,6 +256,19 @@ def rotation_head(feature_dim: int, profile) -> keras.Model:
         (B, feature_dim) -> (B, 4) probabilities, float32.
     """
     return build_head(feature_dim, 4, hidden=profile.pretext_hidden, name="rotation_head")
+
+
+def projection_head(feature_dim: int, profile) -> keras.Model:
+    """The contrastive pretext's head: ``pretext_hidden`` layers without dropout, then
+    :data:`PROJECTION_WIDTH` linear outputs, compared by cosine (:func:`drnb.training.nt_xent`).
+
+    Returns
+    -------
+    keras.Model
+        (B, feature_dim) -> (B, PROJECTION_WIDTH), float32.
+    """
+    return build_head(feature_dim, PROJECTION_WIDTH, hidden=profile.pretext_hidden, dropout=0.0, activation="linear",
+                      name="projection_head")
 
 
 def grade_head(feature_dim: int, profile) -> keras.Model:

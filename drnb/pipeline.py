@@ -359,3 +359,85 @@ def rotation_batches(
 
     dataset = tf.data.Dataset.zip((dataset, seeds)).map(make_batch, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+# How far apart the contrastive pretext's two views of a photograph are drawn: a square crop
+# whose side is this share of the image's (anywhere inside it), then every symmetry of the
+# square and brightness, contrast and saturation jitter of this size. A grade is blind to all
+# of them, so features that ignore them keep what grading needs; crops stay large so that both
+# views still show the same lesions (smaller ones learned less on synthetic photographs).
+CONTRASTIVE_CROP_SIDE = (0.8, 1.0)
+CONTRASTIVE_COLOUR = 0.3
+
+
+def contrastive_view(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """One random view of every photograph of a batch, for the contrastive pretext.
+
+    Parameters
+    ----------
+    images : tf.Tensor
+        uint8 (B, S, S, 3), square.
+    seed : tf.Tensor
+        int (2,) stateless seed.
+
+    Returns
+    -------
+    tf.Tensor
+        float32 (B, S, S, 3) in [0, 255].
+    """
+    seeds = tf.random.experimental.stateless_split(seed, 4)  # symmetry and colour, crop side, crop place, saturation
+    shape = tf.shape(images)
+    batch = shape[0]
+    views = augment(images, seeds[0], zoom=0.0, rot90=True, colour=CONTRASTIVE_COLOUR)
+    low, high = CONTRASTIVE_CROP_SIDE
+    side = tf.random.stateless_uniform([batch, 1], seeds[1], low, high)
+    corner = tf.random.stateless_uniform([batch, 2], seeds[2], 0.0, 1.0) * (1.0 - side)
+    boxes = tf.concat([corner, corner + side], axis=1)  # (y1, x1, y2, x2)
+    views = tf.image.crop_and_resize(views, boxes, tf.range(batch), shape[1:3])
+    grey = tf.reduce_mean(views, axis=-1, keepdims=True)
+    saturation = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[3], 1 - CONTRASTIVE_COLOUR, 1 + CONTRASTIVE_COLOUR)
+    return tf.clip_by_value(grey + saturation * (views - grey), 0.0, 255.0)
+
+
+def contrastive_batches(
+    images: tf.Tensor, indices: np.ndarray, batch_size: int, *, seed: int = 0, training: bool = True
+) -> tf.data.Dataset:
+    """Batches of two views of each photograph for the contrastive pretext.
+
+    Parameters
+    ----------
+    images : tf.Tensor
+        uint8 (N, S, S, 3).
+    indices : numpy.ndarray
+        int (M,) rows to use.
+    batch_size : int
+        Views per batch, even: ``batch_size // 2`` photographs, each twice.
+    training : bool
+        Shuffle and repeat forever; otherwise one ordered pass (the last batch may be
+        smaller). Views are drawn from ``seed`` either way, so a held-out pass is the same
+        every time it is scored.
+
+    Returns
+    -------
+    tf.data.Dataset
+        of (float32 (B, S, S, 3) in [0, 255], int32 (B,) zeros): rows ``2i`` and ``2i + 1``
+        are the two views of one photograph.
+    """
+    if batch_size < 2 or batch_size % 2:
+        raise ValueError(f"batch_size={batch_size}: the contrastive pretext needs an even number of views, at least 2")
+    indices = np.asarray(indices, np.int64)
+    pairs = batch_size // 2
+    if training:
+        dataset = shuffled_positions(len(indices), seed, pairs).map(lambda positions: tf.gather(indices, positions))
+    else:
+        dataset = tf.data.Dataset.from_tensor_slices(indices).batch(pairs)
+
+    def make_batch(batch_indices, step_seed):
+        batch = tf.gather(images, batch_indices)
+        first, second = tf.unstack(tf.random.experimental.stateless_split(step_seed, 2))
+        views = tf.stack([contrastive_view(batch, first), contrastive_view(batch, second)], axis=1)  # (P, 2, S, S, 3)
+        views = tf.reshape(views, tf.concat([[-1], tf.shape(batch)[1:]], 0))
+        return views, tf.zeros(tf.shape(views)[:1], tf.int32)
+
+    dataset = tf.data.Dataset.zip((dataset, step_seeds(seed))).map(make_batch, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)

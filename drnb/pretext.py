@@ -1,18 +1,21 @@
-"""The rotation pretext: learn which quarter turn was applied to an unlabelled image.
+"""Self-supervised pretext training: an encoder learns from unlabelled photographs.
 
 The pretext sees images only, never grades, so it uses every image of the dataset (test
-folds included), as self-supervised pre-training on the unlabelled pool does; a held-out
-share (whole patients and near-duplicate groups, given the dataset table) measures rotation
-accuracy on images the encoder never trained on.
+folds included), as self-supervised pre-training on the unlabelled pool does, and any
+unlabelled archive the profile names (:mod:`drnb.archive`); a held-out share (whole
+patients and near-duplicate groups, given the table) measures the task's score on images
+the encoder never trained on. The task (rotation, contrastive, ...) is a module of
+:mod:`drnb.pretexts`; this loop, the split and the files are the same for every task.
 
 Writes into ``out_dir``: ``encoder.keras`` (the encoder alone, for fine-tuning),
-``history.csv`` (loss, held-out rotation accuracy and learning rate per epoch; the accuracy
-is empty between the epochs it is scored at, every ``pretext_eval_every``), ``metrics.json``
-and ``confusion.csv`` (held-out true rotation x predicted rotation, after the last epoch).
+``history.csv`` (loss, the held-out score and learning rate per epoch; the score is empty
+between the epochs it is taken at, every ``pretext_eval_every``), ``metrics.json`` and, for
+a task with classes, ``confusion.csv`` (held-out true x predicted class, after the last epoch).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -28,8 +31,8 @@ import tensorflow as tf
 from drnb.distribute import configure_precision, scaled_batch_and_rate, seed_everything, select_strategy
 from drnb.duplicates import photograph_groups
 from drnb.files import atomic_path, write_json
-from drnb.models import profile_encoder, rotation_head
-from drnb.pipeline import rotation_batches
+from drnb.models import profile_encoder
+from drnb.pretexts import PRETEXT_TASKS, PretextTask
 from drnb.splits import split_holdout
 from drnb.training import Trainer
 
@@ -41,15 +44,16 @@ ENCODER_FILE = "encoder.keras"
 HOLDOUT_FRACTION = 0.1
 
 
-def rotated_copies(profile: Profile) -> int:
-    """Rotated copies of each pretext image in one pass: 4 with ``rotation_mode="all4"``
-    (every quarter turn), 1 with ``"random1"`` (one drawn turn)."""
-    return 4 if profile.rotation_mode == "all4" else 1
+def pretext_task(method: str) -> PretextTask:
+    """The pretext task that trains ``method``'s encoder; ValueError for a method without one."""
+    if method not in PRETEXT_TASKS:
+        raise ValueError(f"method {method!r} has no pretext task; expected one of {list(PRETEXT_TASKS)}")
+    return PRETEXT_TASKS[method]
 
 
-def planned_epochs(profile: Profile, rotated_per_epoch: int) -> int:
+def planned_epochs(profile: Profile, views_per_epoch: int) -> int:
     """The pretext's passes: ``pretext_epochs``, or more for a small set, so that it shows at
-    least ``pretext_min_steps`` batches of ``pretext_batch_size`` rotated images.
+    least ``pretext_min_steps`` batches of ``pretext_batch_size`` views.
 
     What the pretext needs is a number of gradient steps, not of passes. The floor counts
     batches of one replica's batch size, so it asks for the same images on any number of
@@ -57,12 +61,12 @@ def planned_epochs(profile: Profile, rotated_per_epoch: int) -> int:
 
     Parameters
     ----------
-    rotated_per_epoch : int
-        Rotated images in one pass: the pretext images times :func:`rotated_copies`.
+    views_per_epoch : int
+        Views in one pass: the pretext images times the task's ``views_per_image``.
     """
-    if rotated_per_epoch < 1:
-        raise ValueError(f"rotated_per_epoch={rotated_per_epoch!r}: expected a positive number of images")
-    floor = math.ceil(profile.pretext_min_steps * profile.pretext_batch_size / rotated_per_epoch)
+    if views_per_epoch < 1:
+        raise ValueError(f"views_per_epoch={views_per_epoch!r}: expected a positive number of images")
+    floor = math.ceil(profile.pretext_min_steps * profile.pretext_batch_size / views_per_epoch)
     return max(profile.pretext_epochs, floor)
 
 
@@ -72,33 +76,22 @@ class PretextResult:
 
     encoder_path: Path
     history: pd.DataFrame
-    heldout_accuracy: float
-    confusion: np.ndarray  # int (4, 4): true rotation x predicted rotation
+    heldout_accuracy: float  # the task's held-out score in [0, 1] (PretextTask.score_meaning)
+    confusion: np.ndarray | None  # int (C, C): true x predicted class, for a task with classes
     heldout_indices: np.ndarray  # int64: rows of ``images`` held out (the accuracy's images)
     seconds: float
     images_per_second: float
 
 
-def rotation_accuracy(trainer: Trainer, images: tf.Tensor, indices: np.ndarray, batch_size: int) -> tuple[float, np.ndarray]:
-    """Accuracy and 4x4 confusion matrix of rotation predictions, every image in all four rotations."""
-    dataset = rotation_batches(images, indices, batch_size, mode="all4", training=False)
-    probabilities = trainer.predict(dataset)
-    labels = np.tile(np.arange(4), len(indices))
-    predicted = probabilities.argmax(axis=1)
-    confusion = np.zeros((4, 4), dtype=np.int64)
-    np.add.at(confusion, (labels, predicted), 1)
-    return float((predicted == labels).mean()), confusion
-
-
-def build_pretext_trainer(profile: Profile, strategy=None) -> Trainer:
-    """Encoder + rotation head of ``profile``, inside ``strategy``'s scope."""
+def build_pretext_trainer(profile: Profile, task: PretextTask, strategy=None) -> Trainer:
+    """The profile's encoder with ``task``'s head and loss, inside ``strategy``'s scope."""
     strategy = strategy or select_strategy()
     configure_precision(profile.mixed_precision)
     _, learning_rate = scaled_batch_and_rate(profile.pretext_batch_size, profile.pretext_learning_rate, strategy)
     with strategy.scope():
         encoder = profile_encoder(profile)
-        head = rotation_head(encoder.output_shape[-1], profile)
-    return Trainer(encoder, head, loss="sparse_categorical_crossentropy", learning_rate=learning_rate, strategy=strategy)
+        head = task.head(encoder.output_shape[-1], profile)
+    return Trainer(encoder, head, loss=task.loss, learning_rate=learning_rate, strategy=strategy)
 
 
 def train_pretext(
@@ -106,27 +99,37 @@ def train_pretext(
     profile: Profile,
     out_dir: str | os.PathLike,
     *,
+    method: str = "rotation",
     table=None,
+    left_out: dict | None = None,
     strategy=None,
     log=print,
 ) -> PretextResult:
-    """Train the rotation pretext and save the encoder.
+    """Train ``method``'s pretext task and save the encoder.
 
     Parameters
     ----------
     images : numpy.ndarray
         uint8 (N, S, S, 3), preprocessed, ``S == profile.image_size``.
     profile : Profile
-        Uses the ``encoder``, ``feature_stages``, ``rotation_mode``, ``duplicate_threshold``
-        and ``pretext_*`` settings.
+        Uses the ``encoder``, ``feature_stages``, ``duplicate_threshold`` and ``pretext_*``
+        settings (and the task's own, such as ``rotation_mode``).
     out_dir : path
         Created if needed; see the module docstring for what is written.
+    method : str
+        A key of :data:`drnb.pretexts.PRETEXT_TASKS`: the task, and the fine-tuning method
+        whose encoder it trains.
     table : pandas.DataFrame, optional
         The dataset table, row-aligned with ``images`` (``image_id``, ``patient_id``). With
         it, a patient's eyes and near-duplicate photographs are held out together
-        (:func:`drnb.duplicates.photograph_groups`), so the held-out accuracy is not helped
-        by a twin in training (a left eye flipped looks much like the right one). Without
-        it, images are held out one by one.
+        (:func:`drnb.duplicates.photograph_groups`), so the held-out score is not helped by
+        a twin in training (a left eye flipped looks much like the right one). Without it,
+        images are held out one by one. With a ``source`` column
+        (:func:`drnb.runs.load_pretext_images`), ``metrics.json`` counts the photographs of
+        each source trained on and held out.
+    left_out : dict, optional
+        Reason -> archive photographs left out (:class:`drnb.archive.PretextImages`), recorded
+        in ``metrics.json``.
     log : callable
         Receives one progress line per epoch.
 
@@ -139,32 +142,55 @@ def train_pretext(
             f"images have shape {images.shape}; expected (N, {profile.image_size}, {profile.image_size}, 3) "
             "as set by the profile's image_size"
         )
+    task = pretext_task(method)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(profile.seed, profile.deterministic)
-    trainer = build_pretext_trainer(profile, strategy)
+    trainer = build_pretext_trainer(profile, task, strategy)
     batch_size, _ = scaled_batch_and_rate(profile.pretext_batch_size, profile.pretext_learning_rate, trainer.strategy)
     groups = None if table is None else photograph_groups(images, table, profile.duplicate_threshold)[0]
-    train_indices, holdout_indices = split_holdout(len(images), HOLDOUT_FRACTION, profile.seed, groups)
-    if len(holdout_indices) == 0:
-        holdout_indices = train_indices[: min(len(train_indices), 64)]
-        log("pretext: too few images to hold any out; rotation accuracy is on training images")
+    train_indices, holdout_indices = heldout_split(len(images), groups, profile.seed, log)
     image_tensor = tf.constant(images)
-    rotated_per_epoch = len(train_indices) * rotated_copies(profile)
-    steps_per_epoch = max(1, math.ceil(rotated_per_epoch / batch_size))
-    epochs = planned_epochs(profile, rotated_per_epoch)
+    views_per_epoch = len(train_indices) * task.views_per_image(profile)
+    epochs = planned_epochs(profile, views_per_epoch)
     if epochs > profile.pretext_epochs:
         log(
             f"pretext: {epochs} epochs instead of {profile.pretext_epochs}, to show at least pretext_min_steps="
-            f"{profile.pretext_min_steps} batches of {profile.pretext_batch_size} rotated images ({rotated_per_epoch} per epoch)"
+            f"{profile.pretext_min_steps} batches of {profile.pretext_batch_size} views ({views_per_epoch} per epoch)"
         )
-    dataset = rotation_batches(
-        image_tensor,
-        train_indices,
-        batch_size,
-        mode=profile.rotation_mode,
-        seed=profile.seed,
+    dataset = task.batches(image_tensor, train_indices, batch_size, profile, profile.seed)
+    score = functools.partial(task.score, trainer, image_tensor, holdout_indices, batch_size, profile.seed)
+    history, (accuracy, confusion), timing = _train_epochs(
+        trainer, dataset, epochs, max(1, math.ceil(views_per_epoch / batch_size)), batch_size, profile, task, score, log
     )
+    result = PretextResult(
+        encoder_path=out_dir / ENCODER_FILE, history=history, heldout_accuracy=accuracy, confusion=confusion,
+        heldout_indices=holdout_indices, seconds=timing["seconds"], images_per_second=timing["images_per_second"],
+    )
+    _write_pretext(result, out_dir, task, profile, {
+        "heldout_grouped": groups is not None,
+        "train_images": int(len(train_indices)),
+        **_source_counts(table, train_indices, holdout_indices),
+        "archive_left_out": dict(left_out or {}),
+        "epochs": epochs,
+    })
+    # The encoder comes last: its presence marks a finished pretext.
+    save_atomically(trainer.encoder, result.encoder_path)
+    return result
+
+
+def heldout_split(count: int, groups, seed: int, log) -> tuple[np.ndarray, np.ndarray]:
+    """Rows trained on and rows held out (:data:`HOLDOUT_FRACTION`, whole ``groups``); a set
+    too small to hold any out is scored on up to 64 training rows, and says so."""
+    train_indices, holdout_indices = split_holdout(count, HOLDOUT_FRACTION, seed, groups)
+    if len(holdout_indices) == 0:
+        holdout_indices = train_indices[: min(len(train_indices), 64)]
+        log("pretext: too few images to hold any out; the held-out score is on training images")
+    return train_indices, holdout_indices
+
+
+def _train_epochs(trainer, dataset, epochs, steps_per_epoch, batch_size, profile, task, score, log):
+    """The epochs, scored every ``pretext_eval_every`` and after the last: (history, last score, timing)."""
     rows = []
     start = time.perf_counter()
     train_seconds, images_trained = 0.0, 0
@@ -175,53 +201,62 @@ def train_pretext(
         images_trained += step_log.steps * batch_size
         scored = epoch % profile.pretext_eval_every == 0 or epoch == epochs
         if scored:
-            accuracy, confusion = rotation_accuracy(trainer, image_tensor, holdout_indices, batch_size)
+            last_score = score()
         rows.append(
             {
                 "epoch": epoch,
                 "loss": step_log.losses[-1],
-                "heldout_rotation_accuracy": accuracy if scored else float("nan"),
+                task.score_name: last_score[0] if scored else float("nan"),
                 "learning_rate": float(trainer.optimizers["full"].learning_rate.numpy()),  # at the epoch's last step
                 "images_per_second": step_log.images_per_second,
                 "elapsed_seconds": time.perf_counter() - start,
             }
         )
-        scores = f", held-out rotation accuracy {accuracy:.3f}" if scored else ""
+        shown = f", {task.score_name.replace('_', ' ')} {last_score[0]:.3f}" if scored else ""
         log(
-            f"pretext epoch {epoch}/{epochs}: loss {step_log.losses[-1]:.4f}{scores}, "
+            f"{task.name} pretext epoch {epoch}/{epochs}: loss {step_log.losses[-1]:.4f}{shown}, "
             f"{step_log.images_per_second:.0f} img/s, {time.perf_counter() - start:.0f} s"
         )
-    history = pd.DataFrame(rows)
-    result = PretextResult(
-        encoder_path=out_dir / ENCODER_FILE,
-        history=history,
-        heldout_accuracy=accuracy,
-        confusion=confusion,
-        heldout_indices=holdout_indices,
-        seconds=time.perf_counter() - start,
-        images_per_second=images_trained / max(train_seconds, 1e-9),
-    )
-    history.to_csv(out_dir / "history.csv", index=False)
-    labels = [f"{k * 90}" for k in range(4)]
-    pd.DataFrame(confusion, index=[f"true_{k}" for k in labels], columns=[f"pred_{k}" for k in labels]).to_csv(
-        out_dir / "confusion.csv"
-    )
+    timing = {"seconds": time.perf_counter() - start, "images_per_second": images_trained / max(train_seconds, 1e-9)}
+    return pd.DataFrame(rows), last_score, timing
+
+
+def _write_pretext(result: PretextResult, out_dir: Path, task: PretextTask, profile: Profile, facts: dict) -> None:
+    """``history.csv``, ``confusion.csv`` (a task with classes) and ``metrics.json``."""
+    result.history.to_csv(out_dir / "history.csv", index=False)
+    if result.confusion is not None:
+        labels = [f"{k * 90}" for k in range(len(result.confusion))] if task.name == "rotation" else list(range(len(result.confusion)))
+        pd.DataFrame(result.confusion, index=[f"true_{k}" for k in labels], columns=[f"pred_{k}" for k in labels]).to_csv(
+            out_dir / "confusion.csv"
+        )
     write_json(
         out_dir / "metrics.json",
         {
-            "heldout_rotation_accuracy": accuracy,
-            "heldout_images": int(len(holdout_indices)),
-            "heldout_grouped": groups is not None,
-            "train_images": int(len(train_indices)),
-            "epochs": epochs,
-            "rotation_mode": profile.rotation_mode,
+            "pretext": task.name,
+            task.score_name: result.heldout_accuracy,
+            "heldout_score_means": task.score_meaning,
+            "heldout_images": int(len(result.heldout_indices)),
+            **facts,
+            **({"rotation_mode": profile.rotation_mode} if task.name == "rotation" else {}),
             "seconds": result.seconds,
             "images_per_second": result.images_per_second,
         },
     )
-    # The encoder comes last: its presence marks a finished pretext.
-    save_atomically(trainer.encoder, result.encoder_path)
-    return result
+
+
+def _source_counts(table, train_indices: np.ndarray, holdout_indices: np.ndarray) -> dict:
+    """Photographs per source trained on and held out, when ``table`` names sources."""
+    if table is None or "source" not in table:
+        return {}
+    sources = pd.Series(table["source"].astype(str).to_numpy())
+    return {
+        "train_images_per_source": _counts(sources.iloc[train_indices]),
+        "heldout_images_per_source": _counts(sources.iloc[holdout_indices]),
+    }
+
+
+def _counts(values: pd.Series) -> dict[str, int]:
+    return {str(key): int(count) for key, count in values.value_counts(sort=False).items()}
 
 
 def save_atomically(model: keras.Model, path: Path) -> None:

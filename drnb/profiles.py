@@ -26,6 +26,7 @@ import json
 import typing
 from dataclasses import dataclass
 
+from drnb.archive import normalise_entries, parse_source
 from drnb.datasets import DATASETS
 from drnb.finetune import HEAD_INITS, LR_SCHEDULES, METHODS, PROTOCOLS, SCRATCH_ENCODERS, VIEW_COUNTS
 from drnb.models import ENCODERS, FEATURE_STAGES, PRECISION_MODES
@@ -68,6 +69,10 @@ class Profile:
     pretext_epochs: int = 10  # passes over the pretext images (all4: each pass shows every rotation)
     pretext_min_steps: int = 0  # show at least this many batches of pretext_batch_size: a small set gets more passes; 0: no floor
     pretext_eval_every: int = 1  # score the held-out rotations after every this many epochs, and after the last
+    # An unlabelled archive the pretext learns from besides the study's photographs: folders
+    # (sub-folders searched) or registered datasets as NAME or NAME:DIR, whose grades are never
+    # read (drnb.archive). Folders are stored absolute. () = the study's photographs alone.
+    pretext_images: tuple[str, ...] = ()
     # --- fine-tuning ---
     methods: tuple[str, ...] = ("rotation", "scratch")  # starting encoders compared: rotation, scratch, imagenet
     protocols: tuple[str, ...] = ("finetune",)  # "finetune" (encoder and head trained), "linear" (head alone)
@@ -117,6 +122,8 @@ class Profile:
 
     def __post_init__(self):
         _check_choice("dataset", self.dataset, tuple(DATASETS))
+        for entry in self.pretext_images:
+            parse_source(entry)  # ValueError naming a bad entry
         _check_choice("encoder", self.encoder, ENCODERS)
         _check_choice("feature_stages", self.feature_stages, FEATURE_STAGES)
         _check_choice("mixed_precision", self.mixed_precision, PRECISION_MODES)
@@ -341,6 +348,8 @@ def resolve_profile(name: str, overrides: dict | None = None) -> Profile:
         if key not in hints:
             raise ValueError(f"--set {key}: no such setting; the settings are {sorted(hints)}")
         changes[key] = _parse_value(key, value, hints[key]) if isinstance(value, str) and hints[key] is not str else value
+    if "pretext_images" in changes:
+        changes["pretext_images"] = normalise_entries(changes["pretext_images"])
     return PROFILES[name].derive(**changes)
 
 

@@ -80,14 +80,13 @@ def notebook_dir() -> Path:
 
 def plan(profile: Profile, paths: RunPaths) -> list[Cell]:
     """The grid of notebook executions for ``profile``, in order."""
-    from drnb.finetune import METRICS_FILE, run_directory, runnable_methods
-    from drnb.pretext import ENCODER_FILE
+    from drnb.finetune import METRICS_FILE, pretext_methods, run_directory, runnable_methods
 
     run_dir = str(paths.root)
-    cells = [
-        Cell("data", {"run_dir": run_dir}, paths.notebooks / NOTEBOOKS["data"], [paths.data / "summary.json"]),
-        Cell("pretext", {"run_dir": run_dir}, paths.notebooks / NOTEBOOKS["pretext"], [paths.pretext / ENCODER_FILE]),
-    ]
+    cells = [Cell("data", {"run_dir": run_dir}, paths.notebooks / NOTEBOOKS["data"], [paths.data / "summary.json"])]
+    if pretext_methods(profile):  # one notebook trains every pretext the methods name
+        encoders = list(paths.encoders(pretext_methods(profile)).values())
+        cells.append(Cell("pretext", {"run_dir": run_dir}, paths.notebooks / NOTEBOOKS["pretext"], encoders))
     # The same rule notebook 03 applies, so a skipped method never leaves a cell "unfinished".
     methods = runnable_methods(profile)
     for fraction in profile.fractions:
@@ -335,7 +334,7 @@ def _run_cells(cells: list[Cell], profile: Profile, source: Path, kernel: str, o
             continue
         if "data" in failed_stages:
             break  # nothing can run without the data
-        if cell.stage == "finetune" and "pretext" in failed_stages and "rotation" in profile.methods:
+        if cell.stage == "finetune" and "pretext" in failed_stages:
             report.failed.append((cell.label, cell.output, "not run: the pretext failed"))
             continue
         parameters = {**cell.parameters, "overwrite": overwrite} if cell.stage == "finetune" else cell.parameters
@@ -387,9 +386,12 @@ def _clock(seconds: float) -> str:
 
 
 def _check_data(profile: Profile) -> None:
-    """A real dataset's folder must exist before anything runs (synthetic data is made on first use)."""
+    """A real dataset's folder, and the archive's, must exist before anything runs (synthetic
+    data is made on first use)."""
+    from drnb.archive import check_sources
     from drnb.datasets import dataset_info, default_data_dir
 
+    check_sources(profile.pretext_images)
     info = dataset_info(profile.dataset)
     if info.kind == "synthetic":
         return

@@ -8,6 +8,7 @@
       data/summary.json             counts and image statistics (notebook 01)
       data/near_duplicates.csv      pairs of near-identical photographs, kept within one fold (notebook 01)
       pretext/encoder.keras         the rotation encoder (notebook 02), history.csv, metrics.json
+      pretext_<method>/             the same for another pretext task the profile's methods name (contrastive)
       data/format_only.csv          what the photographs' format alone scores, per repetition (notebook 01)
       finetune/<protocol>/<method>/fraction_<f>/repetition_<r>/
                                     metrics.json, predictions.csv, history.csv (notebook 03)
@@ -53,7 +54,22 @@ class RunPaths:
 
     @property
     def encoder(self) -> Path:
-        return self.pretext / "encoder.keras"
+        return self.encoder_for("rotation")
+
+    def pretext_dir(self, method: str) -> Path:
+        """Where ``method``'s pretext writes: ``pretext/`` for rotation (the study's), else
+        ``pretext_<method>/``."""
+        return self.pretext if method == "rotation" else self.root / f"pretext_{method}"
+
+    def encoder_for(self, method: str) -> Path:
+        """The encoder ``method``'s pretext saved."""
+        return self.pretext_dir(method) / "encoder.keras"
+
+    def encoders(self, methods) -> dict[str, Path]:
+        """Pretext method -> its encoder, for those of ``methods`` that have a pretext."""
+        from drnb.pretexts import PRETEXT_TASKS
+
+        return {method: self.encoder_for(method) for method in methods if method in PRETEXT_TASKS}
 
     @property
     def finetune(self) -> Path:
@@ -234,6 +250,34 @@ def load_images(profile: Profile, *, log=print):
     images, table = preprocess_table(load_table(profile), preprocess_config(profile), drop_unreadable=profile.drop_unreadable)
     log(f"{profile.dataset}: {len(table)} images, preprocessed to {profile.image_size} px")
     return images, table
+
+
+def load_pretext_images(profile: Profile, images, table, *, log=print):
+    """The pretext's photographs: the study's ``images`` and, with ``pretext_images``, the
+    archive's, preprocessed (from the cache when it can) and less its near duplicates of
+    study photographs (:func:`drnb.archive.pretext_images`).
+
+    Parameters
+    ----------
+    images, table
+        The study's preprocessed images, uint8 (N, S, S, 3), and its table, from :func:`load_images`.
+
+    Returns
+    -------
+    drnb.archive.PretextImages
+    """
+    from drnb.archive import PRETEXT_COLUMNS, PretextImages, archive_table, pretext_images
+    from drnb.preprocessing import preprocess_table
+
+    if not profile.pretext_images:
+        return PretextImages(images, table.assign(source=profile.dataset)[list(PRETEXT_COLUMNS)], {profile.dataset: len(table)})
+    listed = archive_table(profile.pretext_images, drop_missing=profile.drop_missing)
+    archive_images, archive_rows = preprocess_table(listed, preprocess_config(profile), drop_unreadable=profile.drop_unreadable)
+    joined = pretext_images(images, table, profile.dataset, archive_images, archive_rows, len(listed), profile.duplicate_threshold)
+    counts = ", ".join(f"{source} {count}" for source, count in joined.counts.items())
+    left_out = ", ".join(f"{count} {reason}" for reason, count in joined.left_out.items() if count)
+    log(f"pretext photographs: {len(joined.images)} ({counts})" + (f"; left out of the archive: {left_out}" if left_out else ""))
+    return joined
 
 
 def write_data_summary(paths: RunPaths, table, images, duplicates=None, format_only=None) -> dict:

@@ -35,7 +35,9 @@ from drnb.pipeline import without_autotune
 logger = logging.getLogger(__name__)
 
 # Keras's names for them (drnb.targets.TARGET_LOSSES gives a fine-tuning target's).
-LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy", "mean_squared_error")
+LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy", "mean_squared_error", "nt_xent")
+# Temperature of the contrastive loss: similarities are cosines in [-1, 1], divided by it.
+CONTRASTIVE_TEMPERATURE = 0.2
 PHASES = ("head", "full")
 # How batch norm behaves while everything trains (see Trainer).
 BATCHNORM_MODES = ("batch", "frozen")
@@ -75,10 +77,10 @@ class Trainer:
     ----------
     encoder, head : keras.Model
         Built inside ``strategy.scope()``.
-    loss : {"sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy", "mean_squared_error"}
+    loss : {"sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy", "mean_squared_error", "nt_xent"}
         Cross-entropy on integer labels, on one-hot/soft targets, or of independent sigmoids
         (mean over outputs), or the squared error of unbounded outputs (mean over outputs),
-        per example.
+        per example; or ``"nt_xent"``, the contrastive loss of :func:`nt_xent` (targets unused).
     learning_rate : float
     strategy : tf.distribute.Strategy, optional
         Default: the current (default) strategy.
@@ -112,6 +114,8 @@ class Trainer:
         self._encode = None
 
     def _per_example_loss(self, targets, probabilities):
+        if self.loss_name == "nt_xent":
+            return nt_xent(probabilities)
         if self.loss_name == "mean_squared_error":
             return tf.reduce_mean(tf.square(targets - probabilities), axis=-1)
         epsilon = keras.backend.epsilon()
@@ -257,6 +261,31 @@ class Trainer:
                 lambda images: self.model(images, training=False), reduce_retracing=True
             )
         return np.concatenate([self._predict(images).numpy() for images, _ in without_autotune(dataset)], axis=0)
+
+
+def nt_xent(projections: tf.Tensor, temperature: float = CONTRASTIVE_TEMPERATURE) -> tf.Tensor:
+    """The normalised-temperature cross-entropy of SimCLR (Chen et al., 2020), per view.
+
+    Each view must pick out its partner, the other view of the same photograph, among every
+    other view of the batch: the cross-entropy of its partner under a softmax over cosine
+    similarities divided by ``temperature``.
+
+    Parameters
+    ----------
+    projections : tf.Tensor
+        (2B, D): views ``2i`` and ``2i + 1`` are the two views of photograph ``i``.
+
+    Returns
+    -------
+    tf.Tensor
+        float32 (2B,), each >= 0; log(2B - 1) when the projections tell nothing apart.
+    """
+    unit = tf.math.l2_normalize(tf.cast(projections, tf.float32), axis=1)
+    count = tf.shape(unit)[0]
+    logits = tf.matmul(unit, unit, transpose_b=True) / temperature
+    logits -= 1e9 * tf.eye(count)  # a view is never its own partner
+    partners = tf.bitwise.bitwise_xor(tf.range(count), 1)
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=partners, logits=logits)
 
 
 def adam_for(model, learning_rate: float):

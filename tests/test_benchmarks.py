@@ -134,7 +134,7 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
             "smoke", {"fractions": "0.5,1.0", "methods": "rotation,scratch", "bootstrap_resamples": "0", **overrides}
         )
         sessions = [
-            FinetuneSession(images, table, profile, encoder_path=encoder_path, feature_dir=tmp_path / f"features-{case}", log=lambda line: None)
+            FinetuneSession(images, table, profile, encoder_paths={"rotation": encoder_path}, feature_dir=tmp_path / f"features-{case}", log=lambda line: None)
             for _ in profile.fractions
         ]
         work = benchmark_module.planned_work(profile, sessions[0], len(images), walkthrough=False)

@@ -161,7 +161,7 @@ def test_a_later_notebooks_session_reads_the_features_an_earlier_one_kept(tmp_pa
     save_atomically(profile_encoder(profile), encoder_path)
 
     def session(feature_dir):
-        made = FinetuneSession(images, table, profile, encoder_path=encoder_path, feature_dir=feature_dir, log=lambda line: None)
+        made = FinetuneSession(images, table, profile, encoder_paths={"rotation": encoder_path}, feature_dir=feature_dir, log=lambda line: None)
         made.encoded, encode = [], made.trainer.encode
         made.trainer.encode = lambda dataset: made.encoded.append(len(out := encode(dataset))) or out
         return made

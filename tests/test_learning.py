@@ -65,19 +65,34 @@ def test_pretext_loss_falls_and_heldout_rotation_accuracy_passes_0_9(pretext):
     assert json.loads((pretext.encoder_path.parent / "metrics.json").read_text())["heldout_rotation_accuracy"] == pytest.approx(pretext.heldout_accuracy)
 
 
+def test_the_contrastive_loss_falls_and_its_heldout_pairs_are_found_above_chance(synthetic, profile, tmp_path):
+    images = synthetic[0][:, ::2, ::2]  # 32 px: 270 photographs trained on, 30 held out
+    settings = profile.derive(image_size=32, pretext_epochs=20, pretext_batch_size=32)
+    result = train_pretext(images, settings, tmp_path / "contrastive", method="contrastive", log=lambda line: None)
+    history = result.history
+    assert history["loss"].iloc[-3:].mean() < 0.85 * history["loss"].iloc[:2].mean()
+    # 60 held-out views in batches of 32 and 28: guessing finds the partner 1 time in 27 to 31.
+    assert result.heldout_accuracy > 0.15
+    assert result.confusion is None and (tmp_path / "contrastive" / "encoder.keras").exists()
+    assert not (tmp_path / "contrastive" / "confusion.csv").exists()
+    assert json.loads((tmp_path / "contrastive" / "metrics.json").read_text())["heldout_pair_accuracy"] == pytest.approx(result.heldout_accuracy)
+
+
 def test_heldout_rotations_are_scored_every_few_epochs_and_after_the_last(synthetic, tmp_path, monkeypatch, benchmark_module):
-    import drnb.pretext
+    import dataclasses
+
+    from drnb.pretexts import PRETEXT_TASKS
 
     images = synthetic[0][:60, ::2, ::2]  # 32 px: only the scoring schedule is under test
     profile = resolve_profile("smoke", {"image_size": 32, "pretext_epochs": 5, "pretext_eval_every": 2, "pretext_batch_size": 32})
     scored_images = []
-    score = drnb.pretext.rotation_accuracy
+    rotation = PRETEXT_TASKS["rotation"]
 
-    def counting_score(trainer, image_tensor, indices, batch_size):
+    def counting_score(trainer, image_tensor, indices, batch_size, seed):
         scored_images.append(4 * len(indices))
-        return score(trainer, image_tensor, indices, batch_size)
+        return rotation.score(trainer, image_tensor, indices, batch_size, seed)
 
-    monkeypatch.setattr(drnb.pretext, "rotation_accuracy", counting_score)
+    monkeypatch.setitem(PRETEXT_TASKS, "rotation", dataclasses.replace(rotation, score=counting_score))
     result = train_pretext(images, profile, tmp_path / "pretext", log=lambda line: None)
     accuracy = result.history["heldout_rotation_accuracy"]
     assert accuracy.notna().tolist() == [False, True, False, True, True]  # epochs 2, 4 and the last
@@ -110,7 +125,7 @@ def test_a_small_set_gets_more_pretext_passes_up_to_the_minimum_steps(synthetic,
 
 def test_finetuning_reaches_kappa_above_0_5_and_writes_its_run(synthetic, profile, pretext, tmp_path):
     images, table = synthetic
-    session = FinetuneSession(images, table, profile, encoder_path=pretext.encoder_path, log=lambda line: None)
+    session = FinetuneSession(images, table, profile, encoder_paths={"rotation": pretext.encoder_path}, log=lambda line: None)
     out = run_directory(tmp_path, "finetune", "rotation", 1.0, 0)
     metrics = session.run("rotation", 1.0, 0, out, protocol="finetune", save_model=True)
     assert metrics["qw_kappa"] > 0.5
@@ -155,7 +170,7 @@ def test_cosine_schedule_decays_towards_zero_step_by_step_and_constant_does_not(
 def test_sweep_skips_finished_runs(synthetic, profile, pretext, tmp_path):
     images, table = synthetic
     quick = profile.derive(warmup_epochs=1, finetune_epochs=1)
-    session = FinetuneSession(images, table, quick, encoder_path=pretext.encoder_path, log=lambda line: None)
+    session = FinetuneSession(images, table, quick, encoder_paths={"rotation": pretext.encoder_path}, log=lambda line: None)
     first = run_fraction(session, 0.25, tmp_path)
     assert sorted(zip(first["protocol"], first["method"], first["repetition"])) == [
         (p, m, r) for p in ("finetune", "linear") for m in ("rotation", "scratch") for r in (0, 1)
@@ -173,7 +188,7 @@ def test_runs_share_frozen_features_exactly_when_their_encoders_are_identical(sy
     from drnb.pipeline import labelled_batches
 
     images, table = synthetic
-    session = FinetuneSession(images, table, profile, encoder_path=pretext.encoder_path, log=lambda line: None)
+    session = FinetuneSession(images, table, profile, encoder_paths={"rotation": pretext.encoder_path}, log=lambda line: None)
     encoded = []
     encode = session.trainer.encode
     session.trainer.encode = lambda dataset: encoded.append(len(out := encode(dataset))) or out
@@ -218,7 +233,7 @@ def test_features_of_turned_images_are_kept_apart_from_the_images_as_they_are(sy
     from drnb.pipeline import labelled_batches
 
     images, table = synthetic
-    session = FinetuneSession(images, table, profile, encoder_path=pretext.encoder_path, log=lambda line: None)
+    session = FinetuneSession(images, table, profile, encoder_paths={"rotation": pretext.encoder_path}, log=lambda line: None)
     weights = session._initial_weights("rotation", seed=0)
     session.trainer.reset(encoder_weights=weights[0], head_weights=weights[1], learning_rate=1e-3, seed=0)
     rows = np.arange(40)
@@ -455,7 +470,7 @@ def test_without_epochs_the_encoder_is_untouched_and_predicts_from_its_kept_feat
     profile = resolve_profile("smoke", {**linear_settings, **warmup})
     encoder_path = tmp_path / "encoder.keras"  # an untrained encoder stands in for the pretext's
     save_atomically(profile_encoder(profile), encoder_path)
-    session = FinetuneSession(images, table, profile, encoder_path=encoder_path, log=lambda line: None)
+    session = FinetuneSession(images, table, profile, encoder_paths={"rotation": encoder_path}, log=lambda line: None)
     encoded, encode = [], session.trainer.encode
 
     def counting_encode(dataset):
@@ -504,7 +519,7 @@ def lp_ft_session(tmp_path, tiny_fundus_set):
     })
     encoder_path = tmp_path / "encoder.keras"  # an untrained encoder stands in for the pretext's
     save_atomically(profile_encoder(profile), encoder_path)
-    return FinetuneSession(images, table, profile, encoder_path=encoder_path, log=lambda line: None)
+    return FinetuneSession(images, table, profile, encoder_paths={"rotation": encoder_path}, log=lambda line: None)
 
 
 def test_fine_tuning_changes_the_saved_encoder_and_linear_evaluation_does_not(lp_ft_session, tmp_path):
@@ -513,7 +528,7 @@ def test_fine_tuning_changes_the_saved_encoder_and_linear_evaluation_does_not(lp
     from drnb.pretext import load_encoder
 
     session = lp_ft_session
-    starts = {"rotation": load_encoder(session.encoder_path).get_weights(), "scratch": session.shared_fresh_encoder()}
+    starts = {"rotation": load_encoder(session.encoder_paths["rotation"]).get_weights(), "scratch": session.shared_fresh_encoder()}
     for method, start in starts.items():
         for protocol in ("linear", "finetune"):
             out = run_directory(tmp_path, protocol, method, 1.0, 0)

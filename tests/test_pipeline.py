@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from drnb.pipeline import augment, labelled_batches, rotate_all4, rotate_random1, rotation_batches, shuffled_positions, without_autotune
+from drnb.pipeline import augment, contrastive_batches, labelled_batches, rotate_all4, rotate_random1, rotation_batches, shuffled_positions, without_autotune
 from drnb.preprocessing import rotation_invariant_mask
 
 
@@ -200,3 +200,25 @@ def test_trainer_iterators_run_without_autotuning():
     dataset = shuffled_positions(5, seed=0, batch_size=2)
     assert dataset.options().autotune.enabled is not False
     assert without_autotune(dataset).options().autotune.enabled is False
+
+
+def test_contrastive_batches_hold_two_views_of_each_photograph_side_by_side():
+    black = np.zeros((16, 16, 3), np.uint8)  # stays black under every crop, turn and colour change
+    bright = np.full((16, 16, 3), 200, np.uint8)
+    images = tf.constant(np.stack([black, bright]))
+    views, targets = next(iter(contrastive_batches(images, np.array([0, 1, 1, 0]), 8, seed=3)))
+    assert views.shape == (8, 16, 16, 3) and views.dtype == tf.float32 and targets.shape == (8,)
+    dark = views.numpy().reshape(8, -1).max(axis=1) == 0
+    assert dark.reshape(4, 2).all(axis=1).tolist() == dark.reshape(4, 2).any(axis=1).tolist()  # pairs agree
+    assert dark.sum() == 4 and 0 <= views.numpy().min() and views.numpy().max() <= 255
+
+
+def test_contrastive_views_differ_and_an_evaluation_pass_is_the_same_every_time(asymmetric_images):
+    images = tf.constant(asymmetric_images)
+    rows = np.arange(len(asymmetric_images))
+    first = np.concatenate([views.numpy() for views, _ in contrastive_batches(images, rows, 4, seed=1, training=False)])
+    again = np.concatenate([views.numpy() for views, _ in contrastive_batches(images, rows, 4, seed=1, training=False)])
+    assert len(first) == 2 * len(rows) and np.array_equal(first, again)
+    assert not np.allclose(first[0::2], first[1::2])  # a photograph's two views are not the same picture
+    with pytest.raises(ValueError, match="even number of views"):
+        contrastive_batches(images, rows, 5)

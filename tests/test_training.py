@@ -221,3 +221,31 @@ def test_an_unknown_batchnorm_mode_is_refused():
     trainer = make_trainer()
     with pytest.raises(ValueError, match="batchnorm='off': expected one of"):
         Trainer(trainer.encoder, trainer.head, loss="mean_squared_error", learning_rate=1e-3, batchnorm="off")
+
+
+def _nt_xent_reference(projections: np.ndarray, temperature: float) -> np.ndarray:
+    """SimCLR's loss written out view by view, for comparison."""
+    unit = projections / np.linalg.norm(projections, axis=1, keepdims=True)
+    losses = []
+    for i in range(len(unit)):
+        others = [j for j in range(len(unit)) if j != i]
+        logits = np.array([unit[i] @ unit[j] / temperature for j in others])
+        partner = others.index(i ^ 1)
+        losses.append(np.log(np.exp(logits).sum()) - logits[partner])
+    return np.array(losses)
+
+
+def test_the_contrastive_loss_is_simclrs_view_by_view():
+    from drnb.training import nt_xent
+
+    projections = np.random.default_rng(0).normal(size=(8, 5)).astype(np.float32)
+    np.testing.assert_allclose(nt_xent(tf.constant(projections), 0.2).numpy(), _nt_xent_reference(projections, 0.2), rtol=1e-4)
+
+
+def test_the_contrastive_loss_is_low_for_told_apart_pairs_and_chance_for_identical_views():
+    from drnb.training import nt_xent
+
+    pairs = np.repeat(np.eye(4, dtype=np.float32), 2, axis=0)  # views 2i and 2i+1 identical, pairs orthogonal
+    assert nt_xent(tf.constant(pairs), 0.1).numpy().max() < 1e-3
+    same = np.ones((8, 3), np.float32)  # nothing told apart: the partner is one of 7 equal choices
+    np.testing.assert_allclose(nt_xent(tf.constant(same)).numpy(), np.log(7), rtol=1e-5)
