@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"drnb {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a path the checks could not foresee (a folder that became unreadable, say)
+        print(f"drnb {args.command}: error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

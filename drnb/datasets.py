@@ -250,7 +250,11 @@ def load_dataset(
         data_dir = default_data_dir(name)
         if info.kind == "synthetic":
             data_dir = data_dir / f"n{synthetic_images}_px{synthetic_size}_seed{seed}"
+    if not str(data_dir).strip():
+        raise ValueError(f"data_dir {str(data_dir)!r} for dataset {name!r}: expected a folder; leave it out for the default")
     data_dir = Path(data_dir).expanduser().resolve()
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ValueError(f"data directory {data_dir} for dataset {name!r} is a file; expected a folder: {info.layout}")
 
     if info.kind == "synthetic":
         from drnb.synthetic import write_synthetic_dataset
@@ -483,7 +487,13 @@ def _drop_or_raise_missing(table: pd.DataFrame, name: str, drop_missing: bool) -
 
 
 def read_image(path: str) -> np.ndarray:
-    """Read one image reference from the table as RGB.
+    """Read one image reference from the table as 8-bit RGB, whatever its depth and mode.
+
+    16-bit and 32-bit greyscale (PNG, TIFF) and float images are scaled from their own
+    range to [0, 255] (:func:`scale_to_uint8`): Pillow's ``convert("RGB")`` clips them
+    instead, so a 16-bit photograph would read as a white square. Transparent pixels (RGBA,
+    LA, a palette with transparency) become black, the background of a fundus photograph.
+    Palette, CMYK, 1-bit and 16-bit RGB images go through Pillow's own conversion.
 
     Returns
     -------
@@ -503,9 +513,59 @@ def read_image(path: str) -> np.ndarray:
         return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            return _as_rgb8(image, path)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"image file {path} cannot be decoded: {error}") from None
+
+
+# Pillow's modes for one channel wider than 8 bits (16-bit greyscale PNG and TIFF, 32-bit
+# integer and float TIFF); convert("RGB") clips these at 255 instead of scaling them.
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def _as_rgb8(image, path: str) -> np.ndarray:
+    """A decoded Pillow image as uint8 (H, W, 3): wide greyscale scaled, transparency on black."""
+    if image.mode in WIDE_GREY_MODES or image.mode == "F":
+        grey = scale_to_uint8(np.asarray(image), path)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        rgba = np.asarray(image.convert("RGBA")).astype(np.float32)
+        return np.rint(rgba[..., :3] * (rgba[..., 3:] / 255.0)).astype(np.uint8)
+    return np.asarray(image.convert("RGB"))
+
+
+def scale_to_uint8(values: np.ndarray, path: str = "") -> np.ndarray:
+    """One channel of any depth as uint8 in [0, 255], scaled from the range its depth holds.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        (H, W): uint8 (kept), uint16 or integers in 0..65535 (16-bit: 65535 is white),
+        wider integers (32-bit: 2**31 - 1 is white, below 0 black), or floats in [0, 1]
+        (1 is white) or in [0, 65535] (16-bit values stored as floats).
+    path : str
+        The file, named in the error.
+
+    Raises
+    ------
+    ValueError
+        For float values outside [0, 65535] (or not finite): no depth says what is white.
+    """
+    values = np.asarray(values)
+    if values.dtype == np.uint8:
+        return values
+    if np.issubdtype(values.dtype, np.floating):
+        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 65535:
+            raise ValueError(
+                f"image file {path} holds float pixels from {np.nanmin(values):g} to {np.nanmax(values):g}: "
+                "expected values in [0, 1] or 16-bit values in [0, 65535]"
+            )
+        white = 1.0 if values.max() <= 1.0 else 65535.0
+    else:
+        white = 65535.0 if values.max() <= 65535 else float(2**31 - 1)
+    scaled = np.clip(values.astype(np.float64), 0, white) * (255.0 / white)
+    return np.rint(scaled).astype(np.uint8)
 
 
 def grade_counts(table: pd.DataFrame) -> pd.Series:

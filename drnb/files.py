@@ -63,5 +63,28 @@ def write_json(path: str | os.PathLike, values: dict) -> None:
     write_text_atomically(path, json.dumps(values, indent=2, default=_plain))
 
 
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object written by :func:`write_json`.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``path`` does not exist.
+    ValueError
+        Naming ``path`` when it is not a JSON object (a file cut short, edited by hand, or
+        of another kind): JSON's own error names no file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is damaged: not valid JSON ({error})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} is damaged: expected a JSON object, found {type(values).__name__}")
+    return values
+
+
 def _plain(value):
     return value.item() if hasattr(value, "item") else str(value)

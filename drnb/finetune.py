@@ -37,7 +37,7 @@ is not judged after a few dozen updates and 100 % costs a bounded time. See
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import os
 import time
@@ -51,7 +51,7 @@ import tensorflow as tf
 from drnb.distribute import configure_precision, scaled_batch_and_rate, seed_everything, seed_weights, select_strategy
 from drnb.duplicates import photograph_groups
 from drnb.features import FeatureStore, array_fingerprint, encoder_fingerprint
-from drnb.files import write_json
+from drnb.files import read_json, write_json
 from drnb.metrics import evaluate_predictions, quadratic_weighted_kappa
 from drnb.models import grade_head, imagenet_weights_available, profile_encoder, recalibrate_batchnorm
 from drnb.pipeline import check_view, labelled_batches, without_autotune
@@ -64,6 +64,8 @@ from drnb.training import Trainer, cosine_rate
 
 if TYPE_CHECKING:
     from drnb.profiles import Profile
+
+logger = logging.getLogger(__name__)
 
 # The encoders a sweep compares: a pretext task's (drnb.pretexts), a fresh random one,
 # DenseNet121's ImageNet weights.
@@ -83,6 +85,9 @@ VIEW_COUNTS = (1, 2, 4, 8)
 FINETUNE_AUGMENT = {"vertical_flip": True, "rot90": True}
 
 METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.csv"
+# What collect_results, the progress line and notebook 04 read from every finished run's metrics.
+FINISHED_RUN_KEYS = ("protocol", "method", "fraction", "repetition", "qw_kappa", "accuracy", "n_test")
 MODEL_FILE = "model.keras"
 # Methods whose runs all start from the same trained encoder weights; scratch runs start from a
 # fresh initialisation, whose batch-norm statistics may need re-estimating, and share it only
@@ -669,7 +674,7 @@ def write_run(out_dir, metrics, history, test_rows, true_grades, predicted, prob
     )
     for k in range(probabilities.shape[1]):
         predictions[f"p{k}"] = probabilities[:, k]
-    predictions.to_csv(out_dir / "predictions.csv", index=False)
+    predictions.to_csv(out_dir / PREDICTIONS_FILE, index=False)
     write_json(out_dir / METRICS_FILE, metrics)
 
 
@@ -702,8 +707,9 @@ def run_fraction(
                 out_dir = run_directory(root, protocol, method, fraction, repetition)
                 metrics_path = out_dir / METRICS_FILE
                 label = f"[{done}/{total}] {method} {protocol} fraction {fraction:g} repetition {repetition}"
-                if metrics_path.exists() and not overwrite:
-                    rows.append(json.loads(metrics_path.read_text()))
+                finished = None if overwrite else finished_run(out_dir)
+                if finished is not None:
+                    rows.append(finished)
                     session.log(f"{label}: finished earlier, skipped")
                     continue
                 metrics = session.run(method, fraction, repetition, out_dir, protocol=protocol, save_model=repetition == 0)
@@ -715,6 +721,51 @@ def run_fraction(
                     + _features_note(metrics)
                 )
     return pd.DataFrame(rows)
+
+
+def load_finished_run(out_dir: str | os.PathLike) -> dict:
+    """The metrics of the run in ``out_dir``, once its files are checked to load.
+
+    A run is finished when its ``metrics.json`` (written last) is a JSON object with the
+    metrics every reader needs, and its ``predictions.csv`` reads as a table with one row per
+    test image (``n_test``), so that notebook 04 reads whatever counts as finished.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``metrics.json`` does not exist (the run has not finished).
+    ValueError
+        Naming the file that is damaged or missing beside ``metrics.json``.
+    """
+    out_dir = Path(out_dir)
+    metrics = read_json(out_dir / METRICS_FILE)
+    missing = [key for key in FINISHED_RUN_KEYS if key not in metrics]
+    if missing:
+        raise ValueError(f"{out_dir / METRICS_FILE} is damaged: it lacks {missing}")
+    predictions_path = out_dir / PREDICTIONS_FILE
+    try:
+        predictions = pd.read_csv(predictions_path)
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise ValueError(f"{predictions_path} is damaged or missing ({type(error).__name__}: {error})") from None
+    lacking = [column for column in ("image_id", "grade", "predicted") if column not in predictions.columns]
+    if lacking or len(predictions) != metrics["n_test"]:
+        raise ValueError(
+            f"{predictions_path} is damaged: expected {metrics['n_test']} rows with image_id, grade and predicted, "
+            f"found {len(predictions)} rows" + (f" lacking {lacking}" if lacking else "")
+        )
+    return metrics
+
+
+def finished_run(out_dir: str | os.PathLike) -> dict | None:
+    """:func:`load_finished_run`'s metrics, or None for a run to do: one that has not finished,
+    or one whose files are damaged (named in a warning, so the run is done again)."""
+    try:
+        return load_finished_run(out_dir)
+    except FileNotFoundError:
+        return None
+    except ValueError as error:
+        logger.warning("%s; running it again", error)
+        return None
 
 
 def _features_note(metrics: dict) -> str:

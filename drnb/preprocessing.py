@@ -95,7 +95,8 @@ def find_fundus(image: np.ndarray, threshold: int = 20) -> FundusGeometry:
     Raises
     ------
     ValueError
-        When no bright region is found (an all-black image).
+        When no bright region is found (an all-black image), or the image is (nearly) one
+        grey level everywhere (a flat square, not a photograph on a dark background).
 
     Notes
     -----
@@ -110,6 +111,8 @@ def find_fundus(image: np.ndarray, threshold: int = 20) -> FundusGeometry:
     stride = max(1, int(np.ceil(max(image.shape[:2]) / FIND_SIDE)))
     brightest = image[::stride, ::stride].max(axis=2)
     foreground = brightest > threshold
+    if foreground.any():
+        _check_not_constant(brightest)
     # Speckle and noise in the border (common in contrast-enhanced copies) would widen the
     # disc: open the mask, then keep its largest connected region, the fundus.
     opening = max(1, round(min(brightest.shape) / 100))
@@ -135,6 +138,23 @@ def find_fundus(image: np.ndarray, threshold: int = 20) -> FundusGeometry:
         radius=max(height, width) / 2,
         half_extent=min(height, width) / 2,
     )
+
+
+# A photograph's brightest channel spans more grey levels than this between its 1st and 99th
+# percentiles (dark background, bright disc, vessels); one that does not is a flat square,
+# such as a 16-bit file decoded with its values clipped to white.
+CONSTANT_SPREAD = 8
+
+
+def _check_not_constant(brightest: np.ndarray) -> None:
+    """ValueError when ``brightest`` (uint8 (H, W), each pixel's brightest channel) is
+    (nearly) one grey level everywhere: no fundus on a background to find."""
+    low, high = np.percentile(brightest, [1, 99])
+    if high - low < CONSTANT_SPREAD:
+        raise ValueError(
+            f"no fundus found: the image is (almost) one grey level everywhere (about {int(np.median(brightest))} "
+            f"of 255); expected a bright fundus on a dark background"
+        )
 
 
 def rotation_invariant_mask(size: int, radius_fraction: float, square_fraction: float) -> np.ndarray:

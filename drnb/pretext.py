@@ -16,6 +16,7 @@ a task with classes, ``confusion.csv`` (held-out true x predicted class, after t
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import time
@@ -38,6 +39,8 @@ from drnb.training import Trainer
 
 if TYPE_CHECKING:
     from drnb.profiles import Profile
+
+logger = logging.getLogger(__name__)
 
 ENCODER_FILE = "encoder.keras"
 # Share of the images (whole patients and duplicate groups) held out to score rotation accuracy.
@@ -267,10 +270,51 @@ def save_atomically(model: keras.Model, path: Path) -> None:
 
 
 def load_encoder(path: str | os.PathLike) -> keras.Model:
-    """Load an encoder saved by :func:`train_pretext` (``safe_mode`` stays on)."""
+    """Load an encoder saved by :func:`train_pretext` (``safe_mode`` stays on).
+
+    Raises
+    ------
+    FileNotFoundError
+        When there is no file at ``path``.
+    ValueError
+        Naming ``path`` when the file does not load (cut short, or not a Keras model): Keras
+        itself says "File not found" for a file that is there.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"no encoder at {path}; train one with notebooks/02_rotation_pretext.ipynb or `drnb reproduce`"
         )
-    return keras.models.load_model(path, compile=False)
+    model, damage = _try_loading(path)
+    if damage:
+        raise ValueError(
+            f"{damage}; rerun notebooks/02_rotation_pretext.ipynb or `drnb reproduce`, which train it again"
+        )
+    return model
+
+
+def encoder_ready(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds an encoder that loads, so that the pretext counts as finished.
+
+    A file that is there but does not load is named in a warning and counts as missing: the
+    pretext is trained again and replaces it (atomically, :func:`save_atomically`).
+    """
+    if not Path(path).is_file():
+        return False
+    _, damage = _try_loading(Path(path))
+    if damage:
+        logger.warning("%s; training the pretext again", damage)
+    return damage is None
+
+
+def encoder_damage(path: str | os.PathLike) -> str | None:
+    """What is wrong with the encoder file at ``path`` (naming it) when it does not load, else None."""
+    return _try_loading(Path(path))[1]
+
+
+def _try_loading(path: Path) -> tuple[keras.Model | None, str | None]:
+    """``(model, None)``, or ``(None, what is wrong)`` when the file at ``path`` does not load."""
+    try:
+        return keras.models.load_model(path, compile=False), None
+    except Exception as error:  # Keras raises errors of many kinds for a damaged archive
+        return None, f"encoder {path} is damaged: it does not load ({type(error).__name__}: {error})"

@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass
 
 from drnb.archive import normalise_entries, parse_source
+from drnb.checks import check_integer
 from drnb.datasets import DATASETS
+from drnb.files import read_json
 from drnb.finetune import HEAD_INITS, LR_SCHEDULES, METHODS, PROTOCOLS, SCRATCH_ENCODERS, VIEW_COUNTS
 from drnb.models import ENCODERS, FEATURE_STAGES, PRECISION_MODES
 from drnb.pipeline import ROTATION_MODES
@@ -215,6 +218,7 @@ class Profile:
         for name in ("pretext_learning_rate", "finetune_learning_rate"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive learning rate")
+        _check_ranges(self)
 
     def to_dict(self) -> dict:
         """Plain JSON-ready values (tuples become lists)."""
@@ -226,6 +230,25 @@ class Profile:
     def derive(self, **changes) -> "Profile":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+# The largest seed: repetition r seeds NumPy, Python and TensorFlow with seed + r, and NumPy's
+# legacy generators (scikit-learn's) take seeds below 2**32; 2**31 keeps every library's int32 too.
+SEED_LIMIT = 2**31 - 1
+
+
+def _check_ranges(profile: "Profile") -> None:
+    """The ranges :meth:`Profile.__post_init__`'s rules leave open, checked before any run
+    folder is written: a seed a library refuses would otherwise fail in the first notebook."""
+    check_integer(profile.seed, "seed", 0, SEED_LIMIT - profile.repetitions)
+    check_integer(profile.folds, "folds", 2)  # cross-validation needs a test fold and a training pool
+    check_integer(profile.bootstrap_resamples, "bootstrap_resamples", 1)  # notebook 04's paired CI needs one
+    for name in ("pretext_hidden", "finetune_hidden"):
+        for width in getattr(profile, name):
+            check_integer(width, f"{name} width", 1)
+    for name in ("pretext_learning_rate", "finetune_learning_rate"):
+        if not math.isfinite(getattr(profile, name)):
+            raise ValueError(f"{name}={getattr(profile, name)!r}: expected a finite positive learning rate")
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -393,8 +416,14 @@ def load_profile(path) -> Profile:
     when it has one there (the behaviour before the setting existed), else the default;
     ``protocols`` is ``("linear",)`` for a file with ``finetune_epochs=0``. A removed setting
     (:data:`SETTINGS_REMOVED`) must hold the value drnb now always uses, or not matter.
+
+    Raises
+    ------
+    ValueError
+        Naming ``path`` when it is damaged (not a JSON object) or holds a setting that is
+        unknown, of the wrong type or out of its range.
     """
-    values = json.loads(open(path).read())
+    values = read_json(path)
     _drop_removed_settings(values, path)
     hints = typing.get_type_hints(Profile)
     unknown = sorted(set(values) - set(hints))
@@ -403,7 +432,10 @@ def load_profile(path) -> Profile:
     values = {**{key: value for key, value in SETTINGS_BEFORE_THEY_EXISTED.items() if key not in values}, **values}
     if "protocols" not in values:  # before both protocols ran in one sweep, finetune_epochs=0 was linear evaluation
         values["protocols"] = ["linear"] if values.get("finetune_epochs") == 0 else ["finetune"]
-    return Profile(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
+    try:
+        return Profile(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
+    except (TypeError, ValueError) as error:  # a value of the wrong type, or out of its range
+        raise ValueError(f"{path} holds a setting drnb refuses: {error}. Start a new run folder.") from None
 
 
 def _drop_removed_settings(values: dict, path) -> None:

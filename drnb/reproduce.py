@@ -25,6 +25,7 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from drnb.preprocessing import default_cache_dir
 from drnb.profiles import Profile, resolve_profile
 from drnb.runs import RunPaths, checkout_root, default_run_dir, open_run, run_lock
 
@@ -50,8 +51,44 @@ class Cell:
         extra = ", ".join(f"{k}={v}" for k, v in self.parameters.items() if k != "run_dir")
         return NOTEBOOKS[self.stage].removesuffix(".ipynb") + (f" ({extra})" if extra else "")
 
-    def finished(self) -> bool:
-        return bool(self.done_marker) and all(path.exists() for path in self.done_marker)
+    def finished(self, warn=None) -> bool:
+        """Whether every file the cell leaves is there and loads (:func:`damage`); ``warn``
+        receives one line naming each file that is there but damaged."""
+        if not self.done_marker:
+            return False
+        finished = True
+        for path in self.done_marker:
+            problem = damage(path) if path.exists() else "missing"
+            if problem != "missing" and problem is not None and warn is not None:
+                warn(f"{problem}; running {self.label} again")
+            finished = finished and problem is None
+        return finished
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a file a finished cell leaves, checked by reading it back as its
+    readers do: ``"missing"``, the damage (naming the file), or None when it loads.
+
+    ``encoder.keras`` must load in Keras; a run's ``metrics.json`` must load with its
+    ``predictions.csv`` (:func:`drnb.finetune.load_finished_run`); a JSON file must be a
+    JSON object.
+    """
+    from drnb.files import read_json
+    from drnb.finetune import METRICS_FILE, load_finished_run
+    from drnb.pretext import ENCODER_FILE, encoder_damage
+
+    if not path.exists():
+        return "missing"
+    try:
+        if path.name == ENCODER_FILE:
+            return encoder_damage(path)
+        if path.name == METRICS_FILE:
+            load_finished_run(path.parent)
+        elif path.suffix == ".json":
+            read_json(path)
+    except (ValueError, FileNotFoundError) as error:
+        return str(error)
+    return None
 
 
 @dataclass
@@ -281,15 +318,19 @@ def reproduce(
         When another process holds the run folder.
     """
     settings = dict(overrides or {})
+    for option, value in (("--dataset", dataset), ("--data-dir", data_dir), ("--out", out), ("--kernel", kernel)):
+        _check_not_empty(option, value)
     if dataset:
         settings["dataset"] = dataset
     if data_dir:
         settings["data_dir"] = str(Path(data_dir).expanduser().resolve())
     profile = resolve_profile(profile_name, settings)  # every settings error surfaces here
     _check_data(profile)
+    _check_writable("preprocessing cache", default_cache_dir(), "set DRNB_CACHE to a folder you can write")
     source = Path(notebooks) if notebooks else notebook_dir()
-    kernel = kernel or default_kernel()
+    kernel = _check_kernel(kernel) if kernel else default_kernel()
     folder = RunPaths(Path(out).expanduser().resolve() if out else default_run_dir(f"{profile_name}-{profile.dataset}"))
+    _check_writable("--out", folder.root, "pass --out a folder you can write")
     # The lock first: two runs started together into a new folder must not both write its settings.
     with run_lock(folder), stopping_on_signals() as received:
         paths, profile = open_run(folder.root, profile_name, settings, same_profile=True)
@@ -328,7 +369,7 @@ def _run_cells(cells: list[Cell], profile: Profile, source: Path, kernel: str, o
     for number, cell in enumerate(cells, start=1):
         if received:
             break
-        if cell.stage != "analysis" and cell.finished() and not overwrite:
+        if cell.stage != "analysis" and not overwrite and cell.finished(warn=lambda line: log(f"warning: {line}")):
             report.skipped.append(cell.label)
             log(f"[{number}/{len(cells)}] {cell.label}: finished earlier, skipped")
             continue
@@ -385,17 +426,62 @@ def _clock(seconds: float) -> str:
     return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
+def _check_not_empty(option: str, value) -> None:
+    """An option given as ``''`` (an unset shell variable, say) is refused, not read as its default."""
+    if value is not None and not str(value).strip():
+        raise ValueError(f"{option} {value!r}: expected a value; leave the option out for its default")
+
+
+def _check_kernel(kernel: str) -> str:
+    """``kernel`` when Jupyter knows it; ValueError listing the kernels it knows otherwise."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    known = KernelSpecManager().find_kernel_specs()
+    if kernel not in known:
+        raise ValueError(f"--kernel {kernel}: no such Jupyter kernel; expected one of {sorted(known)}")
+    return kernel
+
+
+def writable_problem(folder: Path) -> str | None:
+    """Why files cannot be written in ``folder`` (made if missing), or None when they can.
+
+    Checked without writing anything: the folder, or the nearest of its parents that exists,
+    must be a folder this process may create files in.
+    """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} cannot be written (permission denied)"
+    return None
+
+
+def _check_writable(what: str, folder: Path, advice: str) -> None:
+    """ValueError naming ``what`` and ``folder`` when nothing can be written there."""
+    problem = writable_problem(folder)
+    if problem:
+        raise ValueError(f"{what} {folder}: {problem}; {advice}")
+
+
 def _check_data(profile: Profile) -> None:
-    """A real dataset's folder, and the archive's, must exist before anything runs (synthetic
-    data is made on first use)."""
+    """A real dataset's folder must hold its layout before anything runs: its label file, its
+    image folder and every listed photograph (read as notebook 01 reads them, without decoding),
+    and the archive's folders must exist. Synthetic data is made on first use, where DRNB_DATA points."""
     from drnb.archive import check_sources
     from drnb.datasets import dataset_info, default_data_dir
+    from drnb.runs import load_table
 
     check_sources(profile.pretext_images)
     info = dataset_info(profile.dataset)
-    if info.kind == "synthetic":
-        return
     folder = Path(profile.data_dir) if profile.data_dir else default_data_dir(profile.dataset)
+    if info.kind == "synthetic":
+        if not profile.data_dir:
+            _check_writable("synthetic data folder", folder, "set DRNB_DATA to a folder you can write")
+        return
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--data-dir {folder} is a file; expected the folder of dataset {profile.dataset!r}: {info.layout}")
     if not folder.is_dir():
         problem = (
             f"--data-dir {folder} does not exist for dataset {profile.dataset!r}"
@@ -403,3 +489,10 @@ def _check_data(profile: Profile) -> None:
             else f"no data folder for dataset {profile.dataset!r}: {folder} does not exist (pass --data-dir DIR)"
         )
         raise FileNotFoundError(f"{problem}; expected {info.layout}")
+    if info.kind == "npz":
+        return  # notebook 01 downloads the archive when it is missing
+    try:
+        load_table(profile)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        raise ValueError(f"--data-dir {folder} does not hold dataset {profile.dataset!r} as expected ({error}); "
+                         f"expected {info.layout}") from None

@@ -7,7 +7,6 @@ results of the others.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -53,12 +52,22 @@ def collect_results(finetune_root: str | os.PathLike) -> pd.DataFrame:
         fraction, repetition.
     """
     paths = sorted(Path(finetune_root).glob("*/*/fraction_*/repetition_*/metrics.json"))
-    rows = [json.loads(path.read_text()) for path in paths]
+    rows = [_read_metrics(path) for path in paths]
     if not rows:
         raise FileNotFoundError(f"no finished runs (metrics.json) under {finetune_root}; run notebook 03 first")
     results = pd.DataFrame(rows)
     ordered = list(RESULT_COLUMNS) + [c for c in results.columns if c not in RESULT_COLUMNS]
     return results[ordered].sort_values(["protocol", "method", "fraction", "repetition"]).reset_index(drop=True)
+
+
+def _read_metrics(path: Path) -> dict:
+    """One run's metrics; a damaged file is named, with how to redo its run."""
+    from drnb.files import read_json
+
+    try:
+        return read_json(path)
+    except ValueError as error:
+        raise ValueError(f"{error}; rerun notebook 03 (or drnb reproduce) to redo this run") from None
 
 
 def summary_table(results: pd.DataFrame) -> pd.DataFrame:

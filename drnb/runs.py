@@ -165,6 +165,23 @@ def open_run(
     return paths, profile
 
 
+def listed_fraction(fraction: float, profile: Profile, paths: RunPaths) -> float:
+    """``fraction`` as the run folder's settings list it; ValueError for one they do not list.
+
+    Notebook 04 tables every fraction in the folder and ``drnb reproduce`` plans the ones
+    ``profile.json`` lists, so a fraction outside them would mix runs no plan knows of into
+    the folder's results.
+    """
+    for listed in profile.fractions:
+        if abs(listed - fraction) < 1e-9:
+            return listed
+    raise ValueError(
+        f"fraction={fraction:g} is not one of this run folder's fractions {list(profile.fractions)} "
+        f"({paths.profile}); expected one of them, or a new run folder whose profile lists it "
+        f"(drnb reproduce --set fractions=...)"
+    )
+
+
 @contextlib.contextmanager
 def run_lock(paths: RunPaths):
     """Hold the run folder for this process, or refuse at once if another process holds it.

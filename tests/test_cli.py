@@ -99,7 +99,7 @@ def test_inspect_names_missing_and_unreadable_files(tmp_path, write_fundus, caps
     assert "c.png" in out and str(root / "train_images" / "b.png") in out
 
 
-@pytest.mark.parametrize("photograph", ["all_black", "one_pixel", "zero_bytes", "truncated"])
+@pytest.mark.parametrize("photograph", ["all_black", "one_pixel", "zero_bytes", "truncated", "flat_white"])
 def test_inspect_finds_what_preprocessing_would_refuse(tmp_path, write_fundus, write_image, capsys, photograph):
     """inspect checks every photograph as preprocessing does, so a set it passes preprocesses."""
     from drnb.datasets import load_dataset
@@ -111,6 +111,8 @@ def test_inspect_finds_what_preprocessing_would_refuse(tmp_path, write_fundus, w
         write_image(bad, np.zeros((48, 64, 3), np.uint8))
     elif photograph == "one_pixel":
         write_image(bad, np.full((1, 1, 3), 200, np.uint8))
+    elif photograph == "flat_white":  # what a 16-bit photograph clipped to 8 bits looks like
+        write_image(bad, np.full((48, 64, 3), 255, np.uint8))
     elif photograph == "zero_bytes":
         bad.write_bytes(b"")
     else:  # cut short, as by a full disk or an interrupted copy
@@ -203,6 +205,11 @@ REPRODUCE_ERRORS = {
     "fraction_above_one": (["--profile", "smoke", "--set", "fractions=0.5,1.5"], ["fractions", "1.5", "(0, 1]"]),
     "fractions_empty": (["--profile", "smoke", "--set", "fractions="], ["fractions=()", "at least one labelled fraction"]),
     "image_too_small": (["--profile", "smoke", "--set", "image_size=8"], ["image_size=8", "[16, 2048]"]),
+    "seed_negative": (["--profile", "smoke", "--set", "seed=-1"], ["seed must be an integer in 0..", "got -1"]),
+    "one_fold": (["--profile", "smoke", "--set", "folds=1", "--set", "repetitions=1"], ["folds must be an integer >= 2", "got 1"]),
+    "no_resamples": (["--profile", "smoke", "--set", "bootstrap_resamples=0"], ["bootstrap_resamples", ">= 1", "got 0"]),
+    "empty_data_dir": (["--profile", "smoke", "--data-dir", ""], ["--data-dir ''", "expected a value"]),
+    "unknown_kernel": (["--profile", "smoke", "--kernel", "no-such-kernel"], ["--kernel no-such-kernel", "no such Jupyter kernel"]),
 }
 
 
@@ -218,6 +225,65 @@ def test_reproduce_rejects_bad_arguments(case, nothing_may_run, capsys):
     assert not nothing_may_run.exists()
     if not had_tensorflow:
         assert "tensorflow" not in sys.modules, "argument checks must not import TensorFlow"
+
+
+@pytest.mark.parametrize("out", ["empty", "a_file", "inside_a_file"])
+def test_reproduce_refuses_an_out_that_is_not_a_folder_to_write(out, nothing_may_run, capsys):
+    """``--out ''`` (an unset shell variable) is not the default folder; a file is not a folder."""
+    existing = nothing_may_run.parent / "notes.txt"
+    existing.write_text("not a run folder")
+    given = {"empty": "", "a_file": str(existing), "inside_a_file": str(existing / "run")}[out]
+    assert main(["reproduce", "--profile", "smoke", "--out", given]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("drnb reproduce: error: --out ") and err.count("\n") == 1
+    assert ("expected a value" in err) if out == "empty" else f"{existing} is a file, not a folder" in err
+    assert existing.read_text() == "not a run folder"
+
+
+def test_reproduce_refuses_a_cache_it_cannot_write(nothing_may_run, isolated_drnb_dirs, monkeypatch, capsys):
+    blocker = nothing_may_run.parent / "blocker"
+    blocker.write_text("")
+    monkeypatch.setenv("DRNB_CACHE", str(blocker / "cache"))
+    assert main(["reproduce", "--profile", "smoke", "--out", str(nothing_may_run)]) == 2
+    err = capsys.readouterr().err
+    assert f"preprocessing cache {blocker / 'cache'}" in err and "set DRNB_CACHE" in err
+    assert not nothing_may_run.exists()
+
+
+@pytest.mark.parametrize("data", ["a_file", "no_layout", "missing_images"])
+def test_reproduce_refuses_a_data_dir_without_the_layout(data, tmp_path, write_fundus, nothing_may_run, capsys):
+    folder = tmp_path / "aptos"
+    if data == "a_file":
+        folder.write_text("")
+    elif data == "no_layout":
+        (folder / "photos").mkdir(parents=True)
+    else:
+        write_aptos(folder, write_fundus, [("a", 0), ("b", 1)], images=["a"])
+    argv = ["reproduce", "--profile", "smoke", "--dataset", "aptos2019", "--data-dir", str(folder)]
+    assert main([*argv, "--out", str(nothing_may_run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"drnb reproduce: error: --data-dir {folder}") and err.count("\n") == 1
+    assert {"a_file": "is a file", "no_layout": "train.csv", "missing_images": "b.png"}[data] in err
+    assert not nothing_may_run.exists()
+
+
+def test_reproduce_names_a_damaged_profile_json(tmp_path, monkeypatch, capsys):
+    import papermill
+
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: pytest.fail("a notebook ran"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "profile.json").write_text('{"name": "smoke", "seed": ')
+    assert main(["reproduce", "--profile", "smoke", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'profile.json'} is damaged: not valid JSON" in err and err.count("\n") == 1
+
+
+def test_inspect_refuses_a_data_dir_that_is_a_file(tmp_path, capsys):
+    folder = tmp_path / "aptos"
+    folder.write_text("")
+    assert main(["inspect", "--dataset", "aptos2019", "--data-dir", str(folder)]) == 2
+    assert f"{folder} for dataset 'aptos2019' is a file" in capsys.readouterr().err
 
 
 def test_reproduce_refuses_a_run_folder_made_by_another_profile(tmp_path, monkeypatch, capsys):

@@ -504,3 +504,70 @@ def test_grade_counts_include_empty_grades():
     assert counts.tolist() == [3, 0, 0, 1, 0]
 
 
+
+
+# --------------------------------------------------------------------------------------------
+# read_image: every depth and mode Pillow opens becomes 8-bit RGB
+# --------------------------------------------------------------------------------------------
+
+
+def _png16(path: Path, values: np.ndarray) -> Path:
+    """Write uint16 (H, W, 3) as a 16-bit RGB PNG by hand (Pillow writes 16-bit greyscale only)."""
+    import struct
+    import zlib
+
+    height, width, _ = values.shape
+    raw = b"".join(b"\x00" + values[row].astype(">u2").tobytes() for row in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return path
+
+
+def _save_in_mode(path: Path, rgb: np.ndarray, mode: str) -> np.ndarray:
+    """Save ``rgb`` (uint8 (H, W, 3)) as ``mode``; return the RGB that reading it should give."""
+    from PIL import Image
+
+    grey = np.asarray(Image.fromarray(rgb).convert("L"))
+    if mode in ("grey16_png", "grey16_tiff"):
+        Image.fromarray(grey.astype(np.uint16) * 257).save(path)  # 16-bit: 255 * 257 = 65535 is white
+        return np.repeat(grey[..., None], 3, axis=2)
+    if mode == "float_tiff":
+        Image.fromarray(grey.astype(np.float32) / 255).save(path)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if mode == "rgb16_png":
+        _png16(path, rgb.astype(np.uint16) * 257)
+        return rgb
+    if mode == "rgba_transparent_background":
+        alpha = np.where(rgb.max(axis=2) > 0, 255, 0).astype(np.uint8)
+        background = np.full_like(rgb, 255)  # white where transparent: must read as black
+        Image.fromarray(np.dstack([np.where(alpha[..., None] > 0, rgb, background), alpha])).save(path)
+        return rgb
+    image = Image.fromarray(rgb).convert(mode)
+    image.save(path)
+    return np.asarray(image.convert("RGB"))
+
+
+@pytest.mark.parametrize(
+    "mode, suffix",
+    [("L", ".png"), ("grey16_png", ".png"), ("grey16_tiff", ".tif"), ("float_tiff", ".tif"), ("rgb16_png", ".png"),
+     ("P", ".png"), ("RGBA", ".png"), ("rgba_transparent_background", ".png"), ("CMYK", ".tif"), ("LA", ".png")],
+)
+def test_read_image_scales_every_depth_and_mode_to_8_bit_rgb(tmp_path, draw_fundus, mode, suffix):
+    rgb = draw_fundus(40, 48)
+    expected = _save_in_mode(tmp_path / f"photo{suffix}", rgb, mode)
+    read = read_image(str(tmp_path / f"photo{suffix}"))
+    assert read.dtype == np.uint8 and read.shape == (40, 48, 3)
+    assert np.abs(read.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_read_image_refuses_float_pixels_without_a_range(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "odd.tif"
+    Image.fromarray(np.full((8, 8), -3.0, np.float32)).save(path)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*float pixels"):
+        read_image(str(path))

@@ -253,19 +253,76 @@ def test_a_second_reproduce_into_the_same_folder_is_refused_and_a_signal_stops_t
 @pytest.mark.notebooks
 @pytest.mark.slow
 def test_notebook_03_alone_on_a_fresh_folder_trains_the_pretext_then_fine_tunes(tmp_path):
-    """``papermill 03_finetune_fractions.ipynb out.ipynb -p fraction 0.5``, as the README says."""
+    """``papermill 03_finetune_fractions.ipynb out.ipynb -p fraction 0.25`` (a fraction the profile lists), as the README says."""
     import papermill
 
     run = tmp_path / "run"
     papermill.execute_notebook(
         str(NOTEBOOK_DIR / NOTEBOOKS["finetune"]), str(tmp_path / "03.ipynb"),
-        parameters={"run_dir": str(run), "profile_name": "smoke", "fraction": 0.5},
+        parameters={"run_dir": str(run), "profile_name": "smoke", "fraction": 0.25},
         kernel_name="python3", cwd=str(NOTEBOOK_DIR), progress_bar=False,
     )
     assert (run / "pretext" / "encoder.keras").exists()
-    runs = [json.loads(path.read_text()) for path in sorted(run.glob("finetune/*/*/fraction_0.5/repetition_*/metrics.json"))]
+    runs = [json.loads(path.read_text()) for path in sorted(run.glob("finetune/*/*/fraction_0.25/repetition_*/metrics.json"))]
     assert sorted({(m["protocol"], m["method"]) for m in runs}) == [
         ("finetune", "rotation"), ("finetune", "scratch"), ("linear", "rotation"), ("linear", "scratch")
     ]
     assert all(m["steps"] > 0 for m in runs if m["protocol"] == "finetune")
     assert all(np.isfinite(m["qw_kappa"]) for m in runs)
+
+
+# --------------------------------------------------------------------------------------------
+# A finished step counts only when its file loads
+# --------------------------------------------------------------------------------------------
+
+
+def _truncated_encoder(path: Path) -> Path:
+    """A tiny Keras model saved at ``path`` and cut to half its size, as by a full disk."""
+    import keras
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_a_truncated_encoder_is_named_and_the_pretext_redone(tmp_path, caplog):
+    """reproduce reruns notebook 02 for it, and notebook 03 trains the pretext as if it were missing."""
+    import logging
+
+    from drnb.pretext import encoder_ready, load_encoder
+    from drnb.reproduce import plan
+    from drnb.runs import open_run
+
+    paths, profile = open_run(tmp_path / "run", "smoke")
+    (paths.data / "summary.json").parent.mkdir(parents=True)
+    (paths.data / "summary.json").write_text('{"images": 120}')
+    _truncated_encoder(paths.encoder)
+    data_cell, pretext_cell = plan(profile, paths)[:2]
+    warnings: list[str] = []
+    assert data_cell.finished(warn=warnings.append) and not warnings
+    assert not pretext_cell.finished(warn=warnings.append)
+    assert len(warnings) == 1 and f"encoder {paths.encoder} is damaged" in warnings[0] and "02_rotation_pretext" in warnings[0]
+    with caplog.at_level(logging.WARNING, logger="drnb"):
+        assert not encoder_ready(paths.encoder)
+    assert str(paths.encoder) in caplog.text and "training the pretext again" in caplog.text
+    with pytest.raises(ValueError, match=re.escape(f"encoder {paths.encoder} is damaged")):
+        load_encoder(paths.encoder)  # what a fine-tuning run meets, instead of Keras's "File not found"
+    source = "".join(cell.source for cell in nbformat.read(NOTEBOOK_DIR / NOTEBOOKS["finetune"], as_version=4).cells)
+    assert "not encoder_ready(paths.encoder)" in source and "listed_fraction(fraction, profile, paths)" in source
+
+
+def test_a_fraction_cell_with_a_damaged_metrics_file_is_not_finished(tmp_path):
+    from drnb.reproduce import plan
+    from drnb.runs import open_run
+
+    paths, profile = open_run(tmp_path / "run", "smoke")
+    cell = next(cell for cell in plan(profile, paths) if cell.stage == "finetune")
+    for marker in cell.done_marker:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("{}")
+    warnings: list[str] = []
+    assert not cell.finished(warn=warnings.append)
+    assert len(warnings) == len(cell.done_marker) and all("is damaged" in line for line in warnings)
+    assert str(cell.done_marker[0]) in warnings[0]

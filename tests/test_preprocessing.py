@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 import drnb.preprocessing as preprocessing
-from drnb.datasets import load_dataset
+from drnb.datasets import load_dataset, read_image
 from drnb.preprocessing import (
     FIND_SIDE,
     PreprocessConfig,
@@ -545,3 +545,24 @@ def test_worker_processes_give_the_serial_result(tmp_path, write_image, draw_fun
     np.testing.assert_array_equal(parallel, serial)
     pd.testing.assert_frame_equal(parallel_kept, serial_kept)
     assert len(serial_kept) == 33
+
+
+def test_a_16_bit_png_preprocesses_as_its_8_bit_original(tmp_path, draw_fundus):
+    """A 16-bit greyscale PNG is scaled, not clipped to a white square."""
+    from PIL import Image
+
+    grey = np.asarray(Image.fromarray(draw_fundus(60, 80)).convert("L"))
+    Image.fromarray(grey).save(tmp_path / "eight.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
+    config = PreprocessConfig(size=32)
+    eight, sixteen = (preprocess_image(read_image(str(tmp_path / name)), config) for name in ("eight.png", "sixteen.png"))
+    assert find_fundus(read_image(str(tmp_path / "sixteen.png"))) == find_fundus(read_image(str(tmp_path / "eight.png")))
+    assert np.abs(eight.astype(float) - sixteen.astype(float)).mean() <= 0.01 * 255
+
+
+@pytest.mark.parametrize("level", [255, 128, 40])
+def test_a_flat_photograph_is_refused_like_a_black_one(level):
+    flat = np.full((48, 64, 3), level, np.uint8)
+    flat[::7, ::5] -= np.uint8(2)  # sensor noise of a couple of grey levels is still flat
+    with pytest.raises(ValueError, match="one grey level everywhere"):
+        find_fundus(flat)

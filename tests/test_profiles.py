@@ -1,6 +1,7 @@
 """Profiles: one source of truth, overridable by name, checked before anything runs."""
 
 import json
+import re
 
 import pytest
 
@@ -221,3 +222,37 @@ def test_demo_is_quicks_recipe_on_synthetic_photographs_at_64_px():
     differing = {key for key in demo if demo[key] != quick[key]}
     assert differing == {"name", "image_size", "synthetic_images"}
     assert (demo["dataset"], demo["image_size"]) == ("synthetic", 64)
+
+
+@pytest.mark.parametrize(
+    "setting, value, expected",
+    [("seed", "-1", "seed must be an integer in 0.."), ("seed", str(2**31), "seed must be an integer in 0.."),
+     ("folds", "1", "folds must be an integer >= 2"), ("bootstrap_resamples", "0", "bootstrap_resamples must be"),
+     ("pretext_hidden", "0", "pretext_hidden width must be"), ("finetune_learning_rate", "inf", "finite")],
+)
+def test_settings_out_of_range_are_refused_naming_the_setting(setting, value, expected):
+    overrides = {setting: value, **({"repetitions": "1"} if setting == "folds" else {})}
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        resolve_profile("smoke", overrides)
+
+
+def test_a_damaged_profile_json_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "profile.json"
+    path.write_text('{"name": "smoke", ')
+    with pytest.raises(ValueError, match=re.escape(f"{path} is damaged: not valid JSON")):
+        load_profile(path)
+    path.write_text(PROFILES["smoke"].to_json().replace('"seed": 0', '"seed": -1'))
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*seed must be an integer"):
+        load_profile(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=re.escape(f"{path} is damaged: expected a JSON object")):
+        open_run(tmp_path, "smoke")
+
+
+def test_a_fraction_the_run_folder_does_not_list_is_refused(tmp_path):
+    from drnb.runs import listed_fraction
+
+    paths, profile = open_run(tmp_path / "run", "smoke")
+    assert listed_fraction(0.25, profile, paths) == 0.25
+    with pytest.raises(ValueError, match=re.escape("fraction=0.5 is not one of this run folder's fractions [0.25, 1.0]")):
+        listed_fraction(0.5, profile, paths)

@@ -1,5 +1,8 @@
 """Collecting runs into the paper's table, and the paired comparison of methods."""
 
+import logging
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -97,3 +100,62 @@ def test_cut_point_effect_compares_both_decodings_per_fraction():
     assert effect.loc[100.0, "difference"] == pytest.approx(0.10)
     with pytest.raises(ValueError, match="qw_kappa_fixed_cuts"):
         cut_point_effect(results.drop(columns="qw_kappa_fixed_cuts"))
+
+
+# --------------------------------------------------------------------------------------------
+# A damaged run is named, and redone on a rerun
+# --------------------------------------------------------------------------------------------
+
+
+def _damage(path, how):
+    if how == "invalid_json":
+        path.write_text('{"qw_kappa": 0.5,')
+    elif how == "empty":
+        path.write_text("")
+    else:  # cut short
+        text = path.read_text()
+        path.write_text(text[: len(text) // 2])
+
+
+def test_collect_results_names_a_damaged_metrics_file(tmp_path):
+    fake_sweep(tmp_path, {("finetune", "rotation"): 0.9})
+    damaged = run_directory(tmp_path, "finetune", "rotation", 1.0, 1) / "metrics.json"
+    _damage(damaged, "invalid_json")
+    with pytest.raises(ValueError, match=re.escape(f"{damaged} is damaged: not valid JSON") + ".*rerun notebook 03"):
+        collect_results(tmp_path)
+
+
+@pytest.mark.parametrize("file, how", [("metrics.json", "invalid_json"), ("metrics.json", "empty"),
+                                       ("predictions.csv", "cut_short"), ("predictions.csv", "empty")])
+def test_a_damaged_run_is_named_in_a_warning_and_redone(tmp_path, caplog, file, how):
+    """run_fraction counts a run finished only when its metrics and predictions load."""
+    from drnb.finetune import finished_run, load_finished_run, run_fraction
+    from drnb.profiles import PROFILES
+
+    fake_sweep(tmp_path, {("finetune", "rotation"): 0.9}, fractions=(1.0,), repetitions=2)
+    damaged_run = run_directory(tmp_path, "finetune", "rotation", 1.0, 1)
+    intact = load_finished_run(run_directory(tmp_path, "finetune", "rotation", 1.0, 0))
+    _damage(damaged_run / file, how)
+    with caplog.at_level(logging.WARNING, logger="drnb"):
+        assert finished_run(damaged_run) is None
+    assert str(damaged_run / file) in caplog.text and "running it again" in caplog.text
+
+    class Session:  # what run_fraction asks of a FinetuneSession
+        profile = PROFILES["smoke"].derive(protocols=("finetune",), methods=("rotation",), repetitions=2)
+        done: list = []
+
+        def available_methods(self):
+            return ["rotation"]
+
+        def log(self, line):
+            pass
+
+        def run(self, method, fraction, repetition, out_dir, *, protocol, save_model):
+            self.done.append((method, protocol, repetition))
+            return {**intact, "repetition": repetition, "n_train": 10, "steps": 1, "seconds": 1.0,
+                    "features_encoded": 0, "features_reused": 0}
+
+    session = Session()
+    runs = run_fraction(session, 1.0, tmp_path)
+    assert session.done == [("rotation", "finetune", 1)]  # only the damaged run, not the intact one
+    assert sorted(runs["repetition"]) == [0, 1]
