@@ -140,7 +140,7 @@ def linear_settings():
     quick's linear protocol does: a ridge-fitted regression head on frozen features, no epoch,
     cut points by the prior."""
     return {
-        "methods": "rotation,scratch", "bootstrap_resamples": "0", "calibration_images": "40", "target": "regression",
+        "methods": "rotation,scratch", "bootstrap_resamples": "10", "calibration_images": "40", "target": "regression",
         "finetune_hidden": "", "head_init": "ridge", "test_time_turns": "4", "cut_points": "prior",
         "warmup_epochs": "0", "finetune_epochs": "0", "validation_fraction": "0",
         "recalibrate_batchnorm": "true", "protocols": "linear",

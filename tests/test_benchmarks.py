@@ -131,7 +131,7 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
         # Two fractions, two notebooks (one session each) that share their kept features
         # through one folder, as a sweep's do: the second encodes only rows the first did not.
         profile = resolve_profile(
-            "smoke", {"fractions": "0.5,1.0", "methods": "rotation,scratch", "bootstrap_resamples": "0", **overrides}
+            "smoke", {"fractions": "0.5,1.0", "methods": "rotation,scratch", "bootstrap_resamples": "10", **overrides}
         )
         sessions = [
             FinetuneSession(images, table, profile, encoder_paths={"rotation": encoder_path}, feature_dir=tmp_path / f"features-{case}", log=lambda line: None)
@@ -191,7 +191,8 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
 
 def test_predicted_sweep_adds_each_stage_at_its_rate(benchmark_module):
     work = {
-        "images": 100, "notebooks": 5, "fresh_encoders": 4, "pretext_train": 1200, "pretext_predict": 40,
+        "images": 100, "notebooks": 5, "fresh_encoders": 4, "pretexts": 2, "archive_images": 150,
+        "pretext_train": 1200, "pretext_predict": 40,
         "finetune_full": 3000, "finetune_head": 600, "finetune_encode": 800, "finetune_predict": 500,
         "ridge_fits": 6, "ridge_rows": 9000,
     }
@@ -202,10 +203,10 @@ def test_predicted_sweep_adds_each_stage_at_its_rate(benchmark_module):
     fixed = {"kernel": 10, "load": 1, "pretext_tracing": 4, "finetune_tracing": 3, "fresh_model": 0.5, "ridge_fit": 0.25}
     stages = benchmark_module.predicted_sweep_seconds(work, rates, fixed)
     assert stages["data"] == 10 + 2
-    assert stages["pretext"] == 10 + 1 + 4 + 12 + 2
+    assert stages["pretext"] == 10 + 1 + 2 * 4 + 3 + 12 + 2  # two tasks traced; the archive preprocessed
     assert stages["finetune"] == 2 * (10 + 1 + 3) + 4 * 0.5 + 30 + 2 + 20 + 25 + 6 * 0.25 + 3
     assert stages["analysis"] == 10
-    assert stages["total"] == pytest.approx(12 + 29 + 111.5 + 10)
+    assert stages["total"] == pytest.approx(12 + 36 + 111.5 + 10)
 
 
 def test_small_figures_keep_significant_digits(benchmark_module):

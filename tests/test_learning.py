@@ -252,7 +252,7 @@ from drnb.profiles import resolve_profile
 from drnb.synthetic import make_fundus_images
 images, grades = make_fundus_images(80, size=32, seed=1)
 table = pd.DataFrame({"image_id": [str(i) for i in range(80)], "path": "", "grade": grades, "patient_id": None, "split": None})
-profile = resolve_profile("smoke", {"deterministic": "true", "methods": "scratch", "bootstrap_resamples": "0"})
+profile = resolve_profile("smoke", {"deterministic": "true", "methods": "scratch", "bootstrap_resamples": "10"})
 session = FinetuneSession(images, table, profile, log=lambda line: None)
 first = session.run("scratch", 1.0, 0, "{out}/a")["qw_kappa"]
 session.run("scratch", 1.0, 1, "{out}/other")  # another run in between
@@ -275,7 +275,7 @@ def test_deterministic_flag_gives_the_same_run_whatever_ran_before(tmp_path):
 def small_session():
     images, grades = make_fundus_images(80, size=32, seed=1)
     table = pd.DataFrame({"image_id": [str(i) for i in range(80)], "path": "", "grade": grades, "patient_id": None, "split": None})
-    profile = resolve_profile("smoke", {"methods": "scratch", "bootstrap_resamples": "0", "calibration_images": "40"})
+    profile = resolve_profile("smoke", {"methods": "scratch", "bootstrap_resamples": "10", "calibration_images": "40"})
     return FinetuneSession(images, table, profile, log=lambda line: None)
 
 
@@ -328,7 +328,7 @@ def test_test_time_turns_must_be_1_2_4_or_8():
 def test_a_validation_split_larger_than_the_training_subset_is_reported(tmp_path):
     images, grades = make_fundus_images(80, size=32, seed=1)
     table = pd.DataFrame({"image_id": [str(i) for i in range(80)], "path": "", "grade": grades, "patient_id": None, "split": None})
-    settings = {"methods": "scratch", "bootstrap_resamples": "0", "calibration_images": "40", "fractions": "0.1,1.0"}
+    settings = {"methods": "scratch", "bootstrap_resamples": "10", "calibration_images": "40", "fractions": "0.1,1.0"}
     messages = []
     session = FinetuneSession(images, table, resolve_profile("smoke", {**settings, "validation_fraction": "0.2"}), log=messages.append)
     split = session.split(0)
@@ -371,7 +371,7 @@ def test_batchnorm_is_re_estimated_from_batches_read_with_autotuning_off(small_s
 def test_a_shared_fresh_encoder_starts_every_scratch_run_and_is_recalibrated_once_unlabelled(tmp_path, monkeypatch):
     images, grades = make_fundus_images(80, size=32, seed=1)
     table = pd.DataFrame({"image_id": [str(i) for i in range(80)], "path": "", "grade": grades, "patient_id": None, "split": None})
-    settings = {"methods": "scratch", "bootstrap_resamples": "0", "calibration_images": "40", "recalibrate_batchnorm": "true"}
+    settings = {"methods": "scratch", "bootstrap_resamples": "10", "calibration_images": "40", "recalibrate_batchnorm": "true"}
 
     def session_for(scratch_encoder):
         profile = resolve_profile("smoke", {**settings, "scratch_encoder": scratch_encoder})
@@ -418,7 +418,7 @@ def test_a_ridge_head_is_fitted_on_the_training_images_in_each_view_the_predicti
     images, grades = make_fundus_images(80, size=32, seed=1)
     table = pd.DataFrame({"image_id": [str(i) for i in range(80)], "path": "", "grade": grades, "patient_id": None, "split": None})
     settings = {
-        "methods": "scratch", "bootstrap_resamples": "0", "calibration_images": "40", "target": "regression",
+        "methods": "scratch", "bootstrap_resamples": "10", "calibration_images": "40", "target": "regression",
         "finetune_hidden": "", "head_init": "ridge", "test_time_turns": str(turns), "warmup_epochs": "0",
         "finetune_epochs": "1", "finetune_learning_rate": "1e-9",
     }
@@ -511,7 +511,7 @@ def lp_ft_session(tmp_path, tiny_fundus_set):
 
     images, _, table = tiny_fundus_set
     profile = resolve_profile("smoke", {
-        "methods": "rotation,scratch", "protocols": "finetune,linear", "bootstrap_resamples": "0", "calibration_images": "40",
+        "methods": "rotation,scratch", "protocols": "finetune,linear", "bootstrap_resamples": "10", "calibration_images": "40",
         "target": "regression", "finetune_hidden": "", "head_init": "ridge", "test_time_turns": "2",
         "cut_points": "prior", "warmup_epochs": "0", "finetune_epochs": "2", "finetune_min_steps": "6",
         "validation_fraction": "0", "finetune_batchnorm": "frozen", "lr_schedule": "cosine", "recalibrate_batchnorm": "true",

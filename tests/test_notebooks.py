@@ -310,7 +310,7 @@ def test_a_truncated_encoder_is_named_and_the_pretext_redone(tmp_path, caplog):
     with pytest.raises(ValueError, match=re.escape(f"encoder {paths.encoder} is damaged")):
         load_encoder(paths.encoder)  # what a fine-tuning run meets, instead of Keras's "File not found"
     source = "".join(cell.source for cell in nbformat.read(NOTEBOOK_DIR / NOTEBOOKS["finetune"], as_version=4).cells)
-    assert "not encoder_ready(paths.encoder)" in source and "listed_fraction(fraction, profile, paths)" in source
+    assert "not encoder_ready(paths.encoder_for(method))" in source and "listed_fraction(fraction, profile, paths)" in source
 
 
 def test_a_fraction_cell_with_a_damaged_metrics_file_is_not_finished(tmp_path):

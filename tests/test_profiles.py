@@ -190,7 +190,7 @@ def test_scratch_encoder_must_be_per_repetition_or_shared():
 
 
 def test_rotated_copies_follow_the_rotation_mode():
-    from drnb.pretext import rotated_copies
+    from drnb.pretexts.rotation import rotated_copies
 
     assert PROFILES["quick"].rotation_mode == "all4" and rotated_copies(PROFILES["quick"]) == 4
     assert PROFILES["paper"].rotation_mode == "random1" and rotated_copies(PROFILES["paper"]) == 1
