@@ -94,7 +94,8 @@ def collect_results(
     for path, row in zip(paths, rows):
         if "referable_auc" not in row:
             seeded = seed + int(row.get("repetition", 0))
-            row.update(referable_from_predictions(path.parent / "predictions.csv", target, n_resamples=n_resamples, seed=seeded))
+            computed = referable_from_predictions(path.parent / "predictions.csv", target, n_resamples=n_resamples, seed=seeded)
+            row.update({key: value for key, value in computed.items() if key not in row})  # what the run recorded stays
     results = pd.DataFrame(rows)
     for column in REFERABLE_NUMBERS:
         results[column] = pd.to_numeric(results[column], errors="coerce") if column in results else np.nan
