@@ -267,6 +267,8 @@ def planned_work(profile, session, n_images: int, walkthrough: bool = True, arch
                 scored = [split.test] + [split.validation_for(fraction)] * epochs
                 if profile.cut_points == "prior":
                     scored.append(calibration)
+                # The labelled subset's non-referable images that set the referable-DR threshold.
+                scored.append(session.operating_point_rows(train, profile.seed + repetition))
                 predicted = sum(len(rows) for rows in scored) * len(test_views)  # each image in every view averaged
                 if profile.recalibrate_batchnorm:  # fresh encoders only
                     work["finetune_predict"] += fresh * len(calibration)

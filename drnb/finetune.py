@@ -26,7 +26,10 @@ A run, given a repetition's split (:mod:`drnb.splits`):
    (``cut_points="prior"``) with cut points fitted on ``calibration_images`` images of the
    training pool so that grades come out as often as in the labelled subset
    (:func:`drnb.targets.prior_cut_points`); ``metrics.json`` keeps both kappas;
-5. writes ``predictions.csv``, ``history.csv`` and, last, ``metrics.json``: a run whose
+5. scores referable DR (grade >= 2) from the expected grade: the AUC on the test fold, and
+   sensitivity and specificity at a threshold set for 90 % specificity on the labelled
+   subset's non-referable images (:meth:`FinetuneSession.referable_threshold`);
+6. writes ``predictions.csv``, ``history.csv`` and, last, ``metrics.json``: a run whose
    ``metrics.json`` exists is finished.
 
 An epoch is one pass over the labelled subset. The full phase can be given a floor and a cap
@@ -52,7 +55,7 @@ from drnb.distribute import configure_precision, scaled_batch_and_rate, seed_eve
 from drnb.duplicates import photograph_groups
 from drnb.features import FeatureStore, array_fingerprint, encoder_fingerprint
 from drnb.files import read_json, write_json
-from drnb.metrics import evaluate_predictions, quadratic_weighted_kappa
+from drnb.metrics import evaluate_predictions, quadratic_weighted_kappa, referable, referable_metrics, specificity_threshold
 from drnb.models import grade_head, imagenet_weights_available, profile_encoder, recalibrate_batchnorm
 from drnb.pipeline import check_view, labelled_batches, without_autotune
 from drnb.pretext import load_encoder, save_atomically
@@ -382,7 +385,9 @@ class FinetuneSession:
         history = self.train(train_indices, validation_indices, seed, protocol=protocol)
         frozen = protocol == "linear"  # the encoder kept its start: predictions read the kept features
         outputs, predicted, fixed_grades, cut_points = self.predict_grades(split.test, calibration, train_indices, frozen)
-        metrics = self.score(split.test, predicted, fixed_grades, seed)
+        scores = expected_grade(outputs, self.profile.target)
+        threshold = self.referable_threshold(train_indices, seed, frozen)
+        metrics = self.score(split.test, predicted, fixed_grades, seed, scores=scores, threshold=threshold)
         metrics.update(
             protocol=protocol,
             method=method,
@@ -394,6 +399,7 @@ class FinetuneSession:
             steps=int(sum(row["steps"] for row in history)),
             best_epoch=next((row["epoch"] for row in history if row.get("kept")), 0),
             cut_points=None if cut_points is None else [float(cut) for cut in cut_points],
+            referable_threshold_images=int(len(self.operating_point_rows(train_indices, seed))),
             ridge_penalty=ridge_penalty,
             # (image, view) features this run encoded, and those it read from what was kept
             # (drnb.features): by earlier runs with the same starting encoder, or earlier in
@@ -408,7 +414,7 @@ class FinetuneSession:
         if save_model:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             save_atomically(self.trainer.model, Path(out_dir) / MODEL_FILE)
-        write_run(out_dir, metrics, history, self.table.iloc[split.test], self.grades[split.test], predicted, outputs)
+        write_run(out_dir, metrics, history, self.table.iloc[split.test], self.grades[split.test], predicted, outputs, scores=scores)
         self.features.save()
         return metrics
 
@@ -438,14 +444,59 @@ class FinetuneSession:
             )
         return split, train_indices, validation_indices
 
-    def score(self, test_rows: np.ndarray, predicted: np.ndarray, fixed_grades: np.ndarray, seed: int) -> dict:
+    def score(
+        self, test_rows: np.ndarray, predicted: np.ndarray, fixed_grades: np.ndarray, seed: int, *,
+        scores: np.ndarray | None = None, threshold: float | None = None,
+    ) -> dict:
         """Kappa, its bootstrap interval, accuracy and per-grade recall of ``predicted`` on
         ``test_rows`` (:func:`drnb.metrics.evaluate_predictions`), and the kappa of the fixed
-        rule's grades of the same outputs, so that what the cut points change stays visible."""
+        rule's grades of the same outputs, so that what the cut points change stays visible.
+
+        Given the test images' continuous ``scores`` (float (M,), the expected grade), also
+        referable DR: AUC with its interval, and sensitivity and specificity at ``threshold``
+        (from :meth:`referable_threshold`; see :func:`drnb.metrics.referable_metrics`).
+        """
         true_grades = self.grades[test_rows]
         metrics = evaluate_predictions(true_grades, predicted, n_resamples=self.profile.bootstrap_resamples, seed=seed)
         metrics["qw_kappa_fixed_cuts"] = quadratic_weighted_kappa(true_grades, fixed_grades)
+        if scores is not None:
+            metrics.update(referable_metrics(true_grades, scores, threshold, n_resamples=self.profile.bootstrap_resamples, seed=seed))
         return metrics
+
+    def operating_point_rows(self, train_indices: np.ndarray, seed: int) -> np.ndarray:
+        """Rows whose scores set the referable-DR threshold: the labelled subset's non-referable
+        images (grades 0-1), at most ``calibration_images`` of them drawn with ``seed``.
+
+        Only the labelled subset's grades are read, as the run itself reads them: never a
+        test grade, nor the grade of a calibration image outside the subset.
+
+        Returns
+        -------
+        numpy.ndarray
+            int64 (K,), sorted; empty when the subset has no non-referable image.
+        """
+        train_indices = np.asarray(train_indices, np.int64)
+        pool = train_indices[~referable(self.grades[train_indices])]
+        count = min(self.profile.calibration_images, len(pool))
+        return np.sort(np.random.default_rng(seed).choice(pool, count, replace=False)).astype(np.int64)
+
+    def referable_threshold(self, train_indices: np.ndarray, seed: int, frozen: bool = False) -> float:
+        """The expected grade above which the run calls a photograph referable DR: chosen so
+        that 90 % of :meth:`operating_point_rows` (training images) fall at or below it
+        (:func:`drnb.metrics.specificity_threshold`). Test specificity may therefore fall below 90 %.
+
+        Call it with the run's trained weights (``frozen``: as for :meth:`predict_grades`).
+
+        Returns
+        -------
+        float
+            NaN when the labelled subset has no non-referable image.
+        """
+        rows = self.operating_point_rows(train_indices, seed)
+        if not len(rows):
+            return float("nan")
+        scores = expected_grade(self._predict(rows, frozen), self.profile.target)
+        return specificity_threshold(scores, referable(self.grades[rows]))
 
     def start_weights(self, method: str, seed: int, calibration: np.ndarray) -> None:
         """Reset the trainer to ``method``'s starting encoder and a fresh head seeded by ``seed``.
@@ -663,8 +714,13 @@ def _epoch_row(epoch: int, phase: str, steps: int, rate: float, step_log) -> dic
     }
 
 
-def write_run(out_dir, metrics, history, test_rows, true_grades, predicted, probabilities) -> None:
-    """Write a run's ``history.csv``, ``predictions.csv`` and finally ``metrics.json`` (atomically)."""
+def write_run(out_dir, metrics, history, test_rows, true_grades, predicted, probabilities, *, scores=None) -> None:
+    """Write a run's ``history.csv``, ``predictions.csv`` and finally ``metrics.json`` (atomically).
+
+    ``predictions.csv``: ``image_id, path, grade, predicted``, the head's outputs ``p0``, ...,
+    and, given ``scores`` (float (M,), the expected grade), ``score``: what referable DR is
+    ranked by (older runs lack it; :func:`drnb.results.prediction_scores` recomputes it).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # A run that trains nothing (protocol "linear" with a ridge head, no warm-up) still writes the header.
@@ -674,6 +730,8 @@ def write_run(out_dir, metrics, history, test_rows, true_grades, predicted, prob
     )
     for k in range(probabilities.shape[1]):
         predictions[f"p{k}"] = probabilities[:, k]
+    if scores is not None:
+        predictions["score"] = np.asarray(scores, np.float64)
     predictions.to_csv(out_dir / PREDICTIONS_FILE, index=False)
     write_json(out_dir / METRICS_FILE, metrics)
 

@@ -1,4 +1,5 @@
-"""Figures for the notebooks: data, pretext, the kappa-vs-fraction comparison, Grad-CAM.
+"""Figures for the notebooks: data, pretext, the kappa- and AUC-vs-fraction comparisons,
+referable-DR ROC curves, Grad-CAM.
 
 Each function draws on a new or given matplotlib ``Axes``/``Figure`` and returns it; saving
 is the caller's choice (``fig.savefig``). Nothing here trains or reads run folders.
@@ -125,15 +126,7 @@ def plot_kappa_vs_fraction(
         (:func:`drnb.photo_format.format_only_kappa`).
     """
     ax = ax or plt.subplots(figsize=(7.5, 4.8))[1]
-    for (protocol, method), rows in table.groupby(["protocol", "method"], sort=False):
-        rows = rows.sort_values("train_split")
-        colour = METHOD_COLOURS.get(method)
-        ax.plot(
-            rows["train_split"], rows["qwk_avg"], marker="o", color=colour, linestyle=PROTOCOL_LINES.get(protocol, "-"),
-            label=rows["runs_are"].iloc[0],
-        )
-        if protocol == "finetune":
-            ax.fill_between(rows["train_split"], rows["qwk_min"], rows["qwk_max"], color=colour, alpha=0.15)
+    _method_curves(ax, table, "qwk")
     if floor is not None:
         ax.axhline(floor, color="grey", linestyle=":", label=f"photograph format alone ({floor:.2f})")
     if show_paper:
@@ -144,14 +137,93 @@ def plot_kappa_vs_fraction(
             yerr=[[PAPER_KAPPA[f][1] - PAPER_KAPPA[f][0] for f in fractions], [PAPER_KAPPA[f][2] - PAPER_KAPPA[f][1] for f in fractions]],
             color="black", linestyle="-.", marker="s", capsize=3, label="paper, rotation (min-avg-max)",
         )
-    ax.set_xscale("log")
-    ticks = sorted(set(table["train_split"]) | ({5, 10, 25, 50, 100} if show_paper else set()))
-    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-    ax.set(xlabel="% of labelled training images", ylabel="quadratic weighted kappa", ylim=(min(0, table["qwk_min"].min() - 0.05), 1))
+    _fraction_axis(ax, table, extra_ticks={5, 10, 25, 50, 100} if show_paper else set())
+    ax.set(ylabel="quadratic weighted kappa", ylim=(min(0, table["qwk_min"].min() - 0.05), 1))
     ax.set_title(title or "average QWK vs labelled fraction (bands: min-max over repetitions)")
-    ax.grid(alpha=0.3)
     ax.legend(loc="best")  # low curves (hard data) and high ones (the paper, synthetic) both stay visible
     return ax
+
+
+def plot_auc_vs_fraction(table: pd.DataFrame, *, title: str = "", ax=None):
+    """Average referable-DR AUC vs % labelled per protocol and method, drawn as
+    :func:`plot_kappa_vs_fraction` draws kappa (solid with min-max bands: fine-tuned; dashed:
+    linear), with chance (0.5) dotted.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        From :func:`drnb.results.summary_table` (``auc_min``, ``auc_avg``, ``auc_max``; a
+        fraction whose runs all lack an AUC, one class only in every test fold, is a gap).
+    """
+    ax = ax or plt.subplots(figsize=(7.5, 4.8))[1]
+    _method_curves(ax, table, "auc")
+    ax.axhline(0.5, color="grey", linestyle=":", label="chance (0.5)")
+    _fraction_axis(ax, table)
+    low = table["auc_min"].min()
+    ax.set(ylabel="referable DR (grade >= 2) ROC AUC", ylim=(min(0.4, low - 0.05) if np.isfinite(low) else 0.4, 1.0))
+    ax.set_title(title or "average referable-DR AUC vs labelled fraction (bands: min-max over repetitions)")
+    ax.legend(loc="best")
+    return ax
+
+
+def plot_referable_roc(curves: dict, *, operating_points: dict | None = None, title: str = "", ax=None):
+    """ROC curves of referable DR (grade >= 2 against 0-1), one per labelled run, with the AUC
+    in the legend and, where given, the operating point chosen on training images as a dot.
+
+    Parameters
+    ----------
+    curves : dict
+        Label -> (grades, scores): int (N,) true grades 0..4 and float (N,) continuous scores
+        of one run's test photographs (a ``predictions.csv``; :func:`drnb.results.prediction_scores`).
+        A run whose photographs hold one class only is listed in the legend as undefined.
+    operating_points : dict, optional
+        Label -> (sensitivity, specificity), each in [0, 1] or None.
+    """
+    from sklearn.metrics import roc_curve
+
+    from drnb.metrics import ONE_CLASS_ONLY, referable, referable_auc
+
+    ax = ax or plt.subplots(figsize=(5.2, 5.0))[1]
+    for label, (grades, scores) in curves.items():
+        auc = referable_auc(grades, scores)
+        if np.isnan(auc):
+            ax.plot([], [], label=f"{label}: {ONE_CLASS_ONLY}")
+            continue
+        fpr, tpr, _ = roc_curve(referable(grades), np.asarray(scores, np.float64))
+        (line,) = ax.plot(fpr, tpr, label=f"{label} (AUC {auc:.3f})")
+        sensitivity, specificity = (operating_points or {}).get(label, (None, None))
+        if sensitivity is not None and specificity is not None and np.isfinite([sensitivity, specificity]).all():
+            ax.plot(1 - specificity, sensitivity, "o", color=line.get_color())
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance")
+    ax.axvline(0.1, color="grey", linestyle="--", alpha=0.5, label="90 % specificity")
+    ax.set(xlabel="1 - specificity (healthy eyes referred)", ylabel="sensitivity (referable DR caught)", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set_title(title or "referable DR: ROC (dots: the operating point set on training images)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return ax
+
+
+def _method_curves(ax, table: pd.DataFrame, prefix: str) -> None:
+    """``<prefix>_avg`` against ``train_split`` per protocol and method: one colour per method,
+    solid fine-tuned runs with a ``<prefix>_min``-``<prefix>_max`` band, dashed linear read-outs."""
+    for (protocol, method), rows in table.groupby(["protocol", "method"], sort=False):
+        rows = rows.sort_values("train_split")
+        colour = METHOD_COLOURS.get(method)
+        ax.plot(
+            rows["train_split"], rows[f"{prefix}_avg"], marker="o", color=colour, linestyle=PROTOCOL_LINES.get(protocol, "-"),
+            label=rows["runs_are"].iloc[0],
+        )
+        if protocol == "finetune":
+            ax.fill_between(rows["train_split"], rows[f"{prefix}_min"], rows[f"{prefix}_max"], color=colour, alpha=0.15)
+
+
+def _fraction_axis(ax, table: pd.DataFrame, extra_ticks: set = frozenset()) -> None:
+    """The labelled fraction on a log scale, ticked at the table's fractions (and ``extra_ticks``), with a grid."""
+    ax.set_xscale("log")
+    ticks = sorted(set(table["train_split"]) | set(extra_ticks))
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_xlabel("% of labelled training images")
+    ax.grid(alpha=0.3)
 
 
 def grad_cam(model, images: np.ndarray, target: str = "ordinal", *, views: int = 1, mask: bool = True) -> np.ndarray:

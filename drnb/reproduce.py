@@ -342,7 +342,7 @@ def reproduce(
         elif not report.failed:
             _remove_shared_features(paths, log)
             if paths.table_md.exists():
-                log(f"table: {paths.table_md}\nplot:  {paths.plot}\nall results: {paths.results}")
+                log(f"table: {paths.table_md}\nplots: {paths.plot}, {paths.auc_plot}\nall results: {paths.results}")
     return report
 
 

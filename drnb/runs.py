@@ -14,7 +14,8 @@
                                     metrics.json, predictions.csv, history.csv (notebook 03)
       features/                     frozen-encoder features the fraction notebooks share (notebook 03;
                                     a cache, removed when drnb reproduce finishes the sweep)
-      results.csv, table.csv, table.md, comparison.csv, kappa_vs_fraction.png (notebook 04)
+      results.csv, table.csv, table.md, comparison.csv, kappa_vs_fraction.png,
+      referable_auc_vs_fraction.png (notebook 04)
       notebooks/                    the executed notebooks (drnb reproduce)
       .drnb-lock                    the process id of the last drnb reproduce that held the folder
                                     (the lock itself is the operating system's, on this file)
@@ -102,6 +103,10 @@ class RunPaths:
     @property
     def plot(self) -> Path:
         return self.root / "kappa_vs_fraction.png"
+
+    @property
+    def auc_plot(self) -> Path:
+        return self.root / "referable_auc_vs_fraction.png"
 
 
 def checkout_root() -> Path | None:

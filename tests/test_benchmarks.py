@@ -179,10 +179,12 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
         assert walked["finetune_full"] - work["finetune_full"] == walkthrough_full
         assert walked["ridge_fits"] - work["ridge_fits"] == (len(profile.fractions) if profile.head_init == "ridge" else 0)
         if profile.test_time_turns == 4 and not profile.recalibrate_batchnorm:
-            # The fine-tuned runs' test fold, validation after each full epoch and calibration, each in four turns.
+            # The fine-tuned runs' test fold, validation after each full epoch, calibration and the
+            # referable-DR threshold's training images, each in four turns.
             scored = sum(
                 len(split.test) + profile.finetune_epochs * len(split.validation_for(f))
                 + len(session.calibration_rows(split, profile.seed + r))
+                + len(session.operating_point_rows(split.train[f], profile.seed + r))
                 for f, session in zip(profile.fractions, sessions) for r in range(profile.repetitions)
                 for split in [session.split(r, f)]
             )

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from drnb.finetune import FinetuneSession, learning_rate_at, plan_steps, run_directory, run_fraction
-from drnb.metrics import quadratic_weighted_kappa
+from drnb.metrics import operating_point, quadratic_weighted_kappa, referable_auc
 from drnb.preprocessing import PreprocessConfig, preprocess_image
 from drnb.pretext import planned_epochs, train_pretext
 from drnb.profiles import resolve_profile
@@ -293,6 +293,37 @@ def test_prior_cut_points_are_fitted_on_the_training_pool_and_decode_the_test_fo
     np.testing.assert_array_equal(predictions["predicted"], decode_with_cut_points(scores, cuts))
     fixed = decode(predictions[[f"p{k}" for k in range(5)]].to_numpy(), "ordinal")
     assert metrics["qw_kappa_fixed_cuts"] == pytest.approx(quadratic_weighted_kappa(predictions["grade"], fixed))
+    # Referable DR: the score written is the expected grade, and the threshold is the one the
+    # run's weights give the labelled subset's non-referable images.
+    np.testing.assert_allclose(predictions["score"], scores, atol=1e-6)
+    assert metrics["referable_auc"] == pytest.approx(referable_auc(predictions["grade"], predictions["score"]), abs=1e-9)
+    train = small_session.split(0, 1.0).train[1.0]
+    assert metrics["referable_threshold"] == pytest.approx(small_session.referable_threshold(train, seed=0))
+    assert metrics["referable_threshold_images"] == len(small_session.operating_point_rows(train, seed=0)) > 0
+    sensitivity, specificity = operating_point(predictions["grade"], predictions["score"], metrics["referable_threshold"])
+    assert (metrics["referable_sensitivity"], metrics["referable_specificity"]) == pytest.approx((sensitivity, specificity))
+
+
+def test_the_referable_threshold_reads_only_the_labelled_subsets_grades(small_session, monkeypatch):
+    split = small_session.split(0, 0.25)
+    train = split.train[0.25]
+    rows = small_session.operating_point_rows(train, seed=1)
+    assert len(rows) and np.isin(rows, train).all() and (small_session.grades[rows] < 2).all()
+    threshold = small_session.referable_threshold(train, seed=1)
+    rng = np.random.default_rng(0)
+    outside = np.setdiff1d(np.arange(len(small_session.grades)), train)  # the test fold, and the unlabelled pool
+    shuffled = small_session.grades.copy()
+    shuffled[outside] = rng.permutation(shuffled[outside])
+    assert not np.array_equal(shuffled[split.test], small_session.grades[split.test])
+    original = small_session.grades
+    monkeypatch.setattr(small_session, "grades", shuffled)
+    np.testing.assert_array_equal(small_session.operating_point_rows(train, seed=1), rows)
+    assert small_session.referable_threshold(train, seed=1) == threshold
+    # The check can fail: the labelled subset's own grades do choose the rows.
+    relabelled = original.copy()
+    relabelled[train] = rng.permutation(relabelled[train])
+    monkeypatch.setattr(small_session, "grades", relabelled)
+    assert not np.array_equal(small_session.operating_point_rows(train, seed=1), rows)
 
 
 def test_test_time_turns_average_the_predictions_of_each_image_turned(small_session):

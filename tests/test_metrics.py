@@ -170,3 +170,135 @@ def test_vectorised_bootstrap_kappa_equals_scikit_learn():
     expected = [cohen_kappa_score(t, p, weights="quadratic", labels=range(5)) for t, p in zip(truth, predicted)]
     np.testing.assert_allclose(kappa_of_resamples(truth, predicted), expected, rtol=1e-12, atol=1e-12)
     assert np.isnan(kappa_of_resamples(np.full(6, 2), np.full(6, 2)))
+
+
+# Referable DR (grade >= 2 against 0-1) from a continuous score.
+
+# A hand-made prediction table: 12 test photographs, their grades and the grader's expected
+# grade, with ties across the classes (1.0 and 2.5) so that tie handling is tested too.
+TABLE_GRADES = np.array([0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 0])
+TABLE_SCORES = np.array([0.1, 0.4, 1.0, 0.9, 2.5, 1.2, 1.0, 2.2, 2.5, 3.1, 3.9, 0.3])
+
+
+@pytest.fixture(scope="module")
+def scored():
+    """400 photographs whose score tracks the grade with noise, rounded so that ties occur."""
+    rng = np.random.default_rng(4)
+    grades = rng.choice(5, size=400, p=[0.45, 0.15, 0.2, 0.1, 0.1])
+    return grades, np.round(grades + rng.normal(0, 1.2, size=400), 1)
+
+
+def test_referable_auc_equals_scikit_learn_on_a_hand_made_table(scored):
+    from sklearn.metrics import roc_auc_score
+
+    from drnb.metrics import auc_of_resamples, referable_auc
+
+    assert referable_auc(TABLE_GRADES, TABLE_SCORES) == pytest.approx(roc_auc_score(TABLE_GRADES >= 2, TABLE_SCORES), abs=1e-9)
+    # 5 referable x 7 not: 35 pairs, of which 31 ranked right (4.5 + 6 + 6.5 + 7 + 7: a tie counts half).
+    assert referable_auc(TABLE_GRADES, TABLE_SCORES) == pytest.approx(31 / 35, abs=1e-12)
+    grades, scores = scored
+    assert referable_auc(grades, scores) == pytest.approx(roc_auc_score(grades >= 2, scores), abs=1e-9)
+    rng = np.random.default_rng(5)
+    rows = rng.integers(0, len(grades), (30, len(grades)))  # resamples, as the bootstrap draws them
+    expected = [roc_auc_score(grades[r] >= 2, scores[r]) for r in rows]
+    np.testing.assert_allclose(auc_of_resamples(grades[rows], scores[rows]), expected, rtol=0, atol=1e-9)
+
+
+def test_referable_auc_interval_is_the_kappas_resampling_with_scikit_learns_auc(scored):
+    from scipy import stats
+    from sklearn.metrics import roc_auc_score
+
+    from drnb.metrics import _BOOTSTRAP_RNG_KW, bootstrap_auc_ci
+
+    grades, scores = scored
+    low, high = bootstrap_auc_ci(grades, scores, n_resamples=300, seed=3)
+    reference = stats.bootstrap(
+        (grades, scores), lambda g, s: roc_auc_score(g >= 2, s), n_resamples=300, paired=True, vectorized=False,
+        batch=200, confidence_level=0.95, method="percentile", **{_BOOTSTRAP_RNG_KW: np.random.default_rng(3)},
+    ).confidence_interval
+    assert (low, high) == pytest.approx((reference.low, reference.high), abs=1e-9)
+    assert low < roc_auc_score(grades >= 2, scores) < high
+    assert (low, high) == bootstrap_auc_ci(grades, scores, n_resamples=300, seed=3)
+
+
+def test_operating_point_keeps_the_target_specificity_on_training_scores_and_agrees_with_roc_curve(scored):
+    from sklearn.metrics import roc_curve
+
+    from drnb.metrics import operating_point, specificity_threshold
+
+    grades, scores = scored
+    train, test = np.arange(len(grades)) < 250, np.arange(len(grades)) >= 250
+    threshold = specificity_threshold(scores[train], grades[train] >= 2, 0.9)
+    negatives = scores[train][grades[train] < 2]
+    assert np.mean(negatives <= threshold) >= 0.9
+    assert np.mean(negatives < threshold) < 0.9  # the lowest such threshold: any lower one misses 90 %
+    sensitivity, specificity = operating_point(grades[test], scores[test], threshold)
+    # roc_curve calls a score >= t positive; "above the threshold" is the curve's point at the
+    # lowest of its thresholds that lies above ours.
+    fpr, tpr, thresholds = roc_curve(grades[test] >= 2, scores[test], drop_intermediate=False)
+    point = np.flatnonzero(thresholds > threshold)[-1]
+    assert sensitivity == pytest.approx(tpr[point], abs=1e-9)
+    assert specificity == pytest.approx(1 - fpr[point], abs=1e-9)
+    # On the hand-made table: the non-referable scores sorted are 0.1 0.3 0.4 0.9 1.0 1.2 2.5;
+    # 90 % of 7 asks for 7 at or below, so the threshold is the highest, 2.5.
+    assert specificity_threshold(TABLE_SCORES, TABLE_GRADES >= 2, 0.9) == 2.5
+    assert specificity_threshold(TABLE_SCORES, TABLE_GRADES >= 2, 0.5) == 0.9  # 4 of 7
+    assert operating_point(TABLE_GRADES, TABLE_SCORES, 0.9) == (1.0, pytest.approx(4 / 7))  # every referable above 0.9
+    assert operating_point(TABLE_GRADES, TABLE_SCORES, 2.5) == (pytest.approx(2 / 5), 1.0)  # 2.5 itself is not above
+
+
+def test_the_threshold_never_reads_a_test_grade(scored):
+    from drnb.metrics import specificity_threshold
+
+    grades, scores = scored
+    train = np.random.default_rng(6).random(len(grades)) < 0.6  # the training pool; the rest is the test fold
+
+    def threshold_of(all_grades):
+        # What a run does: only training rows' scores and grades reach the threshold.
+        return specificity_threshold(scores[train], all_grades[train] >= 2)
+
+    chosen = threshold_of(grades)
+    for seed in range(5):
+        shuffled = grades.copy()
+        shuffled[~train] = np.random.default_rng(seed).permutation(grades[~train])
+        assert threshold_of(shuffled) == chosen
+    every_test_referable = np.where(train, grades, 4)
+    assert threshold_of(every_test_referable) == chosen
+    # The check can fail: shuffling the training grades moves the threshold.
+    shuffled = grades.copy()
+    shuffled[train] = np.random.default_rng(0).permutation(grades[train])
+    assert threshold_of(shuffled) != chosen
+
+
+def test_one_class_only_is_undefined_with_a_reason_never_a_crash():
+    import json
+
+    from drnb.metrics import ONE_CLASS_ONLY, bootstrap_auc_ci, referable_auc, referable_metrics
+
+    healthy = np.array([0, 1, 0, 1, 0])
+    scores = np.array([0.2, 1.1, 0.4, 0.9, 0.0])
+    assert np.isnan(referable_auc(healthy, scores))
+    assert np.isnan(bootstrap_auc_ci(healthy, scores, n_resamples=20)).all()
+    figures = referable_metrics(healthy, scores, 0.5, n_resamples=20)
+    assert figures["referable_auc"] is None and figures["referable_auc_ci_low"] is None
+    assert figures["referable_sensitivity"] is None  # no referable photograph to catch
+    assert figures["referable_specificity"] == pytest.approx(3 / 5)  # still defined on the healthy ones
+    assert figures["referable_note"].startswith(ONE_CLASS_ONLY) and figures["n_referable"] == 0
+    assert json.loads(json.dumps(figures))["referable_auc"] is None  # null in metrics.json
+    both = referable_metrics(TABLE_GRADES, TABLE_SCORES, None, n_resamples=0, note="no training scores")
+    assert both["referable_auc"] == pytest.approx(31 / 35) and both["referable_note"] == "no training scores"
+    assert both["referable_threshold"] is None and both["referable_sensitivity"] is None
+
+
+def test_referable_bad_inputs_raise():
+    from drnb.metrics import referable_auc, specificity_threshold
+
+    with pytest.raises(ValueError, match="one per grade"):
+        referable_auc([0, 2, 3], [0.1, 0.2])
+    with pytest.raises(ValueError, match="finite"):
+        referable_auc([0, 2], [0.1, np.nan])
+    with pytest.raises(ValueError, match=r"specificity must be a number in \(0, 1\]"):
+        specificity_threshold([0.1, 0.2], [False, True], 90)
+    with pytest.raises(ValueError, match="booleans"):
+        specificity_threshold([0.1, 0.2], [0, 2])
+    assert np.isnan(specificity_threshold([0.1, 0.2], [True, True]))  # no non-referable training image

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from drnb.metrics import ONE_CLASS_ONLY
 from drnb.profiles import PROFILES
 from drnb.reproduce import NOTEBOOKS, kernel_manager_class, reproduce
 
@@ -101,6 +102,16 @@ def test_smoke_reproduction_reports_failures_keeps_results_and_resumes(tmp_path,
         pytest.approx(format_only["qw_kappa"].mean())
     )
     assert is_png(out / "kappa_vs_fraction.png")
+    # Referable DR beside kappa: finite where a test fold holds both classes, said undefined where it does not.
+    assert {"auc_min", "auc_avg", "auc_max", "sensitivity_avg", "specificity_avg"} <= set(table.columns)
+    both = (results["n_referable"] > 0) & (results["n_non_referable"] > 0)
+    figures = results[["referable_auc", "referable_sensitivity", "referable_specificity", "referable_threshold"]]
+    assert np.isfinite(figures[both].to_numpy()).all()
+    assert results.loc[~both, "referable_note"].fillna("").astype(str).str.startswith(ONE_CLASS_ONLY).all()
+    assert results.loc[~both, "referable_auc"].isna().all()
+    assert ((results["referable_auc"] >= 0) & (results["referable_auc"] <= 1))[both].all()
+    assert {"auc_pooled_difference", "auc_ci_low", "auc_ci_high", "auc_verdict"} <= set(comparison.columns)
+    assert is_png(out / "referable_auc_vs_fraction.png")
     assert "| method |" in (out / "table.md").read_text()
     assert json.loads((out / "profile.json").read_text())["name"] == "smoke"
     assert any("table:" in line for line in lines)

@@ -23,6 +23,55 @@ def test_learning_curves_join_the_epochs_the_accuracy_was_scored_at():
     assert list(accuracy_epochs) == [2, 4] and list(accuracy) == [0.5, 0.9]
 
 
+def summary_rows():
+    """A summary table as drnb.results.summary_table gives it: two methods, two protocols, two fractions."""
+    rows = []
+    for protocol in ("finetune", "linear"):
+        for method, base in (("rotation", 0.8), ("scratch", 0.7)):
+            for split in (25.0, 100.0):
+                rows.append({"protocol": protocol, "method": method, "runs_are": f"{method}, {protocol}", "train_split": split,
+                             "qwk_min": base - 0.1, "qwk_avg": base, "qwk_max": base + 0.05,
+                             "auc_min": base + 0.05, "auc_avg": base + 0.1, "auc_max": base + 0.15})
+    return pd.DataFrame(rows)
+
+
+def test_auc_vs_fraction_draws_each_method_as_the_kappa_plot_does():
+    from drnb.plots import plot_auc_vs_fraction, plot_kappa_vs_fraction
+
+    table = summary_rows()
+    auc_ax = plot_auc_vs_fraction(table)
+    kappa_ax = plot_kappa_vs_fraction(table, show_paper=False)
+    curves = {line.get_label(): line for line in auc_ax.lines}
+    assert set(curves) == set(table["runs_are"]) | {"chance (0.5)"}
+    x, y = curves["rotation, finetune"].get_data()
+    assert list(x) == [25.0, 100.0] and list(y) == pytest.approx([0.9, 0.9])
+    assert curves["rotation, linear"].get_linestyle() == "--" and curves["rotation, finetune"].get_linestyle() == "-"
+    assert len(auc_ax.collections) == len(kappa_ax.collections) == 2  # min-max bands for the fine-tuned curves only
+    assert [line.get_color() for line in auc_ax.lines[:4]] == [line.get_color() for line in kappa_ax.lines[:4]]
+    assert auc_ax.get_xscale() == "log" and "AUC" in auc_ax.get_ylabel()
+    table.loc[table["method"] == "scratch", ["auc_min", "auc_avg", "auc_max"]] = np.nan  # one class only everywhere: a gap
+    plot_auc_vs_fraction(table)
+
+
+def test_referable_roc_draws_each_run_with_its_auc_and_operating_point():
+    from sklearn.metrics import roc_auc_score
+
+    from drnb.plots import plot_referable_roc
+
+    rng = np.random.default_rng(0)
+    grades = rng.integers(0, 5, 100)
+    scores = grades + rng.normal(0, 1, 100)
+    ax = plot_referable_roc(
+        {"rotation": (grades, scores), "healthy only": (np.zeros(5, int), np.arange(5.0))},
+        operating_points={"rotation": (0.7, 0.9)},
+    )
+    labels = [line.get_label() for line in ax.lines]
+    assert f"rotation (AUC {roc_auc_score(grades >= 2, scores):.3f})" in labels
+    assert "healthy only: undefined: one class only" in labels
+    dot = next(line for line in ax.lines if line.get_marker() == "o")
+    assert list(dot.get_xdata()) == pytest.approx([0.1]) and list(dot.get_ydata()) == pytest.approx([0.7])
+
+
 def preprocessed_fundus(n: int, size: int = 64, grades=(2,), seed: int = 0, clips=(0.0, 0.2)):
     """``n`` synthetic photographs preprocessed as a run does (Ben Graham), with their lesions.
 

@@ -8,17 +8,28 @@ import pandas as pd
 import pytest
 
 from drnb.finetune import run_directory, write_run
-from drnb.metrics import evaluate_predictions
-from drnb.results import PAPER_KAPPA, collect_results, compare_methods, cut_point_effect, markdown_table, summary_table
+from drnb.metrics import ONE_CLASS_ONLY, evaluate_predictions, referable_metrics, specificity_threshold
+from drnb.results import (
+    NO_TRAINING_SCORES,
+    PAPER_KAPPA,
+    collect_results,
+    compare_methods,
+    cut_point_effect,
+    markdown_table,
+    summary_table,
+)
 
 
-def fake_sweep(root, accuracy_by_run, fractions=(0.1, 1.0), repetitions=3, n=200, seed=0):
+def fake_sweep(root, accuracy_by_run, fractions=(0.1, 1.0), repetitions=3, n=200, seed=0, legacy=False, grades=None):
     """Write run folders as fine-tuning does, with predictions correct at the given rates.
 
-    ``accuracy_by_run``: (protocol, method) -> the share of test images predicted right.
+    ``accuracy_by_run``: (protocol, method) -> the share of test images predicted right. The
+    score is the predicted grade plus noise; its referable-DR threshold is set on made-up
+    training scores. ``legacy``: write what runs wrote before referable DR (no referable
+    figures in metrics.json, no score column). Returns the grades.
     """
     rng = np.random.default_rng(seed)
-    grades = rng.integers(0, 5, n)
+    grades = rng.integers(0, 5, n) if grades is None else np.asarray(grades)
     folds = np.arange(n) % repetitions
     test_rows = pd.DataFrame({"image_id": [f"img{i}" for i in range(n)], "path": "x"})
     for (protocol, method), accuracy in accuracy_by_run.items():
@@ -27,12 +38,17 @@ def fake_sweep(root, accuracy_by_run, fractions=(0.1, 1.0), repetitions=3, n=200
                 test = folds == repetition
                 truth = grades[test]
                 predicted = np.where(rng.random(test.sum()) < accuracy, truth, rng.integers(0, 5, test.sum()))
+                scores = predicted + rng.normal(0, 0.3, test.sum())
                 metrics = evaluate_predictions(truth, predicted, n_resamples=0)
+                if not legacy:
+                    training = rng.integers(0, 5, 50)
+                    threshold = specificity_threshold(training + rng.normal(0, 0.3, 50), training >= 2)
+                    metrics.update(referable_metrics(truth, scores, threshold, n_resamples=50, seed=repetition))
                 metrics.update(protocol=protocol, method=method, fraction=fraction, repetition=repetition, n_train=10,
                                n_test=int(test.sum()), seconds=1.0)
                 probabilities = np.eye(5)[predicted]
                 out = run_directory(root, protocol, method, fraction, repetition)
-                write_run(out, metrics, [], test_rows[test], truth, predicted, probabilities)
+                write_run(out, metrics, [], test_rows[test], truth, predicted, probabilities, scores=None if legacy else scores)
     return grades
 
 
@@ -60,6 +76,50 @@ def test_table_has_min_avg_max_per_protocol_method_and_fraction_beside_the_paper
     assert words[("finetune", "scratch")] == "trained from scratch"
     markdown = markdown_table(table)
     assert markdown.count("\n") == len(table) + 2 and "| linear | scratch | random weights, linear head | 10 |" in markdown
+    # Referable DR beside kappa: AUC min / avg / max and the operating point's averages.
+    assert list(table.columns[table.columns.get_loc("qwk_max") + 1:][:5]) == [
+        "auc_min", "auc_avg", "auc_max", "sensitivity_avg", "specificity_avg"
+    ]
+    for (protocol, method, split), rows in results.groupby(["protocol", "method", "fraction"]):
+        row = table[(table["protocol"] == protocol) & (table["method"] == method) & (table["train_split"] == split * 100)].iloc[0]
+        aucs = rows["referable_auc"]
+        assert np.isfinite(aucs).all()
+        assert (row["auc_min"], row["auc_avg"], row["auc_max"]) == pytest.approx((aucs.min(), aucs.mean(), aucs.max()))
+        assert row["sensitivity_avg"] == pytest.approx(rows["referable_sensitivity"].mean())
+    assert "auc_avg" in markdown
+
+
+def test_older_runs_get_auc_and_recall_from_their_predictions_but_no_operating_point(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    fake_sweep(tmp_path, {("finetune", "rotation"): 0.8}, legacy=True)
+    with pytest.raises(ValueError, match="pass target"):
+        collect_results(tmp_path)
+    results = collect_results(tmp_path, target="softmax", n_resamples=50)  # one-hot outputs: the expected grade is the grade
+    for row in results.itertuples():
+        predictions = pd.read_csv(run_directory(tmp_path, row.protocol, row.method, row.fraction, row.repetition) / "predictions.csv")
+        assert row.referable_auc == pytest.approx(roc_auc_score(predictions["grade"] >= 2, predictions["predicted"]), abs=1e-9)
+        assert row.referable_auc_ci_low < row.referable_auc < row.referable_auc_ci_high
+        assert np.isnan(row.referable_sensitivity) and np.isnan(row.referable_threshold)
+        assert row.referable_note == NO_TRAINING_SCORES
+    assert np.isfinite(results[[f"recall_{g}" for g in range(5)]].to_numpy()).all()
+    table = summary_table(results)
+    assert np.isfinite(table["auc_avg"]).all() and table["sensitivity_avg"].isna().all()
+
+
+def test_a_test_fold_of_one_class_is_undefined_and_says_so(tmp_path):
+    # Fold 0 (every third photograph from the first) holds grades 0-1 only.
+    grades = np.where(np.arange(60) % 3 == 0, np.arange(60) % 2, np.arange(60) % 5)
+    fake_sweep(tmp_path, {("finetune", "rotation"): 0.8, ("finetune", "scratch"): 0.5}, fractions=(1.0,), n=60, grades=grades)
+    results = collect_results(tmp_path)
+    lone = results["repetition"] == 0
+    assert results.loc[lone, "referable_note"].str.startswith(ONE_CLASS_ONLY).all()
+    assert results.loc[lone, "referable_auc"].isna().all() and results.loc[lone, "referable_sensitivity"].isna().all()
+    assert np.isfinite(results.loc[~lone, "referable_auc"]).all() and (results.loc[~lone, "referable_note"] == "").all()
+    table = summary_table(results)
+    assert (table["auc_min"] == table["auc_min"]).all()  # the undefined fold is left out, not made 0
+    comparison = compare_methods(tmp_path, results, n_resamples=50)
+    assert np.isfinite(comparison[["auc_pooled_difference", "auc_mean_difference"]].to_numpy()).all()
 
 
 def test_a_much_better_method_is_called_better_and_equal_ones_are_not_per_protocol(tmp_path):
@@ -70,6 +130,11 @@ def test_a_much_better_method_is_called_better_and_equal_ones_are_not_per_protoc
     assert (comparison["protocol"] == "finetune").all() and len(comparison) == 2
     assert (comparison["verdict"] == "rotation better").all()
     assert (comparison["repetitions_won"] == 3).all() and (comparison["ci_low"] > 0).all()
+    # The same question for referable DR's AUC, on the same resamples.
+    assert (comparison["auc_ci_low"] > 0).all() and (comparison["auc_verdict"] == "rotation better").all()
+    assert (comparison["auc_ci_low"] < comparison["auc_pooled_difference"]).all()
+    assert (comparison["auc_pooled_difference"] < comparison["auc_ci_high"]).all()
+    assert (comparison["auc_mean_difference"] > 0).all()
 
     # The linear runs are paired with each other, not with the fine-tuned ones.
     comparison = compare_methods(tmp_path, results, n_resamples=200, protocol="linear")
