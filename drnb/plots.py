@@ -15,7 +15,7 @@ from drnb.datasets import GRADE_NAMES
 from drnb.results import PAPER_KAPPA
 from drnb.targets import TARGETS
 
-METHOD_COLOURS = {"rotation": "tab:blue", "scratch": "tab:orange", "imagenet": "tab:green"}
+METHOD_COLOURS = {"rotation": "tab:blue", "contrastive": "tab:purple", "scratch": "tab:orange", "imagenet": "tab:green"}
 PROTOCOL_LINES = {"finetune": "-", "linear": "--"}
 
 

@@ -29,9 +29,11 @@ from drnb.targets import expected_grade
 # encoder is an untrained network, not the study's scratch-trained baseline.
 DESCRIPTIONS = {
     ("finetune", "rotation"): "rotation pretext, fine-tuned",
+    ("finetune", "contrastive"): "contrastive pretext, fine-tuned",
     ("finetune", "scratch"): "trained from scratch",
     ("finetune", "imagenet"): "ImageNet weights, fine-tuned",
     ("linear", "rotation"): "rotation pretext, linear head",
+    ("linear", "contrastive"): "contrastive pretext, linear head",
     ("linear", "scratch"): "random weights, linear head",
     ("linear", "imagenet"): "ImageNet weights, linear head",
 }
@@ -330,10 +332,12 @@ def compare_methods(
         rows.append(
             {
                 "protocol": protocol,
+                "method": method,
+                "baseline": baseline,
                 "train_split": round(fraction * 100, 2),
                 "repetitions": len(paired),
-                f"{method}_qwk_avg": paired["a"].mean(),
-                f"{baseline}_qwk_avg": paired["b"].mean(),
+                "method_qwk_avg": paired["a"].mean(),
+                "baseline_qwk_avg": paired["b"].mean(),
                 "mean_difference": (paired["a"] - paired["b"]).mean(),
                 "repetitions_won": int((paired["a"] > paired["b"]).sum()),
                 "pooled_difference": difference,

@@ -337,3 +337,38 @@ def test_a_fraction_cell_with_a_damaged_metrics_file_is_not_finished(tmp_path):
     assert not cell.finished(warn=warnings.append)
     assert len(warnings) == len(cell.done_marker) and all("is damaged" in line for line in warnings)
     assert str(cell.done_marker[0]) in warnings[0]
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+def test_a_smoke_chain_with_an_archive_compares_each_pretext_with_scratch(tmp_path):
+    """Both pretexts trained on the study and an archive folder, each fine-tuned against scratch."""
+    from drnb.synthetic import write_synthetic_dataset
+
+    other = write_synthetic_dataset(tmp_path / "other", n=24, size=96, seed=5)
+    archive = tmp_path / "archive"
+    for index, path in enumerate(sorted((other / "train_images").glob("*.png"))):
+        target = archive / f"camera_{index % 2}" / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    out = tmp_path / "run"
+    settings = {"methods": "rotation,contrastive,scratch", "pretext_images": str(archive), "fractions": "1.0"}
+    report = reproduce("smoke", out=str(out), overrides=settings, kernel="python3", log=lambda line: None)
+
+    assert report.ok, report.failed
+    for method, folder in (("rotation", "pretext"), ("contrastive", "pretext_contrastive")):
+        metrics = json.loads((out / folder / "metrics.json").read_text())
+        assert metrics["pretext"] == method
+        trained = metrics["train_images_per_source"]
+        assert set(trained) == {"synthetic", "archive"} and sum(trained.values()) + metrics["heldout_images"] == 120 + 24
+    results = pd.read_csv(out / "results.csv")
+    assert set(zip(results["protocol"], results["method"])) == {
+        (p, m) for p in ("finetune", "linear") for m in ("rotation", "contrastive", "scratch")
+    }
+    comparison = pd.read_csv(out / "comparison.csv")
+    assert set(zip(comparison["method"], comparison["protocol"])) == {
+        (m, p) for m in ("rotation", "contrastive") for p in ("finetune", "linear")
+    }
+    assert (comparison["baseline"] == "scratch").all() and np.isfinite(comparison["pooled_difference"]).all()
+    pretext_notebook = (out / "notebooks" / NOTEBOOKS["pretext"]).read_text()
+    assert "'archive': 24" in pretext_notebook  # notebook 02 says where its photographs came from
