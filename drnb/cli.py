@@ -4,6 +4,7 @@
 
     drnb datasets                                  registered datasets, sources, licences, layouts
     drnb inspect --dataset NAME [--data-dir DIR]   counts per grade, given splits, every problem found
+    drnb inspect --pretext-images DIR[,NAME:DIR]   an unlabelled archive: photographs per source, every problem found
     drnb profiles [NAME]                           the settings of each profile
     drnb reproduce --profile {smoke,demo,quick,paper} [--dataset NAME] [--data-dir DIR]
                    [--set key=value ...] [--out runs/NAME] [--overwrite]
@@ -23,7 +24,11 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("datasets", help="list the registered datasets with source, licence and expected layout")
 
     inspect = commands.add_parser("inspect", help="load a dataset and report counts, splits and problems")
-    inspect.add_argument("--dataset", required=True, help="registered dataset name (see `drnb datasets`)")
+    inspect.add_argument("--dataset", help="registered dataset name (see `drnb datasets`)")
+    inspect.add_argument(
+        "--pretext-images",
+        help="inspect an unlabelled archive instead: folders, or NAME / NAME:DIR of registered datasets, comma-separated",
+    )
     inspect.add_argument("--data-dir", help="the dataset's folder as it comes from its source")
     inspect.add_argument("--label-file", help="csv layout: label file inside the data folder")
     inspect.add_argument("--image-dir", help="csv layout: image folder inside the data folder")
@@ -66,6 +71,11 @@ def _inspect(args) -> int:
     from drnb.datasets import GRADE_NAMES, grade_counts, load_dataset
     from drnb.preprocessing import find_problems
 
+    if args.pretext_images:
+        return _inspect_archive(args)
+    if not args.dataset:
+        raise ValueError("inspect: expected --dataset NAME (a labelled dataset) or --pretext-images (an unlabelled archive)")
+
     problems: list[str] = []
 
     class Collect(logging.Handler):
@@ -94,6 +104,25 @@ def _inspect(args) -> int:
     patients = table["patient_id"].dropna()
     if len(patients):
         print(f"patients: {patients.nunique()} ({len(patients)} images with a patient id)")
+    print(f"problems: {len(problems)}")
+    for problem in problems:
+        print(f"  - {problem}")
+    return 1 if problems else 0
+
+
+def _inspect_archive(args) -> int:
+    """``drnb inspect --pretext-images``: the archive's photographs per source and every problem
+    preprocessing would meet in them."""
+    from drnb.archive import archive_table, check_sources, normalise_entries
+    from drnb.preprocessing import find_problems
+
+    entries = normalise_entries(args.pretext_images)
+    check_sources(entries)
+    table = archive_table(entries, drop_missing=True)
+    problems = [] if args.no_decode else find_problems(table)
+    print(f"pretext archive: {len(table)} photographs (grades never read)")
+    for source, count in table["source"].value_counts(sort=False).items():
+        print(f"  {source}: {count}")
     print(f"problems: {len(problems)}")
     for problem in problems:
         print(f"  - {problem}")

@@ -99,6 +99,20 @@ def test_inspect_names_missing_and_unreadable_files(tmp_path, write_fundus, caps
     assert "c.png" in out and str(root / "train_images" / "b.png") in out
 
 
+def test_inspect_checks_an_unlabelled_archive_source_by_source(tmp_path, write_fundus, capsys):
+    write_fundus(tmp_path / "archive" / "clinic" / "a.jpg")
+    write_fundus(tmp_path / "archive" / "b.png")
+    (tmp_path / "archive" / "clinic" / "broken.png").write_bytes(b"not a png at all" * 8)
+    root = write_aptos(tmp_path / "aptos", write_fundus, [("x", 0), ("y", 2)])
+    assert main(["inspect", "--pretext-images", f"{tmp_path / 'archive'},aptos2019:{root}"]) == 1
+    out = capsys.readouterr().out
+    assert "pretext archive: 5 photographs" in out and "  archive: 3" in out and "  aptos2019: 2" in out
+    assert "problems: 1" in out and "broken.png" in out
+    assert main(["inspect"]) == 2 and "--dataset NAME" in capsys.readouterr().err
+    assert main(["inspect", "--pretext-images", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere is not a folder" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("photograph", ["all_black", "one_pixel", "zero_bytes", "truncated", "flat_white"])
 def test_inspect_finds_what_preprocessing_would_refuse(tmp_path, write_fundus, write_image, capsys, photograph):
     """inspect checks every photograph as preprocessing does, so a set it passes preprocesses."""
