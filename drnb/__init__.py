@@ -1,10 +1,11 @@
-"""drnb: self-supervised rotation pretraining for diabetic-retinopathy grading.
+"""drnb: self-supervised pretraining (rotation, contrastive) for diabetic-retinopathy grading.
 
 The story, module by module: :mod:`drnb.datasets` (registry and loaders) ->
-:mod:`drnb.preprocessing` (fundus crop, mask, cache) -> :mod:`drnb.pipeline` (tf.data,
-augmentation, rotations) -> :mod:`drnb.models` (encoders, heads) -> :mod:`drnb.training`
--> :mod:`drnb.pretext` and :mod:`drnb.finetune` -> :mod:`drnb.results` -> :mod:`drnb.reproduce`
--> :mod:`drnb.cli`. Each module owns its options; :mod:`drnb.profiles` gathers them into
+:mod:`drnb.archive` (unlabelled photographs for the pretext) -> :mod:`drnb.preprocessing`
+(fundus crop, mask, cache) -> :mod:`drnb.pipeline` (tf.data, augmentation, rotations, views)
+-> :mod:`drnb.models` (encoders, heads) -> :mod:`drnb.training` -> :mod:`drnb.pretexts` (one
+module per task) -> :mod:`drnb.pretext` and :mod:`drnb.finetune` -> :mod:`drnb.results` ->
+:mod:`drnb.reproduce` -> :mod:`drnb.cli`. Each module owns its options; :mod:`drnb.profiles` gathers them into
 the settings of a run.
 """
 
