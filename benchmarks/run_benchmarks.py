@@ -209,39 +209,15 @@ def planned_work(profile, session, n_images: int, walkthrough: bool = True, arch
         encoders built (``fresh_encoders``: one per run, or one per notebook for a shared
         scratch encoder), of pretext tasks (``pretexts``) and of notebooks, and ``images`` (``n_images``).
     """
-    import math
-
-    from drnb.distribute import scaled_batch_and_rate
     from drnb.finetune import (
-        PRETEXT_METHODS, full_epochs, plan_steps, pretext_methods, runnable_methods, shares_fresh_encoder, starts_shared,
-        symmetry_views,
+        PRETEXT_METHODS, full_epochs, plan_steps, runnable_methods, shares_fresh_encoder, starts_shared, symmetry_views,
     )
-    from drnb.pretext import HOLDOUT_FRACTION, planned_epochs
-    from drnb.pretexts import PRETEXT_TASKS
-    from drnb.splits import split_holdout
 
-    # The session's groups are the pretext's (patients and near duplicates) in the stratified
-    # split mode; an archive photograph is its own group.
-    groups = session.patient_ids
-    if groups is not None and archive_images:
-        groups = np.concatenate([groups, np.array([f"archive {i}" for i in range(archive_images)], dtype=object)])
-    pretext_train, holdout = split_holdout(n_images + archive_images, HOLDOUT_FRACTION, profile.seed, groups)
-    # Batches are per replica; the global batch grows with the replicas, as in the runs.
-    pretext_batch, _ = scaled_batch_and_rate(profile.pretext_batch_size, profile.pretext_learning_rate, session.strategy)
     work = {
-        "archive_images": archive_images, "pretext_train": 0, "pretext_predict": 0,
+        **_pretext_work(profile, session, n_images, archive_images),
         "finetune_full": 0, "finetune_head": 0, "finetune_encode": 0, "finetune_predict": 0,
         "ridge_fits": 0, "ridge_rows": 0,
     }
-    for method in pretext_methods(profile):
-        task = PRETEXT_TASKS[method]
-        views_per_epoch = len(pretext_train) * task.views_per_image(profile)
-        epochs = planned_epochs(profile, views_per_epoch)
-        work["pretext_train"] += epochs * max(1, math.ceil(views_per_epoch / pretext_batch)) * pretext_batch
-        # Held-out views are scored every pretext_eval_every epochs and after the last.
-        scored = len(holdout) or min(len(pretext_train), 64)
-        work["pretext_predict"] += math.ceil(epochs / profile.pretext_eval_every) * task.scored_views_per_image * scored
-    work["pretexts"] = len(pretext_methods(profile))
     methods = runnable_methods(profile)
     test_views = symmetry_views(profile.test_time_turns)
     fit_views = test_views if profile.head_init == "ridge" else ()
@@ -293,6 +269,39 @@ def planned_work(profile, session, n_images: int, walkthrough: bool = True, arch
     work["fresh_encoders"] = (built_per_run * runs_per_notebook + shared_fresh) * len(profile.fractions)
     work["notebooks"] = 2 + (work["pretexts"] > 0) + len(profile.fractions)
     work["images"] = n_images
+    return work
+
+
+def _pretext_work(profile, session, n_images: int, archive_images: int) -> dict:
+    """The pretext notebook's share of :func:`planned_work`: ``pretexts`` (tasks trained),
+    ``archive_images`` (preprocessed for them), ``pretext_train`` and ``pretext_predict`` images."""
+    import math
+
+    from drnb.distribute import scaled_batch_and_rate
+    from drnb.finetune import pretext_methods
+    from drnb.pretext import HOLDOUT_FRACTION, planned_epochs
+    from drnb.pretexts import PRETEXT_TASKS
+    from drnb.splits import split_holdout
+
+    methods = pretext_methods(profile)
+    archive_images = archive_images if methods else 0
+    # The session's groups are the pretext's (patients and near duplicates) in the stratified
+    # split mode; an archive photograph is its own group.
+    groups = session.patient_ids
+    if groups is not None and archive_images:
+        groups = np.concatenate([groups, np.array([f"archive {i}" for i in range(archive_images)], dtype=object)])
+    pretext_train, holdout = split_holdout(n_images + archive_images, HOLDOUT_FRACTION, profile.seed, groups)
+    # Batches are per replica; the global batch grows with the replicas, as in the runs.
+    batch, _ = scaled_batch_and_rate(profile.pretext_batch_size, profile.pretext_learning_rate, session.strategy)
+    work = {"pretexts": len(methods), "archive_images": archive_images, "pretext_train": 0, "pretext_predict": 0}
+    for method in methods:
+        task = PRETEXT_TASKS[method]
+        views_per_epoch = len(pretext_train) * task.views_per_image(profile)
+        epochs = planned_epochs(profile, views_per_epoch)
+        work["pretext_train"] += epochs * max(1, math.ceil(views_per_epoch / batch)) * batch
+        # Held-out views are scored every pretext_eval_every epochs and after the last.
+        scored = len(holdout) or min(len(pretext_train), 64)
+        work["pretext_predict"] += math.ceil(epochs / profile.pretext_eval_every) * task.scored_views_per_image * scored
     return work
 
 

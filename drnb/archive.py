@@ -91,11 +91,15 @@ def normalise_entries(entries) -> tuple[str, ...]:
 
 
 def check_sources(entries) -> None:
-    """Every source's folder exists; FileNotFoundError naming the first that does not."""
+    """Every source's folder exists (a registered dataset's default folder where none is
+    given); FileNotFoundError naming the first that does not."""
+    from drnb.datasets import default_data_dir
+
     for source in map(parse_source, entries):
-        if source.folder and not Path(source.folder).is_dir():
+        folder = source.folder or str(default_data_dir(source.dataset))
+        if not Path(folder).is_dir():
             raise FileNotFoundError(
-                f"pretext_images: {source.folder} is not a folder; expected a folder of fundus photographs "
+                f"pretext_images: {folder} is not a folder; expected a folder of fundus photographs "
                 f"({', '.join(IMAGE_SUFFIXES)}, sub-folders searched) or NAME:DIR of a registered dataset"
             )
 
@@ -177,17 +181,11 @@ def study_duplicates(archive_images: np.ndarray, study_images: np.ndarray, thres
     numpy.ndarray
         bool (A,): True where the photograph matches some study photograph.
     """
-    from drnb.duplicates import fingerprints
+    from drnb.duplicates import fingerprints, matches_any
 
     if threshold == 0 or len(archive_images) == 0 or len(study_images) == 0:
         return np.zeros(len(archive_images), bool)
-    study_prints = fingerprints(study_images)
-    archive_prints = fingerprints(archive_images)
-    matched = np.zeros(len(archive_images), bool)
-    for start in range(0, len(archive_prints), 2048):  # blocks keep the similarity matrix small
-        block = archive_prints[start : start + 2048] @ study_prints.T
-        matched[start : start + 2048] = (block >= threshold).any(axis=1)
-    return matched
+    return matches_any(fingerprints(archive_images), fingerprints(study_images), threshold)
 
 
 @dataclass
@@ -210,12 +208,15 @@ def pretext_images(study_images: np.ndarray, study_table: pd.DataFrame, study_na
                    archive_rows: pd.DataFrame, listed: int, threshold: float) -> PretextImages:
     """Join the study's photographs and the archive's, less the archive's near duplicates.
 
+    An archive photograph that is one of the study's own files, or a near duplicate of a study
+    photograph, is left out (and counted), so that no photograph reaches the pretext twice.
+
     Parameters
     ----------
     study_images, archive_images : numpy.ndarray
         uint8 (N, S, S, 3) and (A, S, S, 3), preprocessed alike.
     study_table, archive_rows : pandas.DataFrame
-        Row-aligned with the images; ``archive_rows`` has ``source``.
+        Row-aligned with the images (``path``); ``archive_rows`` has ``source``.
     study_name : str
         The source name of the study's photographs (its dataset).
     listed : int
@@ -223,7 +224,10 @@ def pretext_images(study_images: np.ndarray, study_table: pd.DataFrame, study_na
     threshold : float
         The profile's ``duplicate_threshold``.
     """
-    duplicate = study_duplicates(archive_images, study_images, threshold)
+    # The study's own files always, and copies of its photographs by their fingerprints.
+    duplicate = archive_rows["path"].isin(set(study_table["path"])).to_numpy() | study_duplicates(
+        archive_images, study_images, threshold
+    )
     kept_rows = archive_rows.loc[~duplicate]
     table = pd.concat(
         [study_table.assign(source=study_name)[list(PRETEXT_COLUMNS)], kept_rows[list(PRETEXT_COLUMNS)]], ignore_index=True

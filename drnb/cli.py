@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 
@@ -67,16 +68,9 @@ def _datasets() -> int:
     return 0
 
 
-def _inspect(args) -> int:
-    from drnb.datasets import GRADE_NAMES, grade_counts, load_dataset
-    from drnb.preprocessing import find_problems
-
-    if args.pretext_images:
-        return _inspect_archive(args)
-    if not args.dataset:
-        raise ValueError("inspect: expected --dataset NAME (a labelled dataset) or --pretext-images (an unlabelled archive)")
-
-    problems: list[str] = []
+@contextlib.contextmanager
+def _warnings_collected(problems: list[str]):
+    """Collect drnb's logged warnings (a dropped missing photograph, ...) into ``problems``."""
 
     class Collect(logging.Handler):
         def emit(self, record):
@@ -85,13 +79,34 @@ def _inspect(args) -> int:
     handler = Collect(logging.WARNING)
     logging.getLogger("drnb").addHandler(handler)
     try:
+        yield
+    finally:
+        logging.getLogger("drnb").removeHandler(handler)
+
+
+def _print_problems(problems: list[str]) -> int:
+    """Print the problems found; the exit code: 1 if there are any."""
+    print(f"problems: {len(problems)}")
+    for problem in problems:
+        print(f"  - {problem}")
+    return 1 if problems else 0
+
+
+def _inspect(args) -> int:
+    from drnb.datasets import GRADE_NAMES, grade_counts, load_dataset
+    from drnb.preprocessing import find_problems
+
+    if args.pretext_images:
+        return _inspect_archive(args)
+    if not args.dataset:
+        raise ValueError("inspect: expected --dataset NAME (a labelled dataset) or --pretext-images (an unlabelled archive)")
+    problems: list[str] = []
+    with _warnings_collected(problems):
         table = load_dataset(
             args.dataset, args.data_dir, drop_missing=True, label_file=args.label_file, image_dir=args.image_dir,
             id_column=args.id_column, grade_column=args.grade_column,
             patient_column=args.patient_column, suffix=args.suffix,
         )
-    finally:
-        logging.getLogger("drnb").removeHandler(handler)
     if not args.no_decode:
         problems.extend(find_problems(table))
     print(f"{args.dataset}: {len(table)} images")
@@ -104,10 +119,7 @@ def _inspect(args) -> int:
     patients = table["patient_id"].dropna()
     if len(patients):
         print(f"patients: {patients.nunique()} ({len(patients)} images with a patient id)")
-    print(f"problems: {len(problems)}")
-    for problem in problems:
-        print(f"  - {problem}")
-    return 1 if problems else 0
+    return _print_problems(problems)
 
 
 def _inspect_archive(args) -> int:
@@ -118,15 +130,15 @@ def _inspect_archive(args) -> int:
 
     entries = normalise_entries(args.pretext_images)
     check_sources(entries)
-    table = archive_table(entries, drop_missing=True)
-    problems = [] if args.no_decode else find_problems(table)
+    problems: list[str] = []
+    with _warnings_collected(problems):
+        table = archive_table(entries, drop_missing=True)
+    if not args.no_decode:
+        problems.extend(find_problems(table))
     print(f"pretext archive: {len(table)} photographs (grades never read)")
     for source, count in table["source"].value_counts(sort=False).items():
         print(f"  {source}: {count}")
-    print(f"problems: {len(problems)}")
-    for problem in problems:
-        print(f"  - {problem}")
-    return 1 if problems else 0
+    return _print_problems(problems)
 
 
 def _profiles(args) -> int:

@@ -109,6 +109,31 @@ def _area_resize(grey: np.ndarray, side: int) -> np.ndarray:
     return np.stack([np.asarray(thumbnail) for thumbnail in thumbnails]).astype(np.float32)
 
 
+def matches_any(prints: np.ndarray, reference: np.ndarray, threshold: float) -> np.ndarray:
+    """Which rows of ``prints`` have a fingerprint cosine similarity of at least ``threshold``
+    with some row of ``reference``.
+
+    Parameters
+    ----------
+    prints, reference : numpy.ndarray
+        float32 (A, D) and (N, D) from :func:`fingerprints`.
+    threshold : float
+        In (0, 1].
+
+    Returns
+    -------
+    numpy.ndarray
+        bool (A,).
+    """
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold={threshold!r}: expected a cosine similarity in (0, 1]")
+    matched = np.zeros(len(prints), bool)
+    for start in range(0, len(prints), _BLOCK_ROWS):
+        block = np.asarray(prints[start : start + _BLOCK_ROWS], np.float32) @ np.asarray(reference, np.float32).T
+        matched[start : start + _BLOCK_ROWS] = (block >= threshold).any(axis=1)
+    return matched
+
+
 def near_duplicate_pairs(prints: np.ndarray, threshold: float) -> pd.DataFrame:
     """Every pair of rows whose fingerprints' cosine similarity is at least ``threshold``.
 

@@ -763,7 +763,6 @@ def run_fraction(
             for protocol in protocols:
                 done += 1
                 out_dir = run_directory(root, protocol, method, fraction, repetition)
-                metrics_path = out_dir / METRICS_FILE
                 label = f"[{done}/{total}] {method} {protocol} fraction {fraction:g} repetition {repetition}"
                 finished = None if overwrite else finished_run(out_dir)
                 if finished is not None:

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ENCODER_FILE = "encoder.keras"
-# Share of the images (whole patients and duplicate groups) held out to score rotation accuracy.
+# Share of the images (whole patients and duplicate groups) held out to score the pretext task.
 HOLDOUT_FRACTION = 0.1
 
 
@@ -75,7 +75,7 @@ def planned_epochs(profile: Profile, views_per_epoch: int) -> int:
 
 @dataclass
 class PretextResult:
-    """What :func:`train_pretext` produced: paths and held-out rotation accuracy."""
+    """What :func:`train_pretext` produced: paths, history and the held-out score."""
 
     encoder_path: Path
     history: pd.DataFrame
@@ -228,7 +228,7 @@ def _write_pretext(result: PretextResult, out_dir: Path, task: PretextTask, prof
     """``history.csv``, ``confusion.csv`` (a task with classes) and ``metrics.json``."""
     result.history.to_csv(out_dir / "history.csv", index=False)
     if result.confusion is not None:
-        labels = [f"{k * 90}" for k in range(len(result.confusion))] if task.name == "rotation" else list(range(len(result.confusion)))
+        labels = task.class_names
         pd.DataFrame(result.confusion, index=[f"true_{k}" for k in labels], columns=[f"pred_{k}" for k in labels]).to_csv(
             out_dir / "confusion.csv"
         )
@@ -240,7 +240,7 @@ def _write_pretext(result: PretextResult, out_dir: Path, task: PretextTask, prof
             "heldout_score_means": task.score_meaning,
             "heldout_images": int(len(result.heldout_indices)),
             **facts,
-            **({"rotation_mode": profile.rotation_mode} if task.name == "rotation" else {}),
+            **task.facts(profile),
             "seconds": result.seconds,
             "images_per_second": result.images_per_second,
         },

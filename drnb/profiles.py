@@ -64,20 +64,20 @@ class Profile:
     encoder: str = "compact"  # "densenet121" (the study's) or "compact" (for CPUs)
     feature_stages: str = "last"  # pool the "last" stage's maps, or "all" stages' pooled maps concatenated
     mixed_precision: str = "auto"  # "auto" (on when a GPU is present), "on" or "off"
-    # --- rotation pretext ---
-    rotation_mode: str = "all4"  # "all4": every image in 4 rotations per batch (RotNet); "random1": one random
-    pretext_hidden: tuple[int, ...] = (256,)  # pretext head widths; (2048, 1024) is the reference head
-    pretext_batch_size: int = 64  # rotated images per batch
+    # --- pretext (each task the methods name: rotation, contrastive; drnb.pretexts) ---
+    rotation_mode: str = "all4"  # rotation: "all4", every image in 4 rotations per batch (RotNet); "random1": one random
+    pretext_hidden: tuple[int, ...] = (256,)  # pretext head widths; (2048, 1024) is the reference rotation head
+    pretext_batch_size: int = 64  # views per batch: rotated images, or two views of each photograph (contrastive)
     pretext_learning_rate: float = 1e-3  # Adam
     pretext_epochs: int = 10  # passes over the pretext images (all4: each pass shows every rotation)
     pretext_min_steps: int = 0  # show at least this many batches of pretext_batch_size: a small set gets more passes; 0: no floor
-    pretext_eval_every: int = 1  # score the held-out rotations after every this many epochs, and after the last
+    pretext_eval_every: int = 1  # score the held-out photographs after every this many epochs, and after the last
     # An unlabelled archive the pretext learns from besides the study's photographs: folders
     # (sub-folders searched) or registered datasets as NAME or NAME:DIR, whose grades are never
-    # read (drnb.archive). Folders are stored absolute. () = the study's photographs alone.
+    # read (drnb.archive). --set and notebook parameters store folders absolute. () = the study's alone.
     pretext_images: tuple[str, ...] = ()
     # --- fine-tuning ---
-    methods: tuple[str, ...] = ("rotation", "scratch")  # starting encoders compared: rotation, scratch, imagenet
+    methods: tuple[str, ...] = ("rotation", "scratch")  # starting encoders compared: rotation, contrastive, scratch, imagenet
     protocols: tuple[str, ...] = ("finetune",)  # "finetune" (encoder and head trained), "linear" (head alone)
     target: str = "ordinal"  # "ordinal" (cumulative sigmoid code), "softmax" or "regression" (one linear output)
     finetune_hidden: tuple[int, ...] = (1024,)  # "simple multiclass" head widths; () = a linear head
@@ -196,8 +196,15 @@ class Profile:
             )
         if self.repetitions > self.folds:
             raise ValueError(f"repetitions={self.repetitions} exceeds folds={self.folds}: repetition r tests on fold r")
-        if self.rotation_mode == "all4" and self.pretext_batch_size % 4:
+        if "rotation" in self.methods and self.rotation_mode == "all4" and self.pretext_batch_size % 4:
             raise ValueError(f"pretext_batch_size={self.pretext_batch_size}: 'all4' needs a multiple of 4")
+        if "contrastive" in self.methods and self.pretext_batch_size % 2:
+            raise ValueError(f"pretext_batch_size={self.pretext_batch_size}: the contrastive pretext needs an even number of views")
+        if self.pretext_images and not set(self.methods) & {"rotation", "contrastive"}:
+            raise ValueError(
+                f"pretext_images={list(self.pretext_images)}: no method in {list(self.methods)} trains a pretext; "
+                "expected rotation or contrastive among the methods, or no archive"
+            )
         if not 0 <= self.finetune_start_share < 1:
             raise ValueError(f"finetune_start_share={self.finetune_start_share!r}: expected a share in [0, 1)")
         if not 0 <= self.validation_fraction < 0.5:

@@ -288,14 +288,17 @@ def load_pretext_images(profile: Profile, images, table, *, log=print):
     -------
     drnb.archive.PretextImages
     """
-    from drnb.archive import PRETEXT_COLUMNS, PretextImages, archive_table, pretext_images
+    from drnb.archive import archive_table, pretext_images
     from drnb.preprocessing import preprocess_table
 
-    if not profile.pretext_images:
-        return PretextImages(images, table.assign(source=profile.dataset)[list(PRETEXT_COLUMNS)], {profile.dataset: len(table)})
     listed = archive_table(profile.pretext_images, drop_missing=profile.drop_missing)
-    archive_images, archive_rows = preprocess_table(listed, preprocess_config(profile), drop_unreadable=profile.drop_unreadable)
+    archive_images, archive_rows = (
+        preprocess_table(listed, preprocess_config(profile), drop_unreadable=profile.drop_unreadable)
+        if len(listed) else (images[:0], listed)
+    )
     joined = pretext_images(images, table, profile.dataset, archive_images, archive_rows, len(listed), profile.duplicate_threshold)
+    if not profile.pretext_images:
+        return joined
     counts = ", ".join(f"{source} {count}" for source, count in joined.counts.items())
     left_out = ", ".join(f"{count} {reason}" for reason, count in joined.left_out.items() if count)
     log(f"pretext photographs: {len(joined.images)} ({counts})" + (f"; left out of the archive: {left_out}" if left_out else ""))

@@ -55,6 +55,11 @@ def test_a_profile_stores_the_archive_absolute_and_refuses_a_bad_entry(tmp_path,
         resolve_profile("smoke", {"pretext_images": "nosuch:dir"})
     with pytest.raises(FileNotFoundError, match=r"photos is not a folder"):
         check_sources(profile.pretext_images)
+    monkeypatch.setenv("DRNB_DATA", str(tmp_path / "data"))
+    with pytest.raises(FileNotFoundError, match=r"idrid is not a folder"):  # a dataset at its default folder
+        check_sources(["idrid"])
+    with pytest.raises(ValueError, match=r"no method .* trains a pretext"):
+        resolve_profile("smoke", {"pretext_images": "photos", "methods": "scratch"})
 
 
 def test_a_registered_dataset_in_the_archive_has_its_grades_dropped(tmp_path, write_fundus):
@@ -117,6 +122,12 @@ def test_the_pretext_photographs_join_the_study_and_the_archive_less_copies_and_
     assert np.array_equal(joined.images[:40], images)  # the study's photographs first, as they are
     assert not joined.table["image_id"].str.contains("copy_of_study").any()
     assert any("52" in line and "archive 12" in line and "1 near duplicate" in line for line in lines)
+    # The study's own folder named as an archive: its 40 files are the study's, left out by path.
+    study_folder = str(Path(table["path"].iloc[0]).parent)
+    again = load_pretext_images(
+        profile.derive(drop_unreadable=True, pretext_images=(str(archive), study_folder)), images, table, log=lambda line: None
+    )
+    assert again.counts == {"synthetic": 40, "archive": 12} and again.left_out["near duplicate of a study photograph"] == 41
 
 
 @pytest.mark.slow

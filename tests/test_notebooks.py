@@ -365,6 +365,9 @@ def test_a_smoke_chain_with_an_archive_compares_each_pretext_with_scratch(tmp_pa
     assert set(zip(results["protocol"], results["method"])) == {
         (p, m) for p in ("finetune", "linear") for m in ("rotation", "contrastive", "scratch")
     }
+    assert (results.groupby(["protocol", "method"])["n_test"].sum() == 120).all()  # the study's photographs, each once
+    tested = pd.concat(pd.read_csv(path) for path in out.glob("finetune/*/*/fraction_1/repetition_*/predictions.csv"))
+    assert not tested["image_id"].astype(str).str.startswith("archive/").any()  # grading never sees the archive
     comparison = pd.read_csv(out / "comparison.csv")
     assert set(zip(comparison["method"], comparison["protocol"])) == {
         (m, p) for m in ("rotation", "contrastive") for p in ("finetune", "linear")
@@ -372,3 +375,15 @@ def test_a_smoke_chain_with_an_archive_compares_each_pretext_with_scratch(tmp_pa
     assert (comparison["baseline"] == "scratch").all() and np.isfinite(comparison["pooled_difference"]).all()
     pretext_notebook = (out / "notebooks" / NOTEBOOKS["pretext"]).read_text()
     assert "'archive': 24" in pretext_notebook  # notebook 02 says where its photographs came from
+
+
+def test_the_plan_trains_each_pretext_its_methods_name_and_none_without_one(tmp_path):
+    from drnb.reproduce import plan
+    from drnb.runs import open_run
+
+    paths, profile = open_run(tmp_path / "both", "smoke", {"methods": "rotation,contrastive,scratch"})
+    pretext = next(cell for cell in plan(profile, paths) if cell.stage == "pretext")
+    assert pretext.done_marker == [paths.root / "pretext" / "encoder.keras", paths.root / "pretext_contrastive" / "encoder.keras"]
+    assert paths.encoders(profile.methods) == {"rotation": pretext.done_marker[0], "contrastive": pretext.done_marker[1]}
+    paths, profile = open_run(tmp_path / "scratch", "smoke", {"methods": "scratch"})
+    assert [cell.stage for cell in plan(profile, paths)] == ["data", "finetune", "finetune", "analysis"]

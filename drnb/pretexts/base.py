@@ -48,6 +48,10 @@ class PretextTask:
         ``(trainer, images, indices, batch_size, seed) -> (score, confusion or None)``: the
         held-out score in [0, 1] on ``indices``' rows, and a confusion matrix where the task
         has classes.
+    class_names : tuple of str
+        The classes of the confusion matrix (``confusion.csv``); () for a task without classes.
+    facts : callable
+        ``(profile) -> dict``: the task's own settings, recorded in ``metrics.json``.
     """
 
     name: str
@@ -59,3 +63,5 @@ class PretextTask:
     head: Callable[[int, Profile], keras.Model]
     batches: Callable[..., tf.data.Dataset]
     score: Callable[[Trainer, tf.Tensor, np.ndarray, int, int], tuple[float, np.ndarray | None]]
+    class_names: tuple[str, ...] = ()
+    facts: Callable[[Profile], dict] = lambda profile: {}

@@ -34,12 +34,15 @@ def pair_accuracy(trainer: Trainer, images: tf.Tensor, indices: np.ndarray, batc
 
     Views are drawn from ``seed`` (the same every time the score is taken) in batches of
     ``batch_size`` views, as in training; similarity is the cosine of the projections.
-    Guessing scores ``1 / (batch_size - 1)``.
+    Guessing scores ``1 / (batch_size - 1)`` in a full batch; a last batch of one photograph,
+    whose views can only find each other, is left out unless it is the only one.
     """
     projections = trainer.predict(contrastive_batches(images, indices, batch_size, seed=seed, training=False))
     found = []
     for start in range(0, len(projections), batch_size):
         block = projections[start : start + batch_size]
+        if len(block) < 4 and start:
+            continue
         unit = block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
         similarity = unit @ unit.T
         np.fill_diagonal(similarity, -np.inf)

@@ -50,4 +50,6 @@ TASK = PretextTask(
     head=rotation_head,
     batches=training_batches,
     score=rotation_accuracy,
+    class_names=("0", "90", "180", "270"),
+    facts=lambda profile: {"rotation_mode": profile.rotation_mode},
 )
