@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -37,69 +38,19 @@ from pathlib import Path
 
 import numpy as np
 
+from drnb.workload import (  # noqa: F401  (planned_work and the rest: the tests and accelerator_rates.py read them here)
+    check_ridge_timing, forward_flops, planned_work, predicted_sweep_seconds, ridge_fit_timing,
+    sweep_fixed_seconds, sweep_rates, timed, training_rates, work_gflop,
+)
+
 
 def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
     """Best float32 ``a @ b`` rate in GFLOP/s."""
     rng = np.random.default_rng(0)
     a, b = rng.random((size, size), dtype=np.float32), rng.random((size, size), dtype=np.float32)
     a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    best = min(timed(lambda: a @ b) for _ in range(repeats))
     return 2 * size**3 / best / 1e9
-
-
-def _timed(function) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
-
-
-def forward_flops(model) -> float:
-    """FLOPs of one image through ``model`` (convolutions and dense layers, 2 per multiply-add)."""
-    import keras
-
-    from drnb.models import leaf_layers
-
-    total = 0.0
-    for layer in leaf_layers(model):
-        if isinstance(layer, keras.layers.Conv2D):
-            kernel = np.prod(layer.kernel.shape)
-            out_h, out_w = layer.output.shape[1:3]
-            total += 2.0 * kernel * out_h * out_w
-        elif isinstance(layer, keras.layers.Dense):
-            total += 2.0 * np.prod(layer.kernel.shape)
-    return total
-
-
-def training_rates(trainer, dataset, batch_size: int, steps: int, phase: str = "full", rounds: int = 5) -> dict:
-    """Images/s through the drnb pipeline and on one constant batch, same traced step.
-
-    The machine's speed drifts by 10-30 % within a minute (shared host, clock changes), more
-    than the overhead being measured. So the two are measured in ``rounds`` alternating
-    blocks of ``steps // rounds`` steps, each pipeline block beside a constant-batch block,
-    and the ratio is the median of the per-round ratios; the rates are medians too.
-    """
-    import tensorflow as tf
-
-    batches = trainer.batches(dataset)
-    start = time.perf_counter()
-    trainer.train(batches, 1, phase=phase)  # traces the step
-    tracing = time.perf_counter() - start
-    images, targets = next(iter(dataset))
-    constant = trainer.batches(tf.data.Dataset.from_tensors((images, targets)).repeat())
-    trainer.train(batches, 3, phase=phase)  # warm caches
-    trainer.train(constant, 3, phase=phase)
-    block = max(2, steps // rounds)
-    pipeline, bare = [], []
-    for _ in range(rounds):
-        pipeline.append(trainer.train(batches, block, phase=phase).images_per_second)
-        bare.append(trainer.train(constant, block, phase=phase).images_per_second)
-    return {
-        "tracing_seconds": tracing,
-        "drnb_images_per_second": float(np.median(pipeline)),
-        "bare_images_per_second": float(np.median(bare)),
-        "ratio": float(np.median(np.array(pipeline) / np.array(bare))),
-        "ratio_rounds": [round(float(p / b), 3) for p, b in zip(pipeline, bare)],
-    }
 
 
 def pipeline_rate(dataset, batches: int) -> float:
@@ -134,262 +85,7 @@ def large_photograph_seconds(repeats: int = 3, image_size: int = 128) -> float:
         path = str(Path(folder) / "large.png")
         Image.fromarray(photograph).save(path)
         config = PreprocessConfig(size=image_size)
-        return min(_timed(lambda: preprocess_image(read_image(path), config)) for _ in range(repeats))
-
-
-RIDGE_TIMING_ROWS = (2_048, 16_384)
-
-
-def ridge_fit_timing(n_features: int, views: int, rows: tuple[int, int] = RIDGE_TIMING_ROWS) -> dict:
-    """A ridge head's fit (:func:`drnb.ridge.fit_ridge`) timed on random features at two sizes.
-
-    Its cost is about fixed plus linear in the rows (the (F, F) Gram matrix and the left-out
-    blocks), so two sizes give both parts.
-
-    Parameters
-    ----------
-    n_features : int
-        The encoder's pooled width F.
-    views : int
-        Rows per image (the profile's ``test_time_turns``), left out together as in the runs.
-    rows : (int, int)
-        The two sizes timed, in rows.
-
-    Returns
-    -------
-    dict
-        ``ridge_fit_seconds`` (per fit, >= 0) and ``ridge_seconds_per_row``.
-    """
-    from drnb.ridge import fit_ridge
-
-    rng = np.random.default_rng(0)
-    seconds = []
-    for count in rows:
-        images = count // views
-        features = rng.normal(size=(images * views, n_features)).astype(np.float32)
-        grades = np.tile(rng.integers(0, 5, images), views).astype(np.float32)
-        start = time.perf_counter()
-        fit_ridge(features, grades, groups=np.tile(np.arange(images), views), criterion="correlation")
-        seconds.append(time.perf_counter() - start)
-    per_row = max((seconds[1] - seconds[0]) / (rows[1] - rows[0]), 1e-12)
-    return {"ridge_fit_seconds": max(seconds[0] - per_row * rows[0], 0.0), "ridge_seconds_per_row": per_row}
-
-
-def planned_work(profile, session, n_images: int, walkthrough: bool = True, archive_images: int = 0) -> dict:
-    """What a ``drnb reproduce`` sweep of ``profile`` trains and predicts, counted, not guessed.
-
-    Pretext: for each pretext method, its epochs x steps per epoch, as
-    :func:`drnb.pretext.train_pretext` plans them on the study's ``n_images`` and
-    ``archive_images`` more (each its own group when held out), and the held-out views it
-    scores (every ``pretext_eval_every`` epochs and after the last). Fine-tuning: for every method, protocol, fraction and repetition, the run's real labelled
-    subset (from ``session``'s splits) through
-    :func:`drnb.finetune.plan_steps`; the validation images scored after each full epoch; the
-    images the cut points are fitted on; the test fold (each of these three
-    ``test_time_turns`` times). Features for a ridge-fitted head (in each of the
-    ``test_time_turns`` views), and, for a run of the
-    ``linear`` protocol, which never trains its encoder, the features its predictions read, are
-    encoded once per row, view and starting encoder over the whole sweep, as the notebooks
-    share them (:mod:`drnb.features`): one encoder for the methods that start every run from
-    the same weights (:func:`drnb.finetune.starts_shared`), one per repetition for a fresh
-    encoder (the same seeded initialisation, re-estimated on the same calibration images, at
-    every fraction); a fresh encoder's batch-norm re-estimate passes the run's calibration
-    images once per run, a shared fresh encoder's its unlabelled calibration images once per
-    notebook. A ridge-fitted head is one fit per run on its training subset's rows in every
-    view. With ``walkthrough``, each fraction's notebook also walks through repetition 0 of the
-    first method and protocol before its sweep, training and predicting that run once more (its
-    features are the sweep's, kept).
-
-    Returns
-    -------
-    dict
-        Image counts per kind of work (``archive_images`` to preprocess, ``pretext_train``, ``pretext_predict``,
-        ``finetune_full``, ``finetune_head``, ``finetune_encode``
-        (features), ``finetune_predict`` (through the network)), the ridge fits and their
-        rows (``ridge_fits``, ``ridge_rows``), the number of fine-tuning runs, of fresh
-        encoders built (``fresh_encoders``: one per run, or one per notebook for a shared
-        scratch encoder), of pretext tasks (``pretexts``) and of notebooks, and ``images`` (``n_images``).
-    """
-    from drnb.finetune import (
-        PRETEXT_METHODS, full_epochs, plan_steps, runnable_methods, shares_fresh_encoder, starts_shared, symmetry_views,
-    )
-
-    work = {
-        **_pretext_work(profile, session, n_images, archive_images),
-        "finetune_full": 0, "finetune_head": 0, "finetune_encode": 0, "finetune_predict": 0,
-        "ridge_fits": 0, "ridge_rows": 0,
-    }
-    methods = runnable_methods(profile)
-    test_views = symmetry_views(profile.test_time_turns)
-    fit_views = test_views if profile.head_init == "ridge" else ()
-    fresh = sum(not starts_shared(method, profile) for method in methods)  # a fresh encoder per run
-    # A fresh encoder every run of a method shares (scratch_encoder="shared"): built, and its
-    # batch norm re-estimated, once per notebook.
-    shared_fresh = sum(shares_fresh_encoder(method, profile) for method in methods)
-    if profile.recalibrate_batchnorm:
-        work["finetune_predict"] += shared_fresh * len(profile.fractions) * len(session.unlabelled_calibration_rows())
-    encoded = {}  # (starting encoder, view) -> rows encoded, over every notebook of the sweep
-    for fraction in profile.fractions:
-        for repetition in range(profile.repetitions):
-            split = session.split(repetition, fraction)
-            train = split.train[fraction]
-            batch = min(session.batch_size, len(train))
-            calibration = session.calibration_rows(split, profile.seed + repetition)
-            for protocol in profile.protocols:
-                # The runs this (repetition, protocol) trains: one per method, and notebook 03's walkthrough.
-                runs = len(methods) + (walkthrough and repetition == 0 and protocol == profile.protocols[0])
-                warmup_steps, finetune_steps = plan_steps(len(train), batch, profile, protocol)
-                trains = protocol == "finetune"  # predicts through the network; a linear run reads features
-                epochs = full_epochs(profile, protocol)
-                scored = [split.test] + [split.validation_for(fraction)] * epochs
-                if profile.cut_points == "prior":
-                    scored.append(calibration)
-                # The labelled subset's non-referable images that set the referable-DR threshold.
-                scored.append(session.operating_point_rows(train, profile.seed + repetition))
-                predicted = sum(len(rows) for rows in scored) * len(test_views)  # each image in every view averaged
-                if profile.recalibrate_batchnorm:  # fresh encoders only
-                    work["finetune_predict"] += fresh * len(calibration)
-                for method in methods:
-                    encoder = method if starts_shared(method, profile) else (method, repetition)
-                    for view in fit_views:
-                        encoded.setdefault((encoder, view), set()).update(train.tolist())
-                    if not trains:
-                        for view in test_views:
-                            encoded.setdefault((encoder, view), set()).update(np.concatenate(scored).tolist())
-                work["finetune_predict"] += runs * predicted if trains else 0
-                warmup_images = profile.warmup_epochs * warmup_steps * batch
-                work["finetune_head"] += runs * warmup_images
-                work["finetune_full"] += runs * epochs * finetune_steps * batch
-                if fit_views:
-                    work["ridge_fits"] += runs
-                    work["ridge_rows"] += runs * len(fit_views) * len(train)
-    work["finetune_encode"] = sum(len(rows) for rows in encoded.values())
-    runs_per_notebook = profile.repetitions * len(profile.protocols)
-    work["runs"] = len(methods) * len(profile.fractions) * runs_per_notebook
-    built_per_run = sum(method not in PRETEXT_METHODS for method in methods) - shared_fresh  # ImageNet's too
-    work["fresh_encoders"] = (built_per_run * runs_per_notebook + shared_fresh) * len(profile.fractions)
-    work["notebooks"] = 2 + (work["pretexts"] > 0) + len(profile.fractions)
-    work["images"] = n_images
-    return work
-
-
-def _pretext_work(profile, session, n_images: int, archive_images: int) -> dict:
-    """The pretext notebook's share of :func:`planned_work`: ``pretexts`` (tasks trained),
-    ``archive_images`` (preprocessed for them), ``pretext_train`` and ``pretext_predict`` images."""
-    import math
-
-    from drnb.distribute import scaled_batch_and_rate
-    from drnb.finetune import pretext_methods
-    from drnb.pretext import HOLDOUT_FRACTION, planned_epochs
-    from drnb.pretexts import PRETEXT_TASKS
-    from drnb.splits import split_holdout
-
-    methods = pretext_methods(profile)
-    archive_images = archive_images if methods else 0
-    # The session's groups are the pretext's (patients and near duplicates) in the stratified
-    # split mode; an archive photograph is its own group.
-    groups = session.patient_ids
-    if groups is not None and archive_images:
-        groups = np.concatenate([groups, np.array([f"archive {i}" for i in range(archive_images)], dtype=object)])
-    pretext_train, holdout = split_holdout(n_images + archive_images, HOLDOUT_FRACTION, profile.seed, groups)
-    # Batches are per replica; the global batch grows with the replicas, as in the runs.
-    batch, _ = scaled_batch_and_rate(profile.pretext_batch_size, profile.pretext_learning_rate, session.strategy)
-    work = {"pretexts": len(methods), "archive_images": archive_images, "pretext_train": 0, "pretext_predict": 0}
-    for method in methods:
-        task = PRETEXT_TASKS[method]
-        views_per_epoch = len(pretext_train) * task.views_per_image(profile)
-        epochs = planned_epochs(profile, views_per_epoch)
-        work["pretext_train"] += epochs * max(1, math.ceil(views_per_epoch / batch)) * batch
-        # Held-out views are scored every pretext_eval_every epochs and after the last.
-        scored = len(holdout) or min(len(pretext_train), 64)
-        work["pretext_predict"] += math.ceil(epochs / profile.pretext_eval_every) * task.scored_views_per_image * scored
-    return work
-
-
-def predicted_sweep_seconds(work: dict, rates: dict, fixed: dict) -> dict:
-    """Seconds per stage of a first ``drnb reproduce`` sweep: each kind of work at its measured rate.
-
-    Parameters
-    ----------
-    work : dict
-        From :func:`planned_work`.
-    rates : dict
-        Images/s: ``preprocess`` (from files), ``pretext_train``, ``finetune_full``,
-        ``finetune_head``, ``encode`` (features, in any view) and
-        ``predict`` (inference); rows/s of a ridge fit, ``ridge_rows``.
-    fixed : dict
-        Seconds: ``kernel`` (a notebook's kernel start and imports), ``load`` (reading the
-        cached images), ``pretext_tracing`` and ``finetune_tracing`` (once per notebook that
-        trains), ``fresh_model`` (building a fresh encoder and head for a run), ``ridge_fit``
-        (a ridge fit's cost beyond its rows).
-
-    Returns
-    -------
-    dict
-        Seconds for ``data`` (notebook 01, preprocessing from the files), ``pretext`` (02),
-        ``finetune`` (all of 03), ``analysis`` (04, counted as a kernel start) and ``total``.
-    """
-    data = fixed["kernel"] + work["images"] / rates["preprocess"]
-    pretext = (
-        (fixed["kernel"] + fixed["load"]) * (work["pretexts"] > 0) + fixed["pretext_tracing"] * work["pretexts"]
-        + work["archive_images"] / rates["preprocess"]
-        + work["pretext_train"] / rates["pretext_train"] + work["pretext_predict"] / rates["predict"]
-    )
-    fractions = work["notebooks"] - 2 - (work["pretexts"] > 0)
-    finetune = (
-        fractions * (fixed["kernel"] + fixed["load"] + fixed["finetune_tracing"])
-        + work["fresh_encoders"] * fixed["fresh_model"]
-        + work["finetune_full"] / rates["finetune_full"]
-        + work["finetune_head"] / rates["finetune_head"]
-        + work["finetune_encode"] / rates["encode"]
-        + work["finetune_predict"] / rates["predict"]
-        + work["ridge_fits"] * fixed["ridge_fit"] + work["ridge_rows"] / rates["ridge_rows"]
-    )
-    stages = {"data": data, "pretext": pretext, "finetune": finetune, "analysis": fixed["kernel"]}
-    stages["total"] = sum(stages.values())
-    return stages
-
-
-def sweep_rates(figures: dict) -> dict:
-    """The images/s :func:`predicted_sweep_seconds` needs, from a benchmark's figures.
-
-    Each training rate is the one measured through drnb's pipeline when the figures have it
-    (this script), else that of Keras's own ``fit`` over arrays in memory, else that of one
-    batch at a time (``accelerator_rates.py``, on a machine without TensorFlow).
-
-    Raises
-    ------
-    ValueError
-        Naming the figure missing, e.g. of a measurement cut short.
-    """
-    def first_of(*names):
-        for name in names:
-            if name in figures:
-                return figures[name]
-        raise ValueError(f"the figures have none of {list(names)}: was the measurement cut short?")
-
-    rates = {"preprocess": first_of("preprocess_uncached_images_per_second"), "predict": first_of("predict_images_per_second")}
-    # Features through the views' pipeline where measured (here), else the network's inference rate.
-    rates["encode"] = first_of("encode_images_per_second", "predict_images_per_second")
-    # Figures measured before ridge fits were timed have none; see check_ridge_timing.
-    rates["ridge_rows"] = 1 / figures["ridge_seconds_per_row"] if "ridge_seconds_per_row" in figures else float("inf")
-    for phase, key in (("pretext", "pretext_train"), ("finetune_full", "finetune_full"), ("finetune_head", "finetune_head")):
-        rates[key] = first_of(*(f"{phase}_{kind}_images_per_second" for kind in ("drnb", "fit", "bare")))
-    return rates
-
-
-def check_ridge_timing(work: dict, figures: dict, source: str) -> None:
-    """Refuse to predict a sweep that fits ridge heads from figures that never timed a fit.
-
-    Raises
-    ------
-    ValueError
-        Naming ``source`` (where the figures come from) and the fits they would leave out.
-    """
-    if work["ridge_fits"] and "ridge_seconds_per_row" not in figures:
-        raise ValueError(
-            f"{source} has no ridge fit timing (ridge_seconds_per_row), but the sweep fits {work['ridge_fits']} ridge "
-            "heads: measure the rates again with this version of the benchmark"
-        )
+        return min(timed(lambda: preprocess_image(read_image(path), config)) for _ in range(repeats))
 
 
 def predicted_figures(figures: dict, profile, session, n_images: int, source: str = "the figures", archive_images: int = 0) -> dict:
@@ -401,22 +97,15 @@ def predicted_figures(figures: dict, profile, session, n_images: int, source: st
     import re
 
     rates = sweep_rates(figures)
-    warmup_tracing = figures["finetune_head_tracing_seconds"]
-    fixed = {
-        # accelerator_rates.py times an interpreter's imports, not a Jupyter kernel's start.
-        "kernel": figures.get("kernel_start_and_import_seconds", figures["python_import_seconds"]),
-        "load": n_images / figures["preprocess_cached_images_per_second"],
-        "pretext_tracing": figures["pretext_tracing_seconds"],
-        # Only the phases the profile has are traced (none when it never trains its encoder or head).
-        "finetune_tracing": figures["finetune_full_tracing_seconds"] * ("finetune" in profile.protocols)
-        + warmup_tracing * (profile.warmup_epochs > 0) + figures["predict_tracing_seconds"],
-        "fresh_model": figures["fresh_model_seconds"],
-        "ridge_fit": figures.get("ridge_fit_seconds", 0.0),
-    }
+    fixed = sweep_fixed_seconds(figures, profile, n_images)
     work = planned_work(profile, session, n_images, archive_images=archive_images)
     check_ridge_timing(work, figures, source)
     stages = predicted_sweep_seconds(work, rates, fixed)
     predicted = {f"predicted_{stage}_minutes": seconds / 60 for stage, seconds in stages.items()}
+    # The work itself, which no machine changes: images per kind of step, and GFLOP per stage.
+    predicted.update({f"work_{kind}": count for kind, count in work.items()})
+    if "pretext_training_gflop_per_image" in figures and "finetune_training_gflop_per_image" in figures:
+        predicted.update({f"work_{stage}": gflop for stage, gflop in work_gflop(work, figures).items()})
     decoding = n_images / rates["preprocess"]
     # Figures from another machine name its cores ("cpu_cores", or "(16 CPU cores)" in "devices").
     named = re.search(r"\((\d+) CPU cores\)", figures.get("devices", ""))
@@ -436,7 +125,8 @@ def scaled_prediction(figures: dict, profile, images: np.ndarray, table, n_image
     Returns
     -------
     dict
-        :func:`predicted_figures`' keys, ``predicted_`` becoming ``predicted_<n_images>_images_``.
+        :func:`predicted_figures`' keys, ``predicted_`` becoming ``predicted_<n_images>_images_``
+        (``work_`` likewise).
     """
     from drnb.finetune import FinetuneSession
 
@@ -445,12 +135,12 @@ def scaled_prediction(figures: dict, profile, images: np.ndarray, table, n_image
     scaled = profile.derive(duplicate_threshold=0.0)
     session = FinetuneSession(images[rows], scaled_table, scaled, log=lambda line: None)
     predicted = predicted_figures(figures, scaled, session, n_images, archive_images=archive_images)
-    return {key.replace("predicted_", f"predicted_{n_images}_images_", 1): value for key, value in predicted.items()}
+    return {re.sub(r"^(predicted|work)_", rf"\1_{n_images}_images_", key): value for key, value in predicted.items()}
 
 
 def import_seconds() -> float:
     """A fresh interpreter importing drnb's training modules (TensorFlow included)."""
-    return _timed(lambda: subprocess.run([sys.executable, "-c", "import drnb.finetune, drnb.pretext"], check=True))
+    return timed(lambda: subprocess.run([sys.executable, "-c", "import drnb.finetune, drnb.pretext"], check=True))
 
 
 def kernel_start_seconds() -> float:
@@ -475,7 +165,7 @@ def end_to_end_seconds(profile: str, dataset: str | None, data_dir: str | None) 
             command += ["--dataset", dataset]
         if data_dir:
             command += ["--data-dir", data_dir]
-        return _timed(lambda: subprocess.run(command, check=True))
+        return timed(lambda: subprocess.run(command, check=True))
 
 
 def add_profile_arguments(parser, *, default: str, what: str, assignments: bool = True) -> None:
@@ -654,6 +344,7 @@ def main() -> None:
     fresh.get_weights()
     figures["fresh_model_seconds"] = time.perf_counter() - start
     flops = 3 * forward_flops(session.trainer.model)
+    figures["finetune_training_gflop_per_image"] = flops / 1e9
     figures["finetune_achieved_gflops"] = flops * figures["finetune_full_drnb_images_per_second"] / 1e9
     figures["finetune_flops_to_matmul_peak"] = figures["finetune_achieved_gflops"] / figures["numpy_matmul_gflops"]
     figures["pretext_flops_to_matmul_peak"] = figures["pretext_achieved_gflops"] / figures["numpy_matmul_gflops"]

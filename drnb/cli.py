@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     profiles.add_argument("name", nargs="?", help="one profile (default: all)")
 
     reproduce = commands.add_parser("reproduce", help="run notebooks 01-04 headlessly with papermill")
-    reproduce.add_argument("--profile", default="quick", help="smoke (tests), demo (synthetic, minutes), quick (CPU, < 1 h), paper (GPU)")
+    reproduce.add_argument("--profile", default="demo", help="smoke (tests), demo (synthetic, minutes), quick (CPU, < 1 h), paper (GPU)")
     reproduce.add_argument("--dataset", help="registered dataset name; default the profile's (synthetic)")
     reproduce.add_argument("--data-dir", help="the dataset's folder as it comes from its source")
     reproduce.add_argument(
@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--out", help="run folder (default runs/<profile>-<dataset>)")
     reproduce.add_argument("--overwrite", action="store_true", help="rerun finished cells and replace their results")
     reproduce.add_argument("--kernel", help="Jupyter kernel (default: drnb if registered, else python3)")
+    reproduce.add_argument(
+        "--no-prediction", dest="predict", action="store_false",
+        help="start at once, without first measuring this machine to predict how long the run takes",
+    )
     return parser
 
 
@@ -155,7 +159,7 @@ def _reproduce(args) -> int:
 
     report = reproduce(
         args.profile, dataset=args.dataset, data_dir=args.data_dir, overrides=parse_assignments(args.settings),
-        out=args.out, overwrite=args.overwrite, kernel=args.kernel,
+        out=args.out, overwrite=args.overwrite, kernel=args.kernel, predict=args.predict,
     )
     if report.stopped_by is not None:
         return 128 + report.stopped_by  # the shell's code for a command a signal ended

