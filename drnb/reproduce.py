@@ -371,9 +371,9 @@ def predicted_seconds(paths: RunPaths, kernel: str, log) -> float | None:
     imports, a bare kernel start and a few training steps of the profile's networks are timed,
     and the sweep's work is counted from its real plan.
     """
-    from drnb.workload import describe_prediction
+    from drnb.workload import PREDICT_COMMAND, describe_prediction
 
-    command = [sys.executable, "-m", "drnb.workload", str(paths.root), kernel]
+    command = [sys.executable, "-c", PREDICT_COMMAND, str(paths.root), kernel]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=PREDICTION_TIMEOUT)
     except subprocess.TimeoutExpired:

@@ -305,6 +305,40 @@ def load_pretext_images(profile: Profile, images, table, *, log=print):
     return joined
 
 
+def train_missing_pretexts(paths: RunPaths, profile: Profile, images, table, *, pretext=None, log=print) -> list[str]:
+    """Train every pretext task the profile's methods name whose encoder is missing or damaged
+    (named in a warning); a trained one is kept.
+
+    Parameters
+    ----------
+    images, table
+        The study's preprocessed images and table (:func:`load_images`).
+    pretext : drnb.archive.PretextImages, optional
+        The pretext's photographs when already loaded; else they are loaded
+        (:func:`load_pretext_images`) only if a task has to be trained.
+
+    Returns
+    -------
+    list of str
+        The methods trained now.
+    """
+    from drnb.finetune import pretext_methods
+    from drnb.pretext import encoder_ready, train_pretext
+
+    missing = [method for method in pretext_methods(profile) if not encoder_ready(paths.encoder_for(method))]
+    for method in pretext_methods(profile):
+        if method not in missing:
+            log(f"{method}: encoder trained earlier, kept ({paths.encoder_for(method)})")
+    if missing and pretext is None:
+        pretext = load_pretext_images(profile, images, table, log=log)
+    for method in missing:
+        result = train_pretext(pretext.images, profile, paths.pretext_dir(method), method=method, table=pretext.table,
+                               left_out=pretext.left_out, log=log)
+        log(f"{method}: held-out score {result.heldout_accuracy:.3f}; {result.images_per_second:.0f} images/s; "
+            f"{result.seconds:.0f} s; encoder saved to {result.encoder_path}")
+    return missing
+
+
 def write_data_summary(paths: RunPaths, table, images, duplicates=None, format_only=None) -> dict:
     """Write ``data/dataset.csv`` and ``data/summary.json`` (counts per grade, splits, image
     shape; given the :func:`drnb.duplicates.duplicate_table`, the near-duplicate pairs; given

@@ -479,25 +479,24 @@ def describe_prediction(prediction: dict) -> str:
     )
 
 
-def main(argv=None) -> None:
-    """``python -m drnb.workload RUN_DIR KERNEL``: print the prediction for the run folder's
-    profile as one JSON line (``drnb reproduce`` runs it in a fresh process, as a kernel is)."""
+PREDICT_COMMAND = (
+    "import sys, time; start = time.perf_counter(); import drnb.finetune, drnb.pretext; "
+    "from drnb.workload import main; main(sys.argv[1:], import_seconds=time.perf_counter() - start)"
+)
+"""``python -c PREDICT_COMMAND RUN_DIR KERNEL``: the prediction, with the imports timed as a
+kernel meets them (``import drnb`` imports TensorFlow, so ``-m drnb.workload`` could not time it)."""
+
+
+def main(argv, import_seconds: float) -> None:
+    """Print the prediction for the run folder ``argv[0]``'s profile, with notebooks run in
+    kernel ``argv[1]``, as one JSON line."""
     import json
-    import sys
 
-    start = time.perf_counter()
-    import keras  # noqa: F401  (timed: each notebook's kernel imports these)
-    import tensorflow  # noqa: F401
-
-    import drnb.finetune  # noqa: F401
-    import drnb.pretext  # noqa: F401
-
-    import_seconds = time.perf_counter() - start
     from jupyter_client.manager import start_new_kernel
 
     from drnb.runs import load_table, open_run
 
-    run_dir, kernel = (argv or sys.argv[1:])[:2]
+    run_dir, kernel = argv[:2]
     _, profile = open_run(run_dir, create=False)
     start = time.perf_counter()
     manager, client = start_new_kernel(kernel_name=kernel)
@@ -507,7 +506,3 @@ def main(argv=None) -> None:
     table = load_table(profile)
     prediction = predict_sweep(profile, table, import_seconds=import_seconds, kernel_seconds=kernel_seconds)
     print(json.dumps({key: float(value) for key, value in prediction.items()}))
-
-
-if __name__ == "__main__":
-    main()
