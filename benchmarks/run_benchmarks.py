@@ -138,6 +138,18 @@ def scaled_prediction(figures: dict, profile, images: np.ndarray, table, n_image
     return {re.sub(r"^(predicted|work)_", rf"\1_{n_images}_images_", key): value for key, value in predicted.items()}
 
 
+def bare_step_seconds(figures: dict) -> float:
+    """Seconds the sweep's work (``work_*`` figures) takes at the bare-step rates: every training
+    image on one constant batch, every prediction and encoding at the inference rate."""
+    return (
+        figures["work_pretext_train"] / figures["pretext_bare_images_per_second"]
+        + figures["work_finetune_full"] / figures["finetune_full_bare_images_per_second"]
+        + figures["work_finetune_head"] / figures["finetune_head_bare_images_per_second"]
+        + (figures["work_finetune_predict"] + figures["work_pretext_predict"] + figures["work_finetune_encode"])
+        / figures["predict_images_per_second"]
+    )
+
+
 def import_seconds() -> float:
     """A fresh interpreter importing drnb's training modules (TensorFlow included)."""
     return timed(lambda: subprocess.run([sys.executable, "-c", "import drnb.finetune, drnb.pretext"], check=True))
@@ -357,6 +369,8 @@ def main() -> None:
         figures.update(scaled_prediction(figures, profile, images, table, args.predict_images, args.archive_images))
     for name in filter(None, args.end_to_end.split(",")):
         figures[f"end_to_end_{name}_seconds"] = end_to_end_seconds(name, args.dataset, args.data_dir)
+        if name == profile.name:  # the sweep's wall against its steps at the bare-step rates: what the rest costs
+            figures["end_to_end_to_bare_steps"] = figures[f"end_to_end_{name}_seconds"] / bare_step_seconds(figures)
 
     _report(figures, args.json or Path(__file__).parent / "results" / f"{profile.name}-{profile.dataset}.json")
 

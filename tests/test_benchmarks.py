@@ -121,10 +121,8 @@ def test_planned_work_counts_what_the_runs_train_and_predict(tmp_path, benchmark
          "validation_fraction": "0", "protocols": "linear"},
         # ... or the head alone trains, on the images.
         {**ridge, "warmup_epochs": "1", "finetune_epochs": "0", "validation_fraction": "0", "protocols": "linear"},
-        # Nothing trains, and every scratch run starts from one fresh encoder.
-        {**ridge, "test_time_turns": "2", "cut_points": "prior", "warmup_epochs": "0", "finetune_epochs": "0",
-         "validation_fraction": "0", "scratch_encoder": "shared", "protocols": "linear"},
-        # Both protocols, LP-FT as quick runs it: a ridge fit, then everything trained, or not.
+        # Both protocols, LP-FT as quick runs it: a ridge fit, then everything trained, or not;
+        # every scratch run starts from one fresh encoder.
         {**ridge, "test_time_turns": "2", "cut_points": "prior", "warmup_epochs": "0",
          "validation_fraction": "0", "scratch_encoder": "shared", "finetune_batchnorm": "frozen"},
     )):
@@ -485,3 +483,13 @@ def test_the_start_of_run_probe_counts_the_sweeps_work_and_times_each_stage(tmp_
     assert prediction["analysis"] == pytest.approx(1.5)  # a kernel's start and imports, as given
     assert prediction["pretext_gflop"] > 0 and prediction["finetune_gflop"] > prediction["pretext_gflop"] > 0
     assert describe_prediction(prediction).startswith(f"predicted on this machine: {prediction['total'] / 60:.1f} min")
+
+
+def test_the_sweeps_steps_at_the_bare_rates_add_each_kind_of_work_at_its_rate(benchmark_module):
+    figures = {
+        "work_pretext_train": 1000, "pretext_bare_images_per_second": 100,
+        "work_finetune_full": 3000, "finetune_full_bare_images_per_second": 50,
+        "work_finetune_head": 600, "finetune_head_bare_images_per_second": 300,
+        "work_finetune_predict": 400, "work_pretext_predict": 100, "work_finetune_encode": 500, "predict_images_per_second": 200,
+    }
+    assert benchmark_module.bare_step_seconds(figures) == pytest.approx(10 + 60 + 2 + 5)
