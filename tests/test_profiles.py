@@ -217,11 +217,12 @@ def test_a_run_folder_with_a_removed_setting_loads_only_with_the_value_drnb_now_
         resolve_profile("quick", {"pooling": "max"})
 
 
-def test_demo_is_quicks_recipe_on_synthetic_photographs_at_64_px():
+def test_demo_is_quicks_recipe_lightened_on_synthetic_photographs_at_48_px():
     demo, quick = PROFILES["demo"].to_dict(), PROFILES["quick"].to_dict()
     differing = {key for key in demo if demo[key] != quick[key]}
-    assert differing == {"name", "image_size", "synthetic_images"}
-    assert (demo["dataset"], demo["image_size"]) == ("synthetic", 64)
+    # What it spends less on: pixels, repetitions, the step floor, views, the pretext's steps.
+    assert differing == {"name", "image_size", "synthetic_images", "repetitions", "finetune_min_steps", "test_time_turns", "pretext_min_steps"}
+    assert (demo["dataset"], demo["image_size"], demo["repetitions"]) == ("synthetic", 48, 3)
 
 
 @pytest.mark.parametrize(
