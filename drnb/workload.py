@@ -481,11 +481,16 @@ def probe_rates(profile, table, *, import_seconds: float, kernel_seconds: float,
 
 def predict_sweep(profile, table, *, import_seconds: float, kernel_seconds: float) -> dict:
     """Seconds per stage of ``profile``'s sweep on this machine, as ``drnb reproduce`` runs it
-    (the walkthrough in the first fraction's notebook), from :func:`probe_rates`; with the
-    work it counts (image-steps per kind, GFLOP per stage) and the probe's own seconds."""
+    (the walkthrough in the first fraction's notebook, the archive's photographs preprocessed
+    and learned from), from :func:`probe_rates`; with the work it counts (image-steps per
+    kind, GFLOP per stage) and the probe's own seconds."""
+    from drnb.archive import archive_table
+
     start = time.perf_counter()
     figures, session = probe_rates(profile, table, import_seconds=import_seconds, kernel_seconds=kernel_seconds)
-    work = planned_work(profile, session, len(table))
+    # The archive's photographs as listed (its near duplicates of study photographs, left out later, are few).
+    archive_images = len(archive_table(profile.pretext_images, drop_missing=profile.drop_missing)) if profile.pretext_images else 0
+    work = planned_work(profile, session, len(table), archive_images=archive_images)
     seconds = predicted_sweep_seconds(work, sweep_rates(figures), sweep_fixed_seconds(figures, profile, len(table)))
     return {**seconds, **work, **work_gflop(work, figures), "probe_seconds": time.perf_counter() - start + import_seconds}
 

@@ -191,7 +191,7 @@ def test_predicted_sweep_adds_each_stage_at_its_rate(benchmark_module):
         "images": 100, "notebooks": 5, "fresh_encoders": 4, "pretexts": 2, "archive_images": 150,
         "pretext_train": 1200, "pretext_predict": 40,
         "finetune_full": 3000, "finetune_head": 600, "finetune_encode": 800, "finetune_predict": 500,
-        "ridge_fits": 6, "ridge_rows": 9000,
+        "ridge_fits": 6, "ridge_rows": 9000, "runs": 8,
     }
     rates = {
         "preprocess": 50, "pretext_train": 100, "finetune_full": 100, "finetune_head": 300,
@@ -199,6 +199,9 @@ def test_predicted_sweep_adds_each_stage_at_its_rate(benchmark_module):
     }
     fixed = {"kernel": 10, "load": 1, "pretext_tracing": 4, "finetune_tracing": 3, "fresh_model": 0.5, "ridge_fit": 0.25}
     stages = benchmark_module.predicted_sweep_seconds(work, rates, fixed)
+    # What a run spends besides its counted work, when measured (the start-of-run probe), once per run.
+    with_overhead = benchmark_module.predicted_sweep_seconds(work, rates, {**fixed, "run": 2.5})
+    assert with_overhead["finetune"] - stages["finetune"] == pytest.approx(8 * 2.5)
     assert stages["data"] == 10 + 2
     assert stages["pretext"] == 10 + 1 + 2 * 4 + 3 + 12 + 2  # two tasks traced; the archive preprocessed
     assert stages["finetune"] == 2 * (10 + 1 + 3) + 4 * 0.5 + 30 + 2 + 20 + 25 + 6 * 0.25 + 3
