@@ -31,7 +31,7 @@ reproduce: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Everything but the trainings and the papermill chain: about a minute.
+# Everything but the trainings and the papermill chain: 9 minutes on the slower 2-core machine class.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 

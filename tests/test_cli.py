@@ -365,3 +365,10 @@ def test_tensorflow_log_is_hidden_unless_drnb_tf_log_asks_for_it():
     assert quiet.stderr == ""
     loud = subprocess.run([sys.executable, "-c", code], env={**env, "DRNB_TF_LOG": "1"}, capture_output=True, text=True, check=True)
     assert loud.stderr.strip(), "with DRNB_TF_LOG=1 TensorFlow's own log lines should reach stderr"
+
+
+def test_reproduce_runs_demo_by_default_and_predicts_unless_told_not_to(monkeypatch):
+    calls = []
+    monkeypatch.setattr(drnb.reproduce, "reproduce", lambda profile, **options: calls.append((profile, options["predict"])) or drnb.reproduce.ReproduceReport(run=None))
+    assert main(["reproduce"]) == 0 and main(["reproduce", "--profile", "smoke", "--no-prediction"]) == 0
+    assert calls == [("demo", True), ("smoke", False)]
