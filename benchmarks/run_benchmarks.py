@@ -94,7 +94,6 @@ def predicted_figures(figures: dict, profile, session, n_images: int, source: st
     measured); with ``archive_images``, the pretext also preprocesses and trains on that many
     unlabelled photographs."""
     import os
-    import re
 
     rates = sweep_rates(figures)
     fixed = sweep_fixed_seconds(figures, profile, n_images)

@@ -316,8 +316,8 @@ def reproduce(
     kernel : str, optional
         Jupyter kernel name; default :func:`default_kernel`.
     predict : bool
-        Before a new sweep starts, say how long it will take on this machine, from a few
-        seconds of measurement (:func:`predicted_seconds`); a resumed one is not predicted.
+        Before a new sweep starts, say how long it will take on this machine, from about half
+        a minute of measurement (:func:`predicted_seconds`); a resumed one is not predicted.
 
     Raises
     ------
@@ -346,18 +346,25 @@ def reproduce(
         report = ReproduceReport(run=paths)
         log(f"drnb reproduce: profile {profile.name}, dataset {profile.dataset}, run folder {paths.root}, kernel {kernel}")
         cells = plan(profile, paths)
-        if predict and (overwrite or not any(cell.finished() for cell in cells if cell.stage != "analysis")):
+        # A new sweep only: a cell's files there at all (whether or not they load) mean one that resumes.
+        if predict and (overwrite or not any(marker.exists() for cell in cells for marker in cell.done_marker)):
             report.predicted_seconds = predicted_seconds(paths, kernel, log)
         _run_cells(cells, profile, source, kernel, overwrite, report, received, log)
-        if report.stopped_by is not None:
-            log(f"stopped by {signal.Signals(report.stopped_by).name}: finished runs are kept; rerun the same command to resume")
-        elif not report.failed:
-            _remove_shared_features(paths, log)
-            if paths.table_md.exists():
-                log(f"table: {paths.table_md}\nplots: {paths.plot}, {paths.auc_plot}\nall results: {paths.results}")
-        predicted = f" (predicted {_clock(report.predicted_seconds)})" if report.predicted_seconds else ""
-        log(f"took {_clock(report.seconds)}{predicted}")
+        _log_outcome(report, paths, log)
     return report
+
+
+def _log_outcome(report: ReproduceReport, paths: RunPaths, log) -> None:
+    """How the sweep ended, where its results are (removing the features the notebooks
+    shared, once every run has finished), and the time it took beside the prediction."""
+    if report.stopped_by is not None:
+        log(f"stopped by {signal.Signals(report.stopped_by).name}: finished runs are kept; rerun the same command to resume")
+    elif not report.failed:
+        _remove_shared_features(paths, log)
+        if paths.table_md.exists():
+            log(f"table: {paths.table_md}\nplots: {paths.plot}, {paths.auc_plot}\nall results: {paths.results}")
+    predicted = f" (predicted {_clock(report.predicted_seconds)})" if report.predicted_seconds else ""
+    log(f"took {_clock(report.seconds)}{predicted}")
 
 
 PREDICTION_TIMEOUT = 300  # seconds the measurement may take before the run starts without it

@@ -305,9 +305,24 @@ def load_pretext_images(profile: Profile, images, table, *, log=print):
     return joined
 
 
-def train_missing_pretexts(paths: RunPaths, profile: Profile, images, table, *, pretext=None, log=print) -> list[str]:
-    """Train every pretext task the profile's methods name whose encoder is missing or damaged
-    (named in a warning); a trained one is kept.
+def missing_pretexts(paths: RunPaths, profile: Profile, *, log=None) -> list[str]:
+    """The pretext methods the profile names whose encoder is missing or does not load (named
+    in a warning, :func:`drnb.pretext.encoder_ready`); with ``log``, each one that loads is
+    said to be kept."""
+    from drnb.finetune import pretext_methods
+    from drnb.pretext import encoder_ready
+
+    missing = []
+    for method in pretext_methods(profile):
+        if not encoder_ready(paths.encoder_for(method)):
+            missing.append(method)
+        elif log is not None:
+            log(f"{method}: encoder trained earlier, kept ({paths.encoder_for(method)})")
+    return missing
+
+
+def train_pretexts(paths: RunPaths, profile: Profile, methods, images, table, *, pretext=None, log=print) -> None:
+    """Train each pretext task of ``methods`` (e.g. :func:`missing_pretexts`) into the run folder.
 
     Parameters
     ----------
@@ -315,28 +330,17 @@ def train_missing_pretexts(paths: RunPaths, profile: Profile, images, table, *, 
         The study's preprocessed images and table (:func:`load_images`).
     pretext : drnb.archive.PretextImages, optional
         The pretext's photographs when already loaded; else they are loaded
-        (:func:`load_pretext_images`) only if a task has to be trained.
-
-    Returns
-    -------
-    list of str
-        The methods trained now.
+        (:func:`load_pretext_images`) only if there is a task to train.
     """
-    from drnb.finetune import pretext_methods
-    from drnb.pretext import encoder_ready, train_pretext
+    from drnb.pretext import train_pretext
 
-    missing = [method for method in pretext_methods(profile) if not encoder_ready(paths.encoder_for(method))]
-    for method in pretext_methods(profile):
-        if method not in missing:
-            log(f"{method}: encoder trained earlier, kept ({paths.encoder_for(method)})")
-    if missing and pretext is None:
+    if methods and pretext is None:
         pretext = load_pretext_images(profile, images, table, log=log)
-    for method in missing:
+    for method in methods:
         result = train_pretext(pretext.images, profile, paths.pretext_dir(method), method=method, table=pretext.table,
                                left_out=pretext.left_out, log=log)
         log(f"{method}: held-out score {result.heldout_accuracy:.3f}; {result.images_per_second:.0f} images/s; "
             f"{result.seconds:.0f} s; encoder saved to {result.encoder_path}")
-    return missing
 
 
 def write_data_summary(paths: RunPaths, table, images, duplicates=None, format_only=None) -> dict:
